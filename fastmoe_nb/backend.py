@@ -1,0 +1,46 @@
+"""Backend choice, in one place.
+
+An input with ``__cuda_array_interface__`` (Numba device arrays, CuPy, PyTorch CUDA tensors)
+runs the CUDA kernels and gets device arrays back; anything else runs on the CPU and gets NumPy
+arrays back. Mixing host and device inputs in one call is an error.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+CPU = "cpu"
+CUDA = "cuda"
+
+
+def is_device_array(a) -> bool:
+    return hasattr(a, "__cuda_array_interface__")
+
+
+def backend_of(**named) -> str:
+    """The backend of a call from its array arguments (None entries are ignored)."""
+    kinds = {n: (CUDA if is_device_array(a) else CPU) for n, a in named.items() if a is not None}
+    found = set(kinds.values())
+    if len(found) > 1:
+        host = sorted(n for n, b in kinds.items() if b == CPU)
+        dev = sorted(n for n, b in kinds.items() if b == CUDA)
+        raise TypeError(f"mixed host and device arrays: {', '.join(dev)} on the GPU but "
+                        f"{', '.join(host)} on the host; move them to one side")
+    return found.pop() if found else CPU
+
+
+def as_host(name, a):
+    """A NumPy view of a host array-like (NumPy, or anything with __array__), without a copy
+    where the memory allows."""
+    if isinstance(a, np.ndarray):
+        return a
+    if hasattr(a, "__array__") or hasattr(a, "__array_interface__"):
+        return np.asarray(a)
+    raise TypeError(f"{name}: expected an array, got {type(a).__name__}")
+
+
+def cuda_module():
+    """The CUDA kernels' package; the one clear error when CUDA cannot run here."""
+    from .kernels import cuda as kc  # noqa: PLC0415  (imported lazily: numba.cuda is heavy)
+
+    kc.require()
+    return kc

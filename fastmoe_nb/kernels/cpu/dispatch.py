@@ -1,0 +1,60 @@
+"""CPU dispatch kernels: the plan (a stable counting sort by expert), permute and combine."""
+import numpy as np
+from numba import njit, prange
+
+
+@njit(cache=True)
+def plan_kernel(flat, num_experts, capacity):
+    # flat: (T*k,) expert ids, capacity < 0 means none
+    #   -> rows (N,) int32, offsets (E+1,) int64, counts (E,) int64, slots (T*k,) int32,
+    #      dropped (E,) int64
+    n = flat.shape[0]
+    wanted = np.zeros(num_experts, np.int64)
+    for i in range(n):
+        wanted[flat[i]] += 1
+    counts = wanted.copy()
+    if capacity >= 0:
+        for e in range(num_experts):
+            counts[e] = min(counts[e], capacity)
+    offsets = np.zeros(num_experts + 1, np.int64)
+    for e in range(num_experts):
+        offsets[e + 1] = offsets[e] + counts[e]
+    rows = np.empty(offsets[num_experts], np.int32)
+    slots = np.full(n, -1, np.int32)
+    cursor = offsets[:num_experts].copy()
+    for i in range(n):  # increasing i: stable, and first come (token order) is kept first
+        e = flat[i]
+        c = cursor[e]
+        if c < offsets[e + 1]:
+            rows[c] = i
+            slots[i] = c
+            cursor[e] = c + 1
+    return rows, offsets, counts, slots, wanted - counts
+
+
+@njit(parallel=True, cache=True)
+def permute_kernel(x, rows, k, out):
+    # x: (T, d), rows: (N,) -> out: (N, d), out[i] = x[rows[i] // k]
+    N = rows.shape[0]
+    d = x.shape[1]
+    for i in prange(N):
+        t = rows[i] // k
+        for c in range(d):
+            out[i, c] = x[t, c]
+
+
+@njit(parallel=True, cache=True)
+def combine_kernel(ys, slots, weights, out):
+    # ys: (N, d), slots: (T, k), weights: (T, k) -> out: (T, d)
+    # out[t] = sum_{j=0..k-1, slots[t,j] >= 0} weights[t, j] * ys[slots[t, j]], j in order
+    T, k = slots.shape
+    d = ys.shape[1]
+    for t in prange(T):
+        for c in range(d):
+            out[t, c] = 0.0
+        for j in range(k):
+            s = slots[t, j]
+            if s >= 0:
+                w = weights[t, j]
+                for c in range(d):
+                    out[t, c] += w * ys[s, c]

@@ -1,0 +1,1 @@
+"""Public ops: validate, pick the backend, allocate, call the kernels."""

@@ -1,0 +1,118 @@
+"""Routing ops: softmax, topk, softmax_topk (Mixtral, Qwen-MoE, OLMoE), sigmoid_topk
+(DeepSeek-V3). All return Routing(weights (T, k), experts (T, k) int32) but softmax/topk."""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import errors as chk
+from ..backend import CUDA, as_host, backend_of, cuda_module
+from ..kernels.cpu import routing as kr
+from ..types import Routing
+
+
+def _logits(name, x, check_finite):
+    """Validate a (T, E) score matrix; returns it contiguous on the host (or as is on device)."""
+    if backend_of(**{name: x}) == CUDA:
+        chk.check_float(name, x, ndim=2)
+        return x, CUDA
+    x = chk.check_float(name, as_host(name, x), ndim=2)
+    if check_finite:
+        chk.check_finite(name, x)
+    return np.ascontiguousarray(x), "cpu"
+
+
+def _k(k, E, name="k"):
+    return chk.check_int(name, k, 1, E, what=f"1..E = 1..{E}")
+
+
+def softmax(x, check_finite=True):
+    """x: (T, E) float -> (T, E), each row exp(x - max) / sum (sums in float64)."""
+    x, be = _logits("x", x, check_finite)
+    if be == CUDA:
+        return cuda_module().softmax(x, check_finite)
+    out = np.empty_like(x)
+    kr.softmax_kernel(x, out)
+    return out
+
+
+def topk(x, k, check_finite=True):
+    """x: (T, E) -> (values (T, k), indices (T, k) int32): descending; equal values, lower
+    index first."""
+    x, be = _logits("x", x, check_finite)
+    k = _k(k, x.shape[1])
+    if be == CUDA:
+        return cuda_module().topk(x, k, check_finite)
+    vals = np.empty((x.shape[0], k), x.dtype)
+    idx = np.empty((x.shape[0], k), np.int32)
+    kr.topk_kernel(x, k, vals, idx)
+    return vals, idx
+
+
+def softmax_topk(logits, k, renormalize=True, check_finite=True):
+    """logits: (T, E) -> Routing(weights (T, k), experts (T, k) int32).
+
+    Softmax over all E experts, the k best kept (chosen by logit: the probabilities' order
+    without their rounding ties), optionally renormalized over the k.
+    Mixtral and Qwen-MoE use renormalize=True, OLMoE renormalize=False.
+    """
+    logits, be = _logits("logits", logits, check_finite)
+    k = _k(k, logits.shape[1])
+    renormalize = bool(renormalize)
+    if be == CUDA:
+        return cuda_module().softmax_topk(logits, k, renormalize, check_finite)
+    T = logits.shape[0]
+    w = np.empty((T, k), logits.dtype)
+    idx = np.empty((T, k), np.int32)
+    kr.softmax_topk_kernel(logits, k, renormalize, w, idx)
+    return Routing(w, idx)
+
+
+def check_sigmoid_options(E, k, bias, n_group, topk_group, scale, dtype):
+    """Validate DeepSeek-V3 router options against E experts; returns (k, n_group, topk_group,
+    scale)."""
+    n_group = chk.check_int("n_group", n_group, 1, E, what=f"1..E = 1..{E}")
+    if E % n_group:
+        raise ValueError(f"n_group: expected a divisor of E = {E}, got {n_group}")
+    topk_group = chk.check_int("topk_group", topk_group, 1, n_group,
+                               what=f"1..n_group = 1..{n_group}")
+    if n_group == 1:
+        topk_group = 1
+    avail = topk_group * (E // n_group)
+    k = chk.check_int("k", k, 1, avail,
+                      what=f"1..{avail} (the experts in the topk_group kept groups)")
+    scale = chk.check_real("scale", scale)
+    if bias is not None:
+        chk.check_float("bias", bias, shape=(E,), dtype=dtype)
+    return k, n_group, topk_group, scale
+
+
+def sigmoid_topk(logits, k, bias=None, n_group=1, topk_group=1, renormalize=True, scale=1.0,
+                 check_finite=True):
+    """DeepSeek-V3 routing (its official inference code). logits: (T, E), bias: (E,) or None
+    -> Routing(weights (T, k), experts (T, k) int32).
+
+    scores = sigmoid(logits); the bias is added only to choose (weights come from the unbiased
+    scores); with n_group > 1 the experts form n_group equal groups, each scored by the sum of
+    its two best biased scores, and all but the topk_group best groups are masked with -inf;
+    weights are renormalized over the k (sum + 1e-20) when renormalize, then times scale.
+    """
+    backend_of(logits=logits, bias=bias)  # host and device arrays do not mix
+    logits, be = _logits("logits", logits, check_finite)
+    E = logits.shape[1]
+    k, n_group, topk_group, scale = check_sigmoid_options(E, k, bias, n_group, topk_group, scale,
+                                                          logits.dtype)
+    renormalize = bool(renormalize)
+    if be == CUDA:
+        return cuda_module().sigmoid_topk(logits, k, bias, n_group, topk_group, renormalize,
+                                          scale, check_finite)
+    if bias is not None:
+        bias = np.ascontiguousarray(as_host("bias", bias))
+        if check_finite:
+            chk.check_finite("bias", bias)
+    T = logits.shape[0]
+    w = np.empty((T, k), logits.dtype)
+    idx = np.empty((T, k), np.int32)
+    b = bias if bias is not None else np.zeros(1, logits.dtype)
+    kr.sigmoid_topk_kernel(logits, k, b, bias is not None, n_group, topk_group, renormalize,
+                           scale, w, idx)
+    return Routing(w, idx)

@@ -205,3 +205,21 @@ def moe_forward(x, router_w, w1, w2, k, activation="swiglu", router="softmax_top
             s = s / (1.0 + np.exp(-(x64 @ _f64(shared_gate_w).reshape(-1, 1))))
         y += s
     return y.astype(x.dtype)
+
+
+# --- grouped gemm backward
+
+def grouped_gemm_backward(dy, a, w, offsets, trans_w=False):
+    """dy: (N, M), a: (N, K), w: (E, K, M) [trans_w: (E, M, K)], offsets: (E+1,)
+    -> da (N, K), dw (E, K, M) [trans_w: (E, M, K)], the gradients of grouped_gemm:
+    da[rows of e] = dy[rows] @ w[e].T, dw[e] = a[rows].T @ dy[rows] (zero for an empty expert),
+    dw in w's layout."""
+    da = np.zeros(a.shape, dtype=np.float64)
+    dw = np.zeros(w.shape, dtype=np.float64)
+    for e in range(w.shape[0]):
+        lo, hi = int(offsets[e]), int(offsets[e + 1])
+        we = _f64(w[e]).T if trans_w else _f64(w[e])          # (K, M)
+        da[lo:hi] = _f64(dy[lo:hi]) @ we.T
+        g = _f64(a[lo:hi]).T @ _f64(dy[lo:hi])                # (K, M)
+        dw[e] = g.T if trans_w else g
+    return da.astype(a.dtype), dw.astype(w.dtype)

@@ -44,3 +44,27 @@ def grouped_gemm(a, w, offsets, trans_w=False):
         if hi > lo:
             np.matmul(a[lo:hi], w[e].T if trans_w else w[e], out=out[lo:hi])
     return out
+
+
+def grouped_gemm_backward(dy, a, w, offsets, trans_w=False):
+    """The gradients of grouped_gemm. dy: (N, M), a: (N, K), w: (E, K, M) [trans_w: (E, M, K)],
+    offsets: (E+1,) -> da (N, K), dw (E, K, M) [trans_w: (E, M, K)], dw in w's layout.
+
+    da[rows of e] = dy[rows] @ w[e].T; dw[e] = a[rows].T @ dy[rows], zero for an expert with
+    no rows."""
+    if backend_of(dy=dy, a=a, w=w) == CUDA:
+        return cuda_module().grouped_gemm_backward(dy, a, w, offsets, trans_w)
+    trans_w = bool(trans_w)
+    a, w, offsets, M = check_gemm_args(a, w, offsets, trans_w)
+    dy = chk.check_float("dy", as_host("dy", dy), shape=(a.shape[0], M), dtype=a.dtype)
+    da = np.zeros(a.shape, a.dtype)
+    dw = np.zeros(w.shape, w.dtype)
+    for e in range(w.shape[0]):
+        lo, hi = offsets[e], offsets[e + 1]
+        if hi > lo:
+            np.matmul(dy[lo:hi], w[e] if trans_w else w[e].T, out=da[lo:hi])
+            if trans_w:
+                np.matmul(dy[lo:hi].T, a[lo:hi], out=dw[e])
+            else:
+                np.matmul(a[lo:hi].T, dy[lo:hi], out=dw[e])
+    return da, dw

@@ -1,0 +1,108 @@
+"""grouped_gemm / grouped_gemm_backward against fastmoe_nb.reference, on awkward shapes."""
+import numpy as np
+import pytest
+
+import fastmoe_nb as fm
+from fastmoe_nb import reference as ref
+
+
+def make_case(counts, K, M, dtype=np.float32, trans_w=False, seed=0):
+    """counts: rows per expert -> a (N, K), w (E, K, M) or (E, M, K), offsets (E+1,)."""
+    rng = np.random.default_rng(seed)
+    E = len(counts)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    N = int(offsets[-1])
+    a = rng.standard_normal((N, K)).astype(dtype)
+    w = rng.standard_normal((E, M, K) if trans_w else (E, K, M)).astype(dtype)
+    return a, w, offsets
+
+
+def assert_close(got, want, rtol):
+    """Relative to the largest |want| so that cancellation near zero is not over-judged."""
+    assert got.shape == want.shape and got.dtype == want.dtype
+    scale = max(1.0, float(np.abs(want).max())) if want.size else 1.0
+    np.testing.assert_allclose(got, want, rtol=0, atol=rtol * scale)
+
+
+# (counts per expert, K, M): T=0, one row, empty experts, E=1, sizes that are no tile multiple
+SHAPES = [
+    ((0, 0, 0), 100, 64),
+    ((1,), 100, 37),
+    ((3, 0, 5), 600, 100),
+    ((0, 17, 1, 0), 781, 33),
+    ((40, 9, 0, 23), 64, 781),
+    ((70,), 48, 256),
+]
+
+
+@pytest.mark.parametrize("trans_w", [False, True])
+@pytest.mark.parametrize("counts,K,M", SHAPES)
+def test_grouped_gemm_matches_reference(counts, K, M, trans_w):
+    a, w, offsets = make_case(counts, K, M, trans_w=trans_w)
+    a0, w0 = a.copy(), w.copy()
+    got = fm.grouped_gemm(a, w, offsets, trans_w=trans_w)
+    assert_close(got, ref.grouped_gemm(a, w, offsets, trans_w), 1e-5)
+    np.testing.assert_array_equal(a, a0)
+    np.testing.assert_array_equal(w, w0)
+
+
+@pytest.mark.parametrize("trans_w", [False, True])
+@pytest.mark.parametrize("counts,K,M", SHAPES)
+def test_grouped_gemm_backward_matches_reference(counts, K, M, trans_w):
+    a, w, offsets = make_case(counts, K, M, trans_w=trans_w)
+    dy = np.random.default_rng(1).standard_normal((a.shape[0], w.shape[1] if trans_w
+                                                   else w.shape[2])).astype(a.dtype)
+    da, dw = fm.grouped_gemm_backward(dy, a, w, offsets, trans_w=trans_w)
+    rda, rdw = ref.grouped_gemm_backward(dy, a, w, offsets, trans_w)
+    assert_close(da, rda, 1e-5)
+    assert_close(dw, rdw, 1e-5)
+    empty = np.diff(offsets) == 0
+    assert not dw[empty].any()
+
+
+@pytest.mark.parametrize("trans_w", [False, True])
+def test_grouped_gemm_backward_finite_differences(trans_w):
+    """float64 central differences of L = sum(dy * grouped_gemm(a, w)) on a tiny case."""
+    a, w, offsets = make_case((2, 0, 3), 5, 4, np.float64, trans_w, seed=3)
+    dy = np.random.default_rng(4).standard_normal((a.shape[0], 4))
+    da, dw = fm.grouped_gemm_backward(dy, a, w, offsets, trans_w=trans_w)
+
+    def loss(a_, w_):
+        return float((dy * fm.grouped_gemm(a_, w_, offsets, trans_w=trans_w)).sum())
+
+    eps = 1e-6
+    for arr, grad in ((a, da), (w, dw)):
+        num = np.zeros_like(arr)
+        for i in np.ndindex(arr.shape):
+            old = arr[i]
+            arr[i] = old + eps
+            lp = loss(a, w)
+            arr[i] = old - eps
+            lm = loss(a, w)
+            arr[i] = old
+            num[i] = (lp - lm) / (2 * eps)
+        np.testing.assert_allclose(grad, num, rtol=1e-6, atol=1e-6)
+
+
+def test_float64_matches_reference_tightly():
+    a, w, offsets = make_case((5, 0, 12), 100, 37, np.float64)
+    np.testing.assert_allclose(fm.grouped_gemm(a, w, offsets),
+                               ref.grouped_gemm(a, w, offsets), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda a, w, o: fm.grouped_gemm(a[0], w, o), "a: expected a 2-D"),
+    (lambda a, w, o: fm.grouped_gemm(a, w[0], o), "w: expected a 3-D"),
+    (lambda a, w, o: fm.grouped_gemm(a, w.astype(np.float64), o), "w: expected dtype"),
+    (lambda a, w, o: fm.grouped_gemm(a.astype(np.int32), w, o), "a: expected float"),
+    (lambda a, w, o: fm.grouped_gemm(a[:, :-1], w, o), "w: expected shape"),
+    (lambda a, w, o: fm.grouped_gemm(a, w, o[:-1]), "offsets: expected shape"),
+    (lambda a, w, o: fm.grouped_gemm(a, w, o[::-1].copy()), "offsets: expected non-decr"),
+    (lambda a, w, o: fm.grouped_gemm(a, w, o.astype(np.float64)), "offsets: expected an int"),
+    (lambda a, w, o: fm.grouped_gemm_backward(np.zeros((1, 1), np.float32), a, w, o),
+     "dy: expected shape"),
+])
+def test_bad_input_names_the_argument(call, match):
+    a, w, offsets = make_case((2, 3), 8, 6)
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(a, w, offsets)

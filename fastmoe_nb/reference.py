@@ -223,3 +223,174 @@ def grouped_gemm_backward(dy, a, w, offsets, trans_w=False):
         g = _f64(a[lo:hi]).T @ _f64(dy[lo:hi])                # (K, M)
         dw[e] = g.T if trans_w else g
     return da.astype(a.dtype), dw.astype(w.dtype)
+
+
+# --- backward of every op (training): float64 chain rule, Jacobians written out
+
+def softmax_backward(dy, y):
+    """dy: (T, E) gradient of y = softmax(x), y: (T, E) -> dx: (T, E) = J^T dy per row, with
+    the softmax Jacobian J = diag(y) - y y^T."""
+    y64 = _f64(y)
+    J = np.einsum("te,ef->tef", y64, np.eye(y64.shape[1])) - y64[:, :, None] * y64[:, None, :]
+    return np.einsum("tef,te->tf", J, _f64(dy)).astype(y.dtype)
+
+
+def _topk_weight_jacobian(J_sel, s_sel, renormalize, eps):
+    """J_sel: (T, k, E) d s_sel / d logits of the k chosen scores s_sel: (T, k) -> the
+    Jacobian (T, k, E) of w = s_sel / (sum(s_sel) + eps) when renormalize, else of w = s_sel."""
+    if not renormalize:
+        return J_sel
+    D = s_sel.sum(axis=1) + eps                                      # (T,)
+    return J_sel / D[:, None, None] - (s_sel / D[:, None] ** 2)[:, :, None] * J_sel.sum(
+        axis=1, keepdims=True)
+
+
+def softmax_topk_backward(d_weights, logits, experts, renormalize=True):
+    """d_weights: (T, k), logits: (T, E), experts: (T, k) -> d_logits: (T, E) = J^T d_weights,
+    J (T, k, E) the Jacobian of softmax_topk's weights (the choice held fixed)."""
+    p = softmax(_f64(logits))
+    E = p.shape[1]
+    Jp = np.einsum("te,ef->tef", p, np.eye(E)) - p[:, :, None] * p[:, None, :]  # dp_e/dl_f
+    idx = np.asarray(experts, dtype=np.int64)
+    J_sel = np.take_along_axis(Jp, idx[:, :, None], axis=1)                     # (T, k, E)
+    J = _topk_weight_jacobian(J_sel, np.take_along_axis(p, idx, axis=1), renormalize, 0.0)
+    return np.einsum("tjf,tj->tf", J, _f64(d_weights)).astype(logits.dtype)
+
+
+def sigmoid_topk_backward(d_weights, logits, experts, renormalize=True, scale=1.0):
+    """d_weights: (T, k), logits: (T, E), experts: (T, k) -> d_logits: (T, E) = J^T d_weights,
+    J the Jacobian of sigmoid_topk's weights scale * s_j / (sum s + 1e-20), s the unbiased
+    sigmoid scores of the chosen experts (the bias and groups only choose)."""
+    x = _f64(logits)
+    s = 1.0 / (1.0 + np.exp(-x))
+    E = s.shape[1]
+    Js = np.einsum("te,ef->tef", s * (1.0 - s), np.eye(E))                      # ds_e/dl_f
+    idx = np.asarray(experts, dtype=np.int64)
+    J_sel = np.take_along_axis(Js, idx[:, :, None], axis=1)
+    J = scale * _topk_weight_jacobian(J_sel, np.take_along_axis(s, idx, axis=1), renormalize,
+                                      1e-20)
+    return np.einsum("tjf,tj->tf", J, _f64(d_weights)).astype(logits.dtype)
+
+
+def permute_backward(d_xs, plan):
+    """d_xs: (N, d) -> dx: (T, d), dx[t] = sum of d_xs[i] over the rows i holding token t."""
+    dx = np.zeros((plan.num_tokens, d_xs.shape[1]), dtype=np.float64)
+    np.add.at(dx, np.asarray(plan.rows, dtype=np.int64) // plan.top_k, _f64(d_xs))
+    return dx.astype(d_xs.dtype)
+
+
+def combine_backward(dy, ys, plan, weights=None):
+    """dy: (T, d), ys: (N, d), weights: (T, k) or None -> d_ys (N, d), d_weights (T, k):
+    d_ys[i] = w[t, j] dy[t] and d_weights[t, j] = <dy[t], ys[i]> for the row i of (t, j);
+    dropped assignments get d_weights 0."""
+    T, k = plan.slots.shape
+    w = np.ones(T * k) if weights is None else _f64(weights).ravel()
+    rows = np.asarray(plan.rows, dtype=np.int64)
+    dy_rows = _f64(dy)[rows // k]
+    d_ys = w[rows, None] * dy_rows
+    d_weights = np.zeros(T * k)
+    d_weights[rows] = (dy_rows * _f64(ys)).sum(axis=1)
+    return d_ys.astype(ys.dtype), d_weights.reshape(T, k).astype(ys.dtype)
+
+
+def activate_backward(dy, h, activation):
+    """dy: (N, H), h: (N, H) pre-activation [swiglu: (N, 2H)] -> dh like h."""
+    x = _f64(h)
+    g = _f64(dy)
+
+    def silu_grad(v):
+        s = 1.0 / (1.0 + np.exp(-v))
+        return s + v * s * (1.0 - s)
+
+    if activation == "relu":
+        dh = g * (x > 0)
+    elif activation == "gelu":
+        dh = g * (0.5 * (1.0 + _erf(x / np.sqrt(2.0))) + x * np.exp(-0.5 * x * x)
+                  / np.sqrt(2.0 * np.pi))
+    elif activation == "gelu_tanh":
+        c = np.sqrt(2.0 / np.pi)
+        th = np.tanh(c * (x + 0.044715 * x ** 3))
+        dh = g * (0.5 * (1.0 + th) + 0.5 * x * (1.0 - th ** 2) * c * (1.0 + 3 * 0.044715 * x ** 2))
+    elif activation == "silu":
+        dh = g * silu_grad(x)
+    elif activation == "swiglu":
+        half = x.shape[1] // 2
+        gate, up = x[:, :half], x[:, half:]
+        dh = np.concatenate([g * up * silu_grad(gate), g * gate / (1.0 + np.exp(-gate))], axis=1)
+    else:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    return dh.astype(h.dtype)
+
+
+def _mlp_backward(dy, x, w1, w2, activation):
+    """float64 dense MLP act(x @ w1) @ w2: -> (dx, dw1, dw2)."""
+    h_pre = x @ w1
+    a = activate(h_pre, activation)
+    dh = activate_backward(dy @ w2.T, h_pre, activation)
+    return dh @ w1.T, x.T @ dh, a.T @ dy
+
+
+def shared_backward(ds, x, w1, w2, gate_w, activation):
+    """The shared expert s = act(x @ w1) @ w2 [* sigmoid(x @ gate_w)].
+    ds: (T, d), x: (T, d), w1: (d, hs|2hs), w2: (hs, d), gate_w: (d,) / (d, 1) or None
+    -> (dx (T, d), dw1, dw2, dgate_w in gate_w's shape or None)."""
+    x64, w1_, w2_, g = _f64(x), _f64(w1), _f64(w2), _f64(ds)
+    dgate = None
+    dx = np.zeros_like(x64)
+    if gate_w is not None:
+        gw = _f64(gate_w).reshape(-1, 1)
+        sig = 1.0 / (1.0 + np.exp(-(x64 @ gw)))                        # (T, 1)
+        s0 = activate(x64 @ w1_, activation) @ w2_
+        dz = (g * s0).sum(axis=1, keepdims=True) * sig * (1.0 - sig)   # (T, 1)
+        dgate = (x64.T @ dz).reshape(np.shape(gate_w)).astype(x.dtype)
+        dx += dz @ gw.T
+        g = g * sig
+    dxm, dw1, dw2 = _mlp_backward(g, x64, w1_, w2_, activation)
+    return (dx + dxm).astype(x.dtype), dw1.astype(x.dtype), dw2.astype(x.dtype), dgate
+
+
+def moe_backward(dy, x, router_w, w1, w2, k, activation="swiglu", router="softmax_topk",
+                 renormalize=True, bias=None, n_group=1, topk_group=1, scale=1.0,
+                 capacity=None, trans_w=False, shared_w1=None, shared_w2=None,
+                 shared_gate_w=None):
+    """The gradients of moe_forward (same arguments, dy: (T, d) first), written per expert.
+    -> (dx (T, d), grads) with grads "router_w", "w1", "w2" in the forward's layouts, plus
+    "shared_w1", "shared_w2" and "shared_gate_w" when given. The routing bias gets none."""
+    x64, dy64 = _f64(x), _f64(dy)
+    logits = x @ router_w
+    if router == "softmax_topk":
+        r = softmax_topk(logits, k, renormalize)
+    else:
+        r = sigmoid_topk(logits, k, bias, n_group, topk_group, renormalize, scale)
+    E = router_w.shape[1]
+    plan = make_plan(r.experts, E, capacity)
+    dx = np.zeros_like(x64)
+    dw1, dw2 = np.zeros(w1.shape), np.zeros(w2.shape)
+    d_weights = np.zeros(r.weights.shape)
+    for e in range(E):
+        t, j = np.nonzero((r.experts == e) & (plan.slots >= 0))
+        w1e = _f64(w1[e]).T if trans_w else _f64(w1[e])               # (d, H1)
+        w2e = _f64(w2[e]).T if trans_w else _f64(w2[e])               # (h, d)
+        h_pre = x64[t] @ w1e
+        a = activate(h_pre, activation)
+        d_weights[t, j] = (dy64[t] * (a @ w2e)).sum(axis=1)
+        d_ye = _f64(r.weights)[t, j][:, None] * dy64[t]
+        dxe, g1, g2 = _mlp_backward(d_ye, x64[t], w1e, w2e, activation)
+        np.add.at(dx, t, dxe)
+        dw1[e] = g1.T if trans_w else g1
+        dw2[e] = g2.T if trans_w else g2
+    if router == "softmax_topk":
+        d_logits = softmax_topk_backward(d_weights, _f64(logits), r.experts, renormalize)
+    else:
+        d_logits = sigmoid_topk_backward(d_weights, _f64(logits), r.experts, renormalize, scale)
+    dx += d_logits @ _f64(router_w).T
+    dt = x.dtype
+    grads = {"router_w": (x64.T @ d_logits).astype(dt), "w1": dw1.astype(dt),
+             "w2": dw2.astype(dt)}
+    if shared_w1 is not None:
+        dxs, grads["shared_w1"], grads["shared_w2"], dgate = shared_backward(
+            dy64, x64, shared_w1, shared_w2, shared_gate_w, activation)
+        dx += dxs
+        if dgate is not None:
+            grads["shared_gate_w"] = dgate.astype(dt)
+    return dx.astype(dt), grads

@@ -6,7 +6,7 @@ import numpy as np
 from .. import errors as chk
 from ..backend import CUDA, as_host, backend_of, cuda_module
 from ..kernels.common import ACTIVATION_CODES, SWIGLU
-from ..kernels.cpu.activations import activate_kernel
+from ..kernels.cpu.activations import activate_backward_kernel, activate_kernel
 
 ACTIVATIONS = tuple(ACTIVATION_CODES)
 
@@ -38,4 +38,20 @@ def activate(h, activation):
     return out
 
 
-__all__ = ["ACTIVATIONS", "SWIGLU", "activate", "activation_code", "hidden_width"]
+__all__ = ["ACTIVATIONS", "SWIGLU", "activate", "activate_backward", "activation_code",
+           "hidden_width"]
+
+
+def activate_backward(dy, h, activation):
+    """dy: (N, H) gradient of activate(h, activation), h: (N, H) the pre-activation
+    -> dh: (N, H); swiglu: h (N, 2H) = [gate | up] -> dh (N, 2H), both halves."""
+    code = activation_code(activation)
+    if backend_of(dy=dy, h=h) == CUDA:
+        chk.check_float("h", h, ndim=2)
+        return cuda_module().activate_backward(dy, h, code)
+    h = chk.check_float("h", as_host("h", h), ndim=2)
+    H = hidden_width(h.shape[1], activation, "h")
+    dy = chk.check_float("dy", as_host("dy", dy), shape=(h.shape[0], H), dtype=h.dtype)
+    dh = np.empty_like(h)
+    activate_backward_kernel(np.ascontiguousarray(dy), np.ascontiguousarray(h), code, dh)
+    return dh

@@ -81,3 +81,47 @@ def combine(ys, plan, weights=None):
     out = np.empty((plan.num_tokens, ys.shape[1]), ys.dtype)
     kd.combine_kernel(np.ascontiguousarray(ys), plan.slots, np.ascontiguousarray(weights), out)
     return out
+
+
+# --------------------------------------------------------------------------- backward
+
+def permute_backward(d_xs, plan):
+    """d_xs: (N, d) gradient of xs = permute(x, plan) -> dx: (T, d).
+
+    permute's adjoint is a combine with unit weights: each token sums the gradients of its
+    kept copies in choice order j = 0..k-1; a token with every assignment dropped gets 0."""
+    check_plan(plan)
+    if backend_of(d_xs=d_xs, rows=plan.rows) == CUDA:
+        chk.check_float("d_xs", d_xs, shape=(plan.num_rows, None))
+        return cuda_module().permute_backward(d_xs, plan)
+    d_xs = chk.check_float("d_xs", as_host("d_xs", d_xs), shape=(plan.num_rows, None))
+    out = np.empty((plan.num_tokens, d_xs.shape[1]), d_xs.dtype)
+    kd.combine_kernel(np.ascontiguousarray(d_xs), plan.slots,
+                      np.ones(plan.slots.shape, d_xs.dtype), out)
+    return out
+
+
+def combine_backward(dy, ys, plan, weights=None):
+    """dy: (T, d) gradient of y = combine(ys, plan, weights), ys: (N, d), weights: (T, k) or
+    None (ones) -> (d_ys (N, d), d_weights (T, k)).
+
+    d_ys[i] = weights[t, j] * dy[t] for the row i of assignment (t, j) (a permute-like gather),
+    d_weights[t, j] = <dy[t], ys[i]> (a row-wise dot, summed in float64); a dropped
+    assignment's d_weights is 0."""
+    check_plan(plan)
+    if backend_of(dy=dy, ys=ys, weights=weights, rows=plan.rows) == CUDA:
+        chk.check_float("ys", ys, shape=(plan.num_rows, None))
+        chk.check_float("dy", dy, shape=(plan.num_tokens, ys.shape[1]), dtype=ys.dtype)
+        return cuda_module().combine_backward(dy, ys, plan, weights)
+    ys = chk.check_float("ys", as_host("ys", ys), shape=(plan.num_rows, None))
+    dy = chk.check_float("dy", as_host("dy", dy), shape=(plan.num_tokens, ys.shape[1]),
+                         dtype=ys.dtype)
+    if weights is None:
+        weights = np.ones(plan.slots.shape, ys.dtype)
+    weights = chk.check_float("weights", as_host("weights", weights), shape=plan.slots.shape,
+                              dtype=ys.dtype)
+    d_ys = np.empty(ys.shape, ys.dtype)
+    d_weights = np.zeros(plan.slots.shape, ys.dtype)
+    kd.combine_backward_kernel(np.ascontiguousarray(dy), np.ascontiguousarray(ys), plan.rows,
+                               np.ascontiguousarray(weights), d_ys, d_weights)
+    return d_ys, d_weights

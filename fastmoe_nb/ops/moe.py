@@ -7,10 +7,11 @@ import numpy as np
 from .. import errors as chk
 from ..backend import CUDA, as_host, backend_of, cuda_module
 from ..types import MoEContext
-from .activations import activate, activation_code, hidden_width
-from .dispatch import combine, make_plan, permute
-from .gemm import grouped_gemm
-from .routing import check_sigmoid_options, sigmoid_topk, softmax_topk
+from .activations import activate, activate_backward, activation_code, hidden_width
+from .dispatch import combine, combine_backward, make_plan, permute, permute_backward
+from .gemm import grouped_gemm, grouped_gemm_backward
+from .routing import (check_sigmoid_options, sigmoid_topk, sigmoid_topk_backward, softmax_topk,
+                      softmax_topk_backward)
 
 ROUTERS = ("softmax_topk", "sigmoid_topk")
 
@@ -106,6 +107,7 @@ def moe_forward(x, router_w, w1, w2, k, activation="swiglu", router="softmax_top
     """
     trans_w = bool(trans_w)
     chk.check_choice("router", router, ROUTERS)
+    gate_shape = getattr(shared_gate_w, "shape", None)  # (d,) or (d, 1): its grad keeps it
     be, x, router_w, w1, w2, shared_w1, shared_w2, shared_gate_w, E, h = _check_layer(
         x, router_w, w1, w2, k, activation, trans_w, shared_w1, shared_w2, shared_gate_w)
     if router == "sigmoid_topk":
@@ -138,6 +140,86 @@ def moe_forward(x, router_w, w1, w2, k, activation="swiglu", router="softmax_top
     params = dict(router_w=router_w, w1=w1, w2=w2, k=k, activation=activation, router=router,
                   renormalize=bool(renormalize), bias=bias, n_group=n_group,
                   topk_group=topk_group, scale=scale, capacity=capacity, trans_w=trans_w,
-                  shared_w1=shared_w1, shared_w2=shared_w2, shared_gate_w=shared_gate_w)
+                  shared_w1=shared_w1, shared_w2=shared_w2, shared_gate_w=shared_gate_w,
+                  shared_gate_shape=None if gate_shape is None else tuple(gate_shape))
     return y, MoEContext(x=x, logits=logits, routing=r, plan=plan, xs=xs, h_pre=h_pre,
                          h_act=h_act, ys=ys, params=params, shared=shared)
+
+
+# --------------------------------------------------------------------------- backward
+
+def shared_backward(ds, x, w1, w2, gate_w, cache, activation):
+    """The gradients of shared_forward. ds: (T, d) gradient of its output s, x: (T, d),
+    w1: (d, hs|2hs), w2: (hs, d), gate_w: (d, 1) or None, cache: shared_forward's
+    -> (dx (T, d), dw1, dw2, dgate_w (d, 1) or None).
+
+    With the gate s = m * g, m = act(x @ w1) @ w2, g = sigmoid(x @ gate_w): the gate's
+    gradient <ds, m> per token is taken as <ds @ w2.T, h_act>, so m is never recomputed."""
+    if backend_of(ds=ds, x=x) == CUDA:
+        return cuda_module().shared_backward(ds, x, w1, w2, gate_w, cache, activation)
+    h_pre, h_act, gate = cache["h_pre"], cache["h_act"], cache["gate"]
+    dh_act = _matmul(ds, w2.T)                                     # (T, hs)
+    dgate_w = dx_gate = None
+    if gate_w is not None:
+        dz = np.einsum("th,th->t", dh_act, h_act)[:, None] * (gate * (1.0 - gate))  # (T, 1)
+        dz = dz.astype(x.dtype)
+        dgate_w = _matmul(x.T, dz)
+        dx_gate = _matmul(dz, gate_w.T)
+        dh_act *= gate
+        ds = ds * gate
+    dw2 = _matmul(h_act.T, ds)
+    dh_pre = activate_backward(dh_act, h_pre, activation)
+    dw1 = _matmul(x.T, dh_pre)
+    dx = _matmul(dh_pre, w1.T)
+    if dx_gate is not None:
+        dx += dx_gate
+    return dx, dw1, dw2, dgate_w
+
+
+def _check_context(dy, ctx):
+    if not isinstance(ctx, MoEContext):
+        raise TypeError(f"ctx: expected the MoEContext of moe_forward(..., return_context=True), "
+                        f"got {type(ctx).__name__}")
+    if ctx.h_pre is None:
+        raise ValueError("ctx: expected a context holding h_pre, from moe_forward(..., "
+                         "return_context=True)")
+    be = backend_of(dy=dy, x=ctx.x)
+    host = (lambda n, a: a) if be == CUDA else as_host
+    return be, chk.check_float("dy", host("dy", dy), shape=tuple(ctx.x.shape), dtype=ctx.x.dtype)
+
+
+def moe_backward(dy, ctx):
+    """The gradients of moe_forward. dy: (T, d) gradient of y, ctx: the MoEContext of
+    moe_forward(..., return_context=True) -> (dx (T, d), grads).
+
+    grads holds "router_w" (d, E), "w1", "w2" (in the forward's layout, trans_w too) and, when
+    the forward had them, "shared_w1", "shared_w2", "shared_gate_w" (in its given shape). The
+    sigmoid router's bias only chooses experts and gets no gradient; an assignment dropped by
+    capacity contributes nothing. Built from the forward's kernels, scattermoe style:
+    combine_backward (a gather and row-wise dots), two grouped_gemm_backward, activate_backward,
+    permute_backward (a combine with unit weights), the router's backward.
+    """
+    be, dy = _check_context(dy, ctx)
+    if be != CUDA:
+        dy = np.ascontiguousarray(dy)
+    p, r, plan = ctx.params, ctx.routing, ctx.plan
+    d_ys, d_weights = combine_backward(dy, ctx.ys, plan, r.weights)
+    d_h_act, dw2 = grouped_gemm_backward(d_ys, ctx.h_act, p["w2"], plan.offsets, p["trans_w"])
+    d_h_pre = activate_backward(d_h_act, ctx.h_pre, p["activation"])
+    d_xs, dw1 = grouped_gemm_backward(d_h_pre, ctx.xs, p["w1"], plan.offsets, p["trans_w"])
+    dx = permute_backward(d_xs, plan)
+    if p["router"] == "softmax_topk":
+        d_logits = softmax_topk_backward(d_weights, ctx.logits, r.experts, p["renormalize"])
+    else:
+        d_logits = sigmoid_topk_backward(d_weights, ctx.logits, r.experts, p["renormalize"],
+                                         p["scale"])
+    dx += _matmul(d_logits, p["router_w"].T)
+    grads = {"router_w": _matmul(ctx.x.T, d_logits), "w1": dw1, "w2": dw2}
+    if p["shared_w1"] is not None:
+        dxs, grads["shared_w1"], grads["shared_w2"], dgate = shared_backward(
+            dy, ctx.x, p["shared_w1"], p["shared_w2"], p["shared_gate_w"], ctx.shared,
+            p["activation"])
+        dx += dxs
+        if dgate is not None:
+            grads["shared_gate_w"] = dgate.reshape(p.get("shared_gate_shape") or dgate.shape)
+    return dx, grads

@@ -116,3 +116,81 @@ def sigmoid_topk(logits, k, bias=None, n_group=1, topk_group=1, renormalize=True
     kr.sigmoid_topk_kernel(logits, k, b, bias is not None, n_group, topk_group, renormalize,
                            scale, w, idx)
     return Routing(w, idx)
+
+
+# --------------------------------------------------------------------------- backward
+
+def _grad(name, g, shape, dtype):
+    """A host upstream gradient of the given shape and dtype, contiguous."""
+    return np.ascontiguousarray(chk.check_float(name, as_host(name, g), shape=shape, dtype=dtype))
+
+
+def check_experts(experts, T, E, name="experts"):
+    """experts: (T, k) distinct expert ids per row in 0..E-1, as a router returns (host)."""
+    experts = chk.check_int_array(name, as_host(name, experts), ndim=2)
+    if experts.shape[0] != T:
+        raise ValueError(f"{name}: expected shape ({T}, k) (one row per token of the logits), "
+                         f"got {tuple(experts.shape)}")
+    _k(experts.shape[1], E, f"{name}.shape[1]")
+    if experts.size:
+        lo, hi = int(experts.min()), int(experts.max())
+        if lo < 0 or hi >= E:
+            raise ValueError(f"{name}: expected expert ids in 0..E-1 = 0..{E - 1}, found "
+                             f"{lo if lo < 0 else hi}")
+        if experts.shape[1] > 1 and (np.diff(np.sort(experts, axis=1), axis=1) == 0).any():
+            raise ValueError(f"{name}: expected distinct experts in each row, as a router "
+                             "returns, found a repeated id")
+    return np.ascontiguousarray(experts, dtype=np.int32)
+
+
+def softmax_backward(dy, y):
+    """dy: (T, E) gradient of y = softmax(x), y: (T, E) -> dx: (T, E) = y * (dy - <dy, y>)
+    row-wise (sums in float64)."""
+    if backend_of(dy=dy, y=y) == CUDA:
+        return cuda_module().softmax_backward(dy, y)
+    y = np.ascontiguousarray(chk.check_float("y", as_host("y", y), ndim=2))
+    dy = _grad("dy", dy, y.shape, y.dtype)
+    dx = np.empty_like(y)
+    kr.softmax_backward_kernel(dy, y, dx)
+    return dx
+
+
+def softmax_topk_backward(d_weights, logits, experts, renormalize=True):
+    """The gradient of softmax_topk's weights w.r.t. its logits.
+
+    d_weights: (T, k), logits: (T, E), experts: (T, k) the routing's chosen experts
+    -> d_logits: (T, E). Selection is piecewise constant and gets no gradient. With renormalize
+    the weights are a softmax over the k chosen logits, so experts not chosen get zero; without,
+    every logit gets the softmax's gradient through the normalizer.
+    """
+    if backend_of(d_weights=d_weights, logits=logits, experts=experts) == CUDA:
+        return cuda_module().softmax_topk_backward(d_weights, logits, experts, renormalize)
+    logits, _ = _logits("logits", logits, check_finite=False)
+    T, E = logits.shape
+    experts = check_experts(experts, T, E)
+    d_weights = _grad("d_weights", d_weights, experts.shape, logits.dtype)
+    d_logits = np.empty_like(logits)
+    kr.softmax_topk_backward_kernel(d_weights, logits, experts, bool(renormalize), d_logits)
+    return d_logits
+
+
+def sigmoid_topk_backward(d_weights, logits, experts, renormalize=True, scale=1.0):
+    """The gradient of sigmoid_topk's weights w.r.t. its logits (DeepSeek-V3).
+
+    d_weights: (T, k), logits: (T, E), experts: (T, k) -> d_logits: (T, E), nonzero only at
+    the chosen experts. The gradient runs through the unbiased scores sigmoid(logits); the
+    bias and the group mask only chose the experts and get none (the bias is trained by the
+    auxiliary-loss-free update instead). renormalize and scale as in the forward.
+    """
+    if backend_of(d_weights=d_weights, logits=logits, experts=experts) == CUDA:
+        return cuda_module().sigmoid_topk_backward(d_weights, logits, experts, renormalize,
+                                                   scale)
+    logits, _ = _logits("logits", logits, check_finite=False)
+    T, E = logits.shape
+    experts = check_experts(experts, T, E)
+    d_weights = _grad("d_weights", d_weights, experts.shape, logits.dtype)
+    scale = chk.check_real("scale", scale)
+    d_logits = np.empty_like(logits)
+    kr.sigmoid_topk_backward_kernel(d_weights, logits, experts, bool(renormalize), scale,
+                                    d_logits)
+    return d_logits

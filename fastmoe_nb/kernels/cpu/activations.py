@@ -1,7 +1,7 @@
 """CPU activation kernels (the maths is in kernels/common.py, shared with CUDA)."""
 from numba import njit, prange
 
-from ..common import SWIGLU, act_scalar
+from ..common import SWIGLU, act_grad_scalar, act_scalar
 
 
 @njit(parallel=True, cache=True)
@@ -16,3 +16,20 @@ def activate_kernel(h, code, out):
         else:
             for c in range(H):
                 out[i, c] = act_scalar(h[i, c], code)
+
+
+@njit(parallel=True, cache=True)
+def activate_backward_kernel(dy, h, code, dh):
+    # dy: (N, H), h: (N, H) pre-activation -> dh: (N, H) = dy * act'(h)
+    # SWIGLU: h (N, 2H) = [gate | up] -> dh (N, 2H) = [dy * up * silu'(gate) | dy * silu(gate)]
+    N = h.shape[0]
+    H = dy.shape[1]
+    for i in prange(N):
+        if code == SWIGLU:
+            for c in range(H):
+                g = h[i, c]
+                dh[i, c] = dy[i, c] * h[i, H + c] * act_grad_scalar(g, code)
+                dh[i, H + c] = dy[i, c] * act_scalar(g, code)
+        else:
+            for c in range(H):
+                dh[i, c] = dy[i, c] * act_grad_scalar(h[i, c], code)

@@ -58,3 +58,23 @@ def combine_kernel(ys, slots, weights, out):
                 w = weights[t, j]
                 for c in range(d):
                     out[t, c] += w * ys[s, c]
+
+
+@njit(parallel=True, cache=True)
+def combine_backward_kernel(dy, ys, rows, weights, d_ys, d_weights):
+    # dy: (T, d), ys: (N, d), rows: (N,), weights: (T, k) -> d_ys: (N, d), d_weights: (T, k)
+    # A permute-like gather over the kept rows i (assignment a = rows[i] = t*k + j):
+    #   d_ys[i] = weights[t, j] * dy[t],  d_weights[t, j] = <dy[t], ys[i]>
+    # Each (t, j) is written by its one row; the caller zeroes d_weights (dropped stay 0).
+    N = rows.shape[0]
+    k = weights.shape[1]
+    d = dy.shape[1]
+    for i in prange(N):
+        t = rows[i] // k
+        j = rows[i] - t * k
+        w = weights[t, j]
+        dot = 0.0
+        for c in range(d):
+            dot += np.float64(dy[t, c]) * np.float64(ys[i, c])
+            d_ys[i, c] = w * dy[t, c]
+        d_weights[t, j] = dot

@@ -102,3 +102,79 @@ def sigmoid_topk_kernel(logits, k, bias, has_bias, n_group, topk_group, renormal
         denom = total + 1e-20 if renormalize else 1.0
         for j in range(k):
             weights[t, j] = top[j] / denom * scale
+
+
+# --------------------------------------------------------------------------- backward
+# Same one-row-per-iteration structure; sums run in float64 in a fixed order.
+
+
+@njit(parallel=True, cache=True)
+def softmax_backward_kernel(dy, y, dx):
+    # dy: (T, E), y: (T, E) softmax output -> dx: (T, E) = y * (dy - sum(dy * y))
+    T, E = y.shape
+    for t in prange(T):
+        dot = 0.0
+        for e in range(E):
+            dot += np.float64(dy[t, e]) * np.float64(y[t, e])
+        for e in range(E):
+            dx[t, e] = np.float64(y[t, e]) * (np.float64(dy[t, e]) - dot)
+
+
+@njit(parallel=True, cache=True)
+def softmax_topk_backward_kernel(d_weights, logits, experts, renormalize, d_logits):
+    # d_weights: (T, k), logits: (T, E), experts: (T, k) -> d_logits: (T, E)
+    # renormalize: w = softmax over the k chosen logits -> d l[e_j] = w_j (dw_j - dot),
+    #              dot = sum_i dw_i w_i, and 0 elsewhere
+    # otherwise:   w_j = p[e_j] (softmax over E)     -> d l = p * (g - dot),
+    #              g the d_weights scattered to their experts
+    T, E = logits.shape
+    k = experts.shape[1]
+    for t in prange(T):
+        w = np.empty(k, np.float64)
+        m = -np.inf
+        for j in range(k):
+            m = max(m, np.float64(logits[t, experts[t, j]]))
+        norm = 0.0
+        if renormalize:
+            for j in range(k):
+                norm += math.exp(np.float64(logits[t, experts[t, j]]) - m)
+        else:
+            for e in range(E):
+                m = max(m, np.float64(logits[t, e]))
+            for e in range(E):
+                norm += math.exp(np.float64(logits[t, e]) - m)
+        dot = 0.0
+        for j in range(k):
+            w[j] = math.exp(np.float64(logits[t, experts[t, j]]) - m) / norm
+            dot += np.float64(d_weights[t, j]) * w[j]
+        for e in range(E):  # experts not chosen: 0, or -p[e] * dot without renormalize
+            d_logits[t, e] = 0.0 if renormalize else -math.exp(
+                np.float64(logits[t, e]) - m) / norm * dot
+        for j in range(k):  # chosen: w_j * (dw_j - dot) either way (p[e_j] = w_j without)
+            d_logits[t, experts[t, j]] = w[j] * (np.float64(d_weights[t, j]) - dot)
+
+
+@njit(parallel=True, cache=True)
+def sigmoid_topk_backward_kernel(d_weights, logits, experts, renormalize, scale, d_logits):
+    # d_weights: (T, k), logits: (T, E), experts: (T, k) -> d_logits: (T, E), zero off the k.
+    # w_j = scale * s_j / D, s = sigmoid(logits[e_j]), D = sum_i s_i + 1e-20 (or 1):
+    # d s_j = scale / D * (dw_j - sum_i dw_i s_i / D), d l[e_j] = d s_j * s_j * (1 - s_j)
+    T, E = logits.shape
+    k = experts.shape[1]
+    for t in prange(T):
+        s = np.empty(k, np.float64)
+        total = 0.0
+        for j in range(k):
+            s[j] = sigmoid(np.float64(logits[t, experts[t, j]]))
+            total += s[j]
+        denom = total + 1e-20 if renormalize else 1.0
+        dot = 0.0
+        if renormalize:
+            for j in range(k):
+                dot += np.float64(d_weights[t, j]) * s[j]
+            dot /= denom
+        for e in range(E):
+            d_logits[t, e] = 0.0
+        for j in range(k):
+            ds = scale / denom * (np.float64(d_weights[t, j]) - dot)
+            d_logits[t, experts[t, j]] = ds * s[j] * (1.0 - s[j])

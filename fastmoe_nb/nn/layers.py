@@ -1,0 +1,146 @@
+"""Dense layers: Linear, Embedding, RMSNorm, MLP (the dense twin of one expert).
+
+Every layer takes ``dtype`` (float32 by default; float64 for gradient checks) and ``rng`` (a
+NumPy Generator or a seed) for its initialization. Inputs are (T, d); callers flatten
+(B, S, d) to (T, d).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import errors as chk
+from ..ops.activations import activate, activation_code, hidden_width
+from .module import Module, Parameter
+
+
+def as_rng(rng):
+    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+
+
+def normal(rng, shape, std, dtype):
+    return (as_rng(rng).standard_normal(shape) * std).astype(dtype)
+
+
+def _activate_backward(dh_act, h_pre, activation):
+    from ..ops.activations import activate_backward  # noqa: PLC0415  (the op lives beside activate)
+
+    return activate_backward(dh_act, h_pre, activation)
+
+
+def check_input(name, x, width, dtype):
+    """x: (T, width) of the layer's dtype, on the host."""
+    x = chk.check_float(name, np.asarray(x), ndim=2, dtype=dtype)
+    chk.check_array(name, x, shape=(None, width))
+    return x
+
+
+class Linear(Module):
+    """y = x @ w + b. x: (T, d_in), w: (d_in, d_out), b: (d_out,) -> y: (T, d_out)."""
+
+    def __init__(self, d_in, d_out, bias=True, dtype=np.float32, rng=None, std=None):
+        d_in = chk.check_int("d_in", d_in, 1)
+        d_out = chk.check_int("d_out", d_out, 1)
+        self.w = Parameter(normal(rng, (d_in, d_out), std or d_in ** -0.5, dtype))
+        self.b = Parameter(np.zeros(d_out, dtype), decay=False) if bias else None
+
+    def forward(self, x):
+        # x: (T, d_in) -> (T, d_out)
+        self.x = check_input("x", x, self.w.shape[0], self.w.dtype)
+        y = self.x @ self.w.value
+        if self.b is not None:
+            y += self.b.value
+        return y
+
+    def backward(self, dy):
+        # dy: (T, d_out) -> dx: (T, d_in); w.grad += x.T @ dy, b.grad += sum_t dy
+        self.w.accumulate(self.x.T @ dy)
+        if self.b is not None:
+            self.b.accumulate(dy.sum(axis=0))
+        return dy @ self.w.value.T
+
+
+class Embedding(Module):
+    """A table lookup. ids: (...) integers in 0..V-1, w: (V, d) -> (..., d).
+
+    backward(dy) adds each row of dy into its id's row of w.grad (np.add.at: in index order,
+    deterministic) and returns None: integer ids have no gradient."""
+
+    def __init__(self, num_embeddings, d, dtype=np.float32, rng=None, std=1.0):
+        V = chk.check_int("num_embeddings", num_embeddings, 1)
+        d = chk.check_int("d", d, 1)
+        self.w = Parameter(normal(rng, (V, d), std, dtype))
+
+    def forward(self, ids):
+        # ids: (...) int -> (..., d)
+        ids = chk.check_int_array("ids", np.asarray(ids))
+        V = self.w.shape[0]
+        if ids.size and (ids.min() < 0 or ids.max() >= V):
+            raise ValueError(f"ids: expected integers in 0..{V - 1}, found "
+                             f"{ids.min() if ids.min() < 0 else ids.max()}")
+        self.ids = ids
+        return self.w.value[ids]
+
+    def backward(self, dy):
+        # dy: (..., d) -> None; w.grad[ids] += dy
+        if self.w.requires_grad:
+            np.add.at(self.w.grad, self.ids.reshape(-1), dy.reshape(-1, self.w.shape[1]))
+        return None
+
+
+class RMSNorm(Module):
+    """y = x / sqrt(mean(x^2) + eps) * g. x: (T, d), g: (d,) -> y: (T, d)."""
+
+    def __init__(self, d, eps=1e-6, dtype=np.float32):
+        d = chk.check_int("d", d, 1)
+        self.eps = chk.check_real("eps", eps, positive=True)
+        self.g = Parameter(np.ones(d, dtype), decay=False)
+
+    def forward(self, x):
+        # x: (T, d) -> (T, d); keeps r = 1/rms (T, 1)
+        self.x = check_input("x", x, self.g.shape[0], self.g.dtype)
+        self.r = 1.0 / np.sqrt((self.x * self.x).mean(axis=1, keepdims=True) + self.eps)
+        return self.x * self.r * self.g.value
+
+    def backward(self, dy):
+        # dy: (T, d) -> dx: (T, d)
+        # dx = r * (dy*g - x * r^2 * mean(dy*g*x)); g.grad += sum_t dy * x * r
+        x, r = self.x, self.r
+        xhat = x * r
+        self.g.accumulate((dy * xhat).sum(axis=0))
+        dyg = dy * self.g.value
+        return r * (dyg - xhat * (dyg * xhat).mean(axis=1, keepdims=True))
+
+
+class MLP(Module):
+    """The dense twin of one expert: y = act(x @ w1) @ w2.
+
+    x: (T, d), w1: (d, h) — (d, 2h) = [gate | up] for swiglu —, w2: (h, d) -> (T, d). The
+    activations are the experts' own (fm.activate / activate_backward)."""
+
+    def __init__(self, d, h, activation="swiglu", dtype=np.float32, rng=None):
+        d = chk.check_int("d", d, 1)
+        h = chk.check_int("h", h, 1)
+        activation_code(activation)
+        self.activation = activation
+        rng = as_rng(rng)
+        H1 = 2 * h if activation == "swiglu" else h
+        self.w1 = Parameter(normal(rng, (d, H1), d ** -0.5, dtype))
+        self.w2 = Parameter(normal(rng, (h, d), h ** -0.5, dtype))
+
+    @property
+    def hidden(self):
+        return hidden_width(self.w1.shape[1], self.activation)
+
+    def forward(self, x):
+        # x: (T, d) -> (T, d); keeps x, h_pre (T, h|2h), h_act (T, h)
+        self.x = check_input("x", x, self.w1.shape[0], self.w1.dtype)
+        self.h_pre = self.x @ self.w1.value
+        self.h_act = activate(self.h_pre, self.activation)
+        return self.h_act @ self.w2.value
+
+    def backward(self, dy):
+        # dy: (T, d) -> dx: (T, d)
+        self.w2.accumulate(self.h_act.T @ dy)
+        dh_pre = _activate_backward(dy @ self.w2.value.T, self.h_pre, self.activation)
+        self.w1.accumulate(self.x.T @ dh_pre)
+        return dh_pre @ self.w1.value.T

@@ -1,0 +1,146 @@
+"""The MoE layer as a Module: router + routed experts + optional shared expert, over
+fm.moe_forward / fm.moe_backward, with router jitter, balancing and z-losses, and routing
+statistics recorded at every forward."""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import errors as chk
+from ..ops.activations import activation_code
+from ..ops.moe import ROUTERS, moe_forward
+from ..ops.routing import softmax
+from ..routing.stats import RoutingMonitor, routing_stats
+from .layers import as_rng, check_input, normal
+from .module import Module, Parameter
+
+# names of moe_forward's weight arguments, which are also moe_backward's gradient keys
+WEIGHTS = ("router_w", "w1", "w2", "shared_w1", "shared_w2", "shared_gate_w")
+
+
+def router_probs(logits, router):
+    """(T, E) router logits -> (T, E) probabilities: the softmax, or for the sigmoid router
+    its scores normalized to sum to 1 (what the entropy statistic reads)."""
+    if router == "softmax_topk":
+        return softmax(logits, check_finite=False)
+    s = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    return s / s.sum(axis=1, keepdims=True)
+
+
+class MoE(Module):
+    """A Mixture-of-Experts layer. x: (T, d) -> y: (T, d).
+
+    Parameters: router_w (d, E); w1 (E, d, h) or (E, d, 2h) for swiglu ([gate | up]);
+    w2 (E, h, d); with shared_h > 0 a shared expert shared_w1 (d, shared_h | 2 shared_h),
+    shared_w2 (shared_h, d), and with shared_gate its sigmoid gate shared_gate_w (d, 1); with
+    router="sigmoid_topk" a routing bias (E,) that chooses experts but gets no gradient
+    (frozen; DeepSeek-V3's auxiliary-loss-free balancing updates it, see update_bias).
+
+    Training extras:
+    - jitter: in train mode the layer input is multiplied by U(1 - jitter, 1 + jitter) noise,
+      as HF transformers' Mixtral block does (eval mode: no noise);
+    - aux_loss_coef / z_loss_coef: the balancing loss (fastmoe_nb.routing.load_balancing_loss
+      with `balance` as its normalization) and the router z-loss are added, times these
+      coefficients, to the training loss: backward adds their gradients to router_w and x.
+      Their values at the last forward are in `aux_loss` and `z_loss`.
+    - stats: the RoutingStats of the last forward; monitor: a RoutingMonitor fed in train mode
+      (collapse detection over `window` steps).
+    """
+
+    def __init__(self, d, h, num_experts, k, activation="swiglu", router="softmax_topk",
+                 renormalize=True, capacity=None, shared_h=0, shared_gate=False, jitter=0.0,
+                 aux_loss_coef=0.0, z_loss_coef=0.0, balance="mixtral", n_group=1,
+                 topk_group=1, scale=1.0, window=50, dtype=np.float32, rng=None):
+        d = chk.check_int("d", d, 1)
+        h = chk.check_int("h", h, 1)
+        E = chk.check_int("num_experts", num_experts, 1)
+        self.k = chk.check_int("k", k, 1, E, what=f"1..num_experts = 1..{E}")
+        activation_code(activation)
+        chk.check_choice("router", router, ROUTERS)
+        shared_h = chk.check_int("shared_h", shared_h, 0)
+        self.jitter = chk.check_real("jitter", jitter)
+        if not 0.0 <= self.jitter < 1.0:
+            raise ValueError(f"jitter: expected a number in [0, 1), got {jitter}")
+        self.aux_loss_coef = chk.check_real("aux_loss_coef", aux_loss_coef)
+        self.z_loss_coef = chk.check_real("z_loss_coef", z_loss_coef)
+        self.balance = balance
+        self.activation, self.router, self.renormalize = activation, router, bool(renormalize)
+        self.capacity = capacity
+        self.options = {} if router == "softmax_topk" else dict(n_group=n_group,
+                                                                 topk_group=topk_group,
+                                                                 scale=scale)
+        self.rng = as_rng(rng)
+        H1 = 2 * h if activation == "swiglu" else h
+        self.router_w = Parameter(normal(self.rng, (d, E), d ** -0.5, dtype))
+        self.w1 = Parameter(normal(self.rng, (E, d, H1), d ** -0.5, dtype))
+        self.w2 = Parameter(normal(self.rng, (E, h, d), h ** -0.5, dtype))
+        if shared_h:
+            S1 = 2 * shared_h if activation == "swiglu" else shared_h
+            self.shared_w1 = Parameter(normal(self.rng, (d, S1), d ** -0.5, dtype))
+            self.shared_w2 = Parameter(normal(self.rng, (shared_h, d), shared_h ** -0.5, dtype))
+            if shared_gate:
+                self.shared_gate_w = Parameter(normal(self.rng, (d, 1), d ** -0.5, dtype))
+        if router == "sigmoid_topk":
+            self.bias = Parameter(np.zeros(E, dtype), requires_grad=False, decay=False)
+        self.monitor = RoutingMonitor(E, window=window)
+        self.stats = None
+        self.aux_loss = self.z_loss = 0.0
+        if self.aux_loss_coef or self.z_loss_coef:
+            self._balancing()          # fail now, not at the first forward, if unavailable
+
+    @property
+    def num_experts(self):
+        return self.router_w.shape[1]
+
+    def _weights(self):
+        return {n: getattr(self, n).value for n in WEIGHTS if hasattr(self, n)}
+
+    def _balancing(self):
+        from .. import routing as rt  # noqa: PLC0415  (routing/ imports nothing from nn)
+
+        return rt
+
+    def forward(self, x):
+        # x: (T, d) -> y: (T, d); keeps the jitter noise and moe_forward's context
+        x = check_input("x", x, self.router_w.shape[0], self.router_w.dtype)
+        self.noise = None
+        if self.training and self.jitter:
+            self.noise = self.rng.uniform(1.0 - self.jitter, 1.0 + self.jitter,
+                                          x.shape).astype(x.dtype)
+            x = x * self.noise
+        bias = self.bias.value if self.router == "sigmoid_topk" else None
+        y, self.ctx = moe_forward(x, k=self.k, activation=self.activation, router=self.router,
+                                  renormalize=self.renormalize, capacity=self.capacity,
+                                  bias=bias, return_context=True, **self.options,
+                                  **self._weights())
+        r, logits = self.ctx.routing, self.ctx.logits
+        self.stats = routing_stats(r.experts, self.num_experts,
+                                   router_probs(logits, self.router), self.ctx.plan.dropped)
+        if self.training:
+            self.monitor.update(self.stats)
+        if self.aux_loss_coef or self.z_loss_coef:
+            rt = self._balancing()
+            self.aux_loss = float(rt.load_balancing_loss(logits, r.experts,
+                                                         normalization=self.balance))
+            self.z_loss = float(rt.z_loss(logits))
+        return y
+
+    def backward(self, dy):
+        # dy: (T, d) -> dx: (T, d); accumulates the gradient of every trainable weight
+        from ..ops.moe import moe_backward  # noqa: PLC0415
+
+        ctx = self.ctx
+        dx, grads = moe_backward(dy, ctx)
+        if self.aux_loss_coef or self.z_loss_coef:
+            rt = self._balancing()
+            dlogits = np.zeros_like(ctx.logits)
+            if self.aux_loss_coef:
+                dlogits += self.aux_loss_coef * rt.load_balancing_loss_backward(
+                    ctx.logits, ctx.routing.experts, normalization=self.balance)
+            if self.z_loss_coef:
+                dlogits += self.z_loss_coef * rt.z_loss_backward(ctx.logits)
+            grads["router_w"] = grads["router_w"] + ctx.x.T @ dlogits
+            dx = dx + dlogits @ self.router_w.value.T
+        for n in WEIGHTS:
+            if hasattr(self, n):
+                getattr(self, n).accumulate(grads[n])
+        return dx * self.noise if self.noise is not None else dx

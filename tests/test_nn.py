@@ -1,0 +1,217 @@
+"""fastmoe_nb.nn layers and losses: backward against float64 central differences, gradient
+accumulation, frozen parameters, train/eval, bad input."""
+import numpy as np
+import pytest
+
+import fastmoe_nb.nn as nn
+
+F64 = np.float64
+TOL = 1e-6
+
+
+def numeric_grad(f, a, eps=1e-6):
+    """Central differences of the scalar f() with respect to every element of a (in place)."""
+    g = np.zeros(a.shape)
+    if a.size == 0:
+        return g
+    it = np.nditer(a, flags=["multi_index"])
+    for _ in it:
+        i = it.multi_index
+        old = a[i]
+        a[i] = old + eps
+        fp = f()
+        a[i] = old - eps
+        fm_ = f()
+        a[i] = old
+        g[i] = (fp - fm_) / (2 * eps)
+    return g
+
+
+def rel_err(got, want):
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-12)) if want.size else 0.0
+
+
+def check_module(m, x, rng, reseed=None):
+    """f = sum(m(x) * r): the backward's dx and every parameter gradient against central
+    differences (float64). reseed() runs before each forward (for layers that draw noise)."""
+    reseed = reseed or (lambda: None)
+    reseed()
+    r = rng.standard_normal(m.forward(x.copy()).shape)
+
+    def f():
+        reseed()
+        return float((m.forward(x) * r).sum())
+
+    m.zero_grad()
+    reseed()
+    m.forward(x)
+    dx = m.backward(r)
+    if np.issubdtype(x.dtype, np.floating):
+        assert rel_err(dx, numeric_grad(f, x)) <= TOL
+    for name, p in m.named_parameters():
+        if p.requires_grad:
+            err = rel_err(p.grad, numeric_grad(f, p.value))
+            assert err <= TOL, (name, err)
+
+
+@pytest.mark.parametrize("T,d_in,d_out,bias", [(1, 3, 2, True), (5, 4, 7, False), (0, 3, 2, True)])
+def test_linear_backward(rng, T, d_in, d_out, bias):
+    m = nn.Linear(d_in, d_out, bias=bias, dtype=F64, rng=rng)
+    if bias:
+        m.b.value[...] = rng.standard_normal(d_out)
+    check_module(m, rng.standard_normal((T, d_in)), rng)
+    if T == 0:
+        assert not m.w.grad.any()
+
+
+@pytest.mark.parametrize("T,d", [(1, 1), (4, 6), (3, 100)])
+def test_rmsnorm_backward(rng, T, d):
+    m = nn.RMSNorm(d, dtype=F64)
+    m.g.value[...] = rng.standard_normal(d)
+    check_module(m, rng.standard_normal((T, d)), rng)
+
+
+def test_rmsnorm_forward_has_unit_rms(rng):
+    y = nn.RMSNorm(8, eps=1e-12).forward(3 * rng.standard_normal((5, 8)).astype(np.float32))
+    np.testing.assert_allclose(np.sqrt((y.astype(F64) ** 2).mean(axis=1)), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu", "swiglu"])
+def test_mlp_backward(rng, activation):
+    m = nn.MLP(5, 3, activation=activation, dtype=F64, rng=rng)
+    check_module(m, rng.standard_normal((4, 5)), rng)
+
+
+def test_mlp_matches_numpy(rng):
+    m = nn.MLP(6, 4, activation="silu", dtype=F64, rng=rng)
+    x = rng.standard_normal((3, 6))
+    h = x @ m.w1.value
+    np.testing.assert_allclose(m.forward(x), (h / (1 + np.exp(-h))) @ m.w2.value, rtol=1e-12)
+
+
+def test_embedding_backward_accumulates_repeated_ids(rng):
+    m = nn.Embedding(5, 3, dtype=F64, rng=rng)
+    ids = np.array([[1, 4], [1, 1], [0, 4]])
+    y = m.forward(ids)
+    assert y.shape == (3, 2, 3)
+    np.testing.assert_array_equal(y[1, 0], m.w.value[1])
+    dy = rng.standard_normal(y.shape)
+    assert m.backward(dy) is None
+    want = np.zeros((5, 3))
+    for (i, j), e in np.ndenumerate(ids):
+        want[e] += dy[i, j]
+    np.testing.assert_allclose(m.w.grad, want, rtol=1e-14)
+    assert not m.w.grad[[2, 3]].any()
+
+
+def test_sequential_and_residual_backward(rng):
+    m = nn.Sequential(nn.Linear(4, 6, dtype=F64, rng=rng),
+                      nn.Residual(nn.Sequential(nn.RMSNorm(6, dtype=F64),
+                                                nn.MLP(6, 3, "gelu", dtype=F64, rng=rng))),
+                      nn.Linear(6, 2, dtype=F64, rng=rng))
+    names = [n for n, _ in m.named_parameters()]
+    assert names == ["layers.0.w", "layers.0.b", "layers.1.body.layers.0.g",
+                     "layers.1.body.layers.1.w1", "layers.1.body.layers.1.w2", "layers.2.w",
+                     "layers.2.b"]
+    check_module(m, rng.standard_normal((3, 4)), rng)
+
+
+def test_gradients_accumulate_and_zero_grad_clears(rng):
+    m = nn.Linear(3, 2, dtype=F64, rng=rng)
+    x, dy = rng.standard_normal((4, 3)), rng.standard_normal((4, 2))
+    m.forward(x)
+    m.backward(dy)
+    once = m.w.grad.copy()
+    m.forward(x)
+    m.backward(dy)
+    np.testing.assert_allclose(m.w.grad, 2 * once, rtol=1e-14)
+    m.zero_grad()
+    assert not m.w.grad.any() and not m.b.grad.any()
+
+
+def test_frozen_parameters_get_no_gradient(rng):
+    m = nn.Sequential(nn.Linear(3, 3, rng=rng), nn.Linear(3, 2, rng=rng))
+    m.layers[0].requires_grad_(False)
+    x = rng.standard_normal((4, 3)).astype(np.float32)
+    m.forward(x)
+    dx = m.backward(np.ones((4, 2), np.float32))
+    assert dx.shape == (4, 3) and dx.any()             # the input gradient still flows
+    assert not m.layers[0].w.grad.any() and m.layers[1].w.grad.any()
+
+
+def test_train_eval_reach_every_submodule(rng):
+    m = nn.Sequential(nn.Linear(2, 2), nn.Residual(nn.RMSNorm(2)))
+    assert all(s.training for s in m.modules())
+    assert m.eval() is m and not any(s.training for s in m.modules())
+    m.train()
+    assert all(s.training for s in m.modules())
+
+
+def test_layers_do_not_modify_or_alias_caller_arrays(rng):
+    w = rng.standard_normal((3, 2))
+    p = nn.Parameter(w)
+    p.value += 1
+    assert not np.shares_memory(p.value, w) and np.allclose(p.value - w, 1)
+    m = nn.Sequential(nn.RMSNorm(3, dtype=F64), nn.Linear(3, 3, dtype=F64, rng=rng))
+    x = rng.standard_normal((4, 3))
+    dy = rng.standard_normal((4, 3))
+    x0, dy0 = x.copy(), dy.copy()
+    m.forward(x)
+    m.backward(dy)
+    np.testing.assert_array_equal(x, x0)
+    np.testing.assert_array_equal(dy, dy0)
+
+
+def test_bad_inputs_name_the_argument():
+    lin = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="x: expected shape"):
+        lin.forward(np.zeros((4, 5), np.float32))
+    with pytest.raises(TypeError, match="x: expected dtype float32"):
+        lin.forward(np.zeros((4, 3), np.float64))
+    with pytest.raises(ValueError, match="ids: expected integers in 0..4"):
+        nn.Embedding(5, 2).forward(np.array([0, 5]))
+    with pytest.raises(TypeError, match="ids: expected an integer array"):
+        nn.Embedding(5, 2).forward(np.array([0.0]))
+    with pytest.raises(ValueError, match="d_out"):
+        nn.Linear(3, 0)
+    with pytest.raises(ValueError, match="activation"):
+        nn.MLP(3, 2, activation="tanh")
+    with pytest.raises(TypeError, match="layers\\[1\\]"):
+        nn.Sequential(nn.Linear(2, 2), "relu")
+
+
+# ------------------------------------------------------------------------------- losses
+
+@pytest.mark.parametrize("T,V", [(1, 1), (1, 5), (6, 4), (3, 100)])
+def test_cross_entropy_value_and_gradient(rng, T, V):
+    logits = 3 * rng.standard_normal((T, V))
+    t = rng.integers(0, V, T)
+    loss, g = nn.cross_entropy(logits, t)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    assert loss == pytest.approx(-np.log(p[np.arange(T), t]).mean(), rel=1e-12, abs=1e-15)
+    assert rel_err(g, numeric_grad(lambda: nn.cross_entropy(logits, t)[0], logits)) <= TOL
+
+
+def test_cross_entropy_float32_large_logits_and_empty():
+    logits = np.array([[1000.0, 0.0], [-1000.0, 0.0]], np.float32)
+    loss, g = nn.cross_entropy(logits, np.array([0, 1]))
+    assert g.dtype == np.float32 and np.isfinite(g).all()
+    assert loss == pytest.approx(np.log1p(np.exp(-1000.0)), abs=1e-12)
+    loss, g = nn.cross_entropy(np.zeros((0, 3), np.float32), np.zeros(0, np.int64))
+    assert loss == 0.0 and g.shape == (0, 3)
+    with pytest.raises(ValueError, match="targets: expected class ids in 0..1"):
+        nn.cross_entropy(logits, np.array([0, 2]))
+    with pytest.raises(ValueError, match="targets: expected shape"):
+        nn.cross_entropy(logits, np.array([0]))
+
+
+def test_mse_value_and_gradient(rng):
+    pred, target = rng.standard_normal((4, 3)), rng.standard_normal((4, 3))
+    loss, g = nn.mse(pred, target)
+    assert loss == pytest.approx(((pred - target) ** 2).mean(), rel=1e-14)
+    assert rel_err(g, numeric_grad(lambda: nn.mse(pred, target)[0], pred)) <= TOL
+    with pytest.raises(ValueError, match="target: expected the shape of pred"):
+        nn.mse(pred, target[:2])
+    with pytest.raises(TypeError, match="target: expected dtype float64"):
+        nn.mse(pred, target.astype(np.float32))

@@ -1,11 +1,13 @@
 """fastmoe_nb: Mixture-of-Experts building blocks — routing, token dispatch and grouped
 expert GEMMs — as plain NumPy calls over hand-written Numba kernels (@njit on the CPU,
 @cuda.jit on NVIDIA GPUs)."""
-from .ops.activations import ACTIVATIONS, activate
-from .ops.dispatch import combine, make_plan, permute
+from .ops.activations import ACTIVATIONS, activate, activate_backward
+from .ops.dispatch import combine, combine_backward, make_plan, permute, permute_backward
 from .ops.gemm import grouped_gemm, grouped_gemm_backward
-from .ops.moe import ROUTERS, experts_forward, moe_forward, shared_forward
-from .ops.routing import sigmoid_topk, softmax, softmax_topk, topk
+from .ops.moe import (ROUTERS, experts_forward, moe_backward, moe_forward, shared_backward,
+                      shared_forward)
+from .ops.routing import (sigmoid_topk, sigmoid_topk_backward, softmax, softmax_backward,
+                          softmax_topk, softmax_topk_backward, topk)
 from .types import MoEContext, Plan, Routing
 
 __version__ = "0.1.0"
@@ -15,4 +17,7 @@ __all__ = [
     "combine", "experts_forward", "grouped_gemm", "grouped_gemm_backward", "make_plan",
     "moe_forward", "permute",
     "shared_forward", "sigmoid_topk", "softmax", "softmax_topk", "topk",
+    # backward of every op (training)
+    "activate_backward", "combine_backward", "moe_backward", "permute_backward",
+    "shared_backward", "sigmoid_topk_backward", "softmax_backward", "softmax_topk_backward",
 ]

@@ -47,13 +47,18 @@ def check_int_array(name, a, ndim=None, shape=None):
 
 
 def check_int(name, v, lo=None, hi=None, what=None):
-    """A Python/NumPy integer (not bool) in lo..hi inclusive."""
+    """A Python/NumPy integer (not bool) in lo..hi inclusive (None: unbounded).
+
+    what describes the range in the message: a range such as "1..E = 1..8" reads "expected an
+    integer in 1..E = 1..8"; a phrase such as "a positive integer" is used as it is."""
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
         raise TypeError(f"{name}: expected an integer, got {type(v).__name__}")
     v = int(v)
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         rng = what or f"{'-inf' if lo is None else lo}..{'inf' if hi is None else hi}"
-        raise ValueError(f"{name}: expected an integer in {rng}, got {v}")
+        if rng[0].isdigit() or rng[0] == "-":
+            rng = f"an integer in {rng}"
+        raise ValueError(f"{name}: expected {rng}, got {v}")
     return v
 
 

@@ -1,0 +1,158 @@
+"""Every malformed argument gives a ValueError / TypeError naming it, before any work."""
+import numpy as np
+import pytest
+
+import fastmoe_nb as fm
+
+f32, f64 = np.float32, np.float64
+
+
+def _raises(exc, match, fn, *a, **kw):
+    with pytest.raises(exc, match=match):
+        fn(*a, **kw)
+
+
+@pytest.fixture
+def layer():
+    rng = np.random.default_rng(0)
+    T, d, h, E = 6, 8, 4, 4
+    return dict(x=rng.standard_normal((T, d)).astype(f32),
+                router_w=rng.standard_normal((d, E)).astype(f32),
+                w1=rng.standard_normal((E, d, 2 * h)).astype(f32),
+                w2=rng.standard_normal((E, h, d)).astype(f32))
+
+
+def test_routing_primitives():
+    x = np.zeros((3, 4), f32)
+    _raises(ValueError, "x: expected a 2-D array", fm.softmax, np.zeros(4, f32))
+    _raises(TypeError, "x: expected float32 or float64, got int64", fm.softmax,
+            np.zeros((2, 2), np.int64))
+    _raises(TypeError, "x: expected an array, got list", fm.softmax, [[1.0, 2.0]])
+    _raises(ValueError, "x: expected finite", fm.softmax, np.array([[0, np.nan]], f32))
+    _raises(ValueError, r"k: expected an integer in 1..E = 1..4, got 0", fm.topk, x, 0)
+    _raises(ValueError, r"k: expected an integer in 1..E = 1..4, got 5", fm.topk, x, 5)
+    _raises(TypeError, "k: expected an integer, got float", fm.topk, x, 2.0)
+    _raises(TypeError, "k: expected an integer, got bool", fm.topk, x, True)
+
+
+def test_softmax_topk_non_finite_logits():
+    bad = np.array([[0.0, np.inf, 1.0]], f32)
+    _raises(ValueError, "logits: expected finite values", fm.softmax_topk, bad, 1)
+    # an explicit opt-out skips the scan
+    r = fm.softmax_topk(np.array([[0.0, -np.inf, 1.0]], f32), 1, check_finite=False)
+    assert r.experts.tolist() == [[2]]
+
+
+def test_sigmoid_topk_options():
+    x = np.zeros((3, 8), f32)
+    _raises(ValueError, "n_group: expected a divisor of E = 8, got 3", fm.sigmoid_topk, x, 2,
+            n_group=3)
+    _raises(ValueError, r"topk_group: expected an integer in 1..n_group = 1..4, got 5",
+            fm.sigmoid_topk, x, 2, n_group=4, topk_group=5)
+    _raises(ValueError, r"k: expected an integer in 1..4 \(the experts in the topk_group",
+            fm.sigmoid_topk, x, 5, n_group=4, topk_group=2)
+    _raises(ValueError, r"bias: expected shape \(8\), got \(7,\)", fm.sigmoid_topk, x, 2,
+            bias=np.zeros(7, f32))
+    _raises(TypeError, "bias: expected dtype float32", fm.sigmoid_topk, x, 2,
+            bias=np.zeros(8, f64))
+    _raises(ValueError, "bias: expected finite", fm.sigmoid_topk, x, 2,
+            bias=np.full(8, np.nan, f32))
+    _raises(ValueError, "scale: expected a finite number", fm.sigmoid_topk, x, 2,
+            scale=float("nan"))
+
+
+def test_make_plan():
+    e = np.array([[0, 1], [2, 3]], np.int32)
+    _raises(TypeError, "experts: expected an integer array, got float32", fm.make_plan,
+            e.astype(f32), 4)
+    _raises(ValueError, "experts: expected a 2-D array", fm.make_plan, e.ravel(), 4)
+    _raises(ValueError, r"experts: expected expert ids in 0..num_experts-1 = 0..2, found 3",
+            fm.make_plan, e, 3)
+    _raises(ValueError, "found -1", fm.make_plan, np.array([[0, -1]], np.int32), 3)
+    _raises(ValueError, "num_experts: expected a positive integer", fm.make_plan, e, 0)
+    _raises(ValueError, "capacity: expected a non-negative integer or None, got -1",
+            fm.make_plan, e, 4, capacity=-1)
+    _raises(TypeError, "capacity: expected an integer, got float", fm.make_plan, e, 4, 2.5)
+
+
+def test_permute_combine():
+    plan = fm.make_plan(np.array([[0, 1], [1, 0], [0, 0]], np.int32), 2)
+    _raises(ValueError, r"x: expected shape \(3, \*\), got \(4, 5\)", fm.permute,
+            np.zeros((4, 5), f32), plan)
+    _raises(TypeError, "plan: expected a Plan from make_plan, got tuple", fm.permute,
+            np.zeros((3, 5), f32), tuple(plan))
+    ys = np.zeros((6, 5), f32)
+    _raises(ValueError, r"ys: expected shape \(6, \*\), got \(5, 5\)", fm.combine,
+            np.zeros((5, 5), f32), plan)
+    _raises(ValueError, r"weights: expected shape \(3, 2\), got \(2, 3\)", fm.combine, ys,
+            plan, np.zeros((2, 3), f32))
+    _raises(TypeError, "weights: expected dtype float32", fm.combine, ys, plan,
+            np.zeros((3, 2), f64))
+
+
+def test_grouped_gemm():
+    a = np.zeros((5, 4), f32)
+    w = np.zeros((2, 4, 3), f32)
+    off = np.array([0, 2, 5])
+    _raises(ValueError, "w: expected shape", fm.grouped_gemm, a, np.zeros((2, 3, 3), f32), off)
+    _raises(ValueError, "w: expected shape", fm.grouped_gemm, a, w, off, trans_w=True)
+    _raises(TypeError, "w: expected dtype float32", fm.grouped_gemm, a, w.astype(f64), off)
+    _raises(ValueError, "offsets: expected shape", fm.grouped_gemm, a, w, np.array([0, 5]))
+    _raises(ValueError, "offsets: expected non-decreasing offsets from 0 to N = 5", fm.grouped_gemm,
+            a, w, np.array([0, 2, 4]))
+    _raises(ValueError, "offsets: expected non-decreasing", fm.grouped_gemm, a, w,
+            np.array([0, 3, 2, 5])[[0, 2, 3]] * 0 + np.array([0, 6, 5]))
+    _raises(TypeError, "offsets: expected an integer array", fm.grouped_gemm, a, w,
+            np.array([0.0, 2.0, 5.0]))
+
+
+def test_activate():
+    _raises(ValueError, "activation: expected one of", fm.activate, np.zeros((2, 2), f32),
+            "tanh")
+    _raises(ValueError, "swiglu expects an even hidden width", fm.activate,
+            np.zeros((2, 3), f32), "swiglu")
+
+
+def test_moe_forward(layer):
+    L = layer
+    call = fm.moe_forward
+    _raises(ValueError, r"router_w: expected shape \(8, \*\)", call, L["x"],
+            L["router_w"][:7], L["w1"], L["w2"], k=2)
+    _raises(ValueError, r"w1: expected shape \(4, 8, 8\)", call, L["x"], L["router_w"],
+            L["w1"][:3], L["w2"], k=2)
+    _raises(ValueError, r"w2: expected shape \(4, 4, 8\)", call, L["x"], L["router_w"],
+            L["w1"], L["w2"][:, :3], k=2)
+    _raises(ValueError, "w1: swiglu expects an even hidden width", call, L["x"],
+            L["router_w"], L["w1"][:, :, :7], L["w2"], k=2)
+    _raises(ValueError, r"k: expected an integer in 1..E = 1..4, got 5", call, **L, k=5)
+    _raises(TypeError, "router_w: expected dtype float32", call, L["x"],
+            L["router_w"].astype(f64), L["w1"], L["w2"], k=2)
+    _raises(ValueError, "router: expected one of", call, **L, k=2, router="top1")
+    _raises(ValueError, "activation: expected one of", call, **L, k=2, activation="tanh")
+    _raises(ValueError, "only for router='sigmoid_topk'", call, **L, k=2,
+            bias=np.zeros(4, f32))
+    _raises(ValueError, "capacity: expected a non-negative integer", call, **L, k=2,
+            capacity=-3)
+    _raises(ValueError, "shared_w1, shared_w2: expected both", call, **L, k=2,
+            shared_w1=np.zeros((8, 6), f32))
+    _raises(ValueError, r"shared_gate_w: expected shape \(8,\) or \(8, 1\)", call, **L, k=2,
+            shared_w1=np.zeros((8, 6), f32), shared_w2=np.zeros((3, 8), f32),
+            shared_gate_w=np.zeros((8, 2), f32))
+    x = L["x"].copy()
+    x[2, 3] = np.nan
+    _raises(ValueError, "logits: expected finite values", call, x, L["router_w"], L["w1"],
+            L["w2"], k=2)
+
+
+class _FakeDeviceArray:
+    """Looks like a GPU array to the backend choice (never reaches a kernel)."""
+    shape, dtype = (6, 8), np.dtype(f32)
+    __cuda_array_interface__ = {"shape": (6, 8), "typestr": "<f4", "data": (0, False),
+                                "version": 3}
+
+
+def test_host_and_device_arrays_do_not_mix(layer):
+    L = dict(layer)
+    L["x"] = _FakeDeviceArray()
+    _raises(TypeError, "mixed host and device arrays: x on the GPU but router_w, w1, w2 on "
+            "the host", fm.moe_forward, **L, k=2)

@@ -1,0 +1,233 @@
+"""Run under mpiexec (-n 2 or -n 4) by tests/test_parallel.py: the expert-parallel layer on P
+ranks against the single-process layer on the same global batch, collective validation, and
+the nn form. Every rank checks its own part; rank 0 prints "ALL OK <checks>" or the failures
+of every rank and the script exits 1."""
+import sys
+import traceback
+
+import numpy as np
+
+import fastmoe_nb as fm
+from fastmoe_nb import parallel as ep
+from fastmoe_nb.parallel.comm import mpi
+
+MPI = mpi()
+comm = MPI.COMM_WORLD
+P, rank = comm.Get_size(), comm.Get_rank()
+failures, checks = [], [0]
+stats = {"bitwise": 0, "close": 0}
+
+
+def check(name, ok, detail=""):
+    checks[0] += 1
+    if not ok:
+        failures.append(f"rank {rank}: {name} {detail}")
+
+
+def same(name, got, want):
+    """Bitwise equality (index outputs, and floats whose summation order is the same)."""
+    got, want = np.asarray(got), np.asarray(want)
+    ok = got.shape == want.shape and got.dtype == want.dtype and np.array_equal(got, want)
+    err = "" if ok or got.shape != want.shape else np.abs(got.astype(float) - want).max()
+    check(name, ok, f"not bitwise equal: shapes {got.shape} {want.shape}, max err {err}")
+
+
+def close(name, got, want, rtol=1e-6):
+    """Relative to the largest |want| (the summation order differs: an Allreduce)."""
+    got, want = np.asarray(got), np.asarray(want)
+    if got.shape != want.shape or got.dtype != want.dtype:
+        return check(name, False, f"shape/dtype {got.shape} {got.dtype} vs {want.shape} "
+                                  f"{want.dtype}")
+    if want.size == 0:
+        return check(name, True)
+    err = np.abs(got.astype(np.float64) - want).max() / max(np.abs(want).max(), 1e-30)
+    check(name, err <= rtol, f"relative error {err:.2e} > {rtol:.0e}")
+
+
+def global_case(seed, tokens, d, h, E, dtype, swiglu=True, shared=False, gate=False,
+                sigmoid=False, exact=False):
+    """The same global batch and full weights on every rank; tokens: T_r of each rank.
+    exact: x and router_w on a coarse grid (multiples of 1/4 and 1/64), so that the router
+    GEMM's sums are exact whatever BLAS's summation order."""
+    rng = np.random.default_rng(seed)
+    T = sum(tokens)
+    H1 = 2 * h if swiglu else h
+    f = lambda *s, sc=1.0: (rng.standard_normal(s) * sc).astype(dtype)  # noqa: E731
+    w = dict(x=f(T, d), router_w=f(d, E, sc=d ** -0.5), w1=f(E, d, H1, sc=d ** -0.5),
+             w2=f(E, h, d, sc=h ** -0.5), dy=f(T, d))
+    if exact:
+        w["x"] = (rng.integers(-4, 5, (T, d)) / 4).astype(dtype)
+        w["router_w"] = (rng.integers(-8, 9, (d, E)) / 64).astype(dtype)
+    if shared:
+        w.update(shared_w1=f(d, H1, sc=d ** -0.5), shared_w2=f(h, d, sc=h ** -0.5))
+    if gate:
+        w["shared_gate_w"] = f(d, sc=d ** -0.5)
+    if sigmoid:
+        w["bias"] = f(E, sc=0.1)
+    return w
+
+
+def run_case(name, tokens, d, h, E, k, dtype=np.float32, activation="swiglu", trans_w=False,
+             capacity=None, shared=False, gate=False, sigmoid=None, seed=0, exact=False):
+    tokens = tokens[:P]
+    w = global_case(seed, tokens, d, h, E, dtype, activation == "swiglu", shared, gate,
+                    sigmoid is not None, exact)
+    opts = dict(k=k, activation=activation, capacity=capacity, trans_w=trans_w)
+    if sigmoid is not None:
+        opts.update(router="sigmoid_topk", bias=w["bias"], **sigmoid)
+    w1, w2 = w["w1"], w["w2"]
+    if trans_w:
+        w1, w2 = (np.ascontiguousarray(a.transpose(0, 2, 1)) for a in (w1, w2))
+    sh = {n: w[n] for n in ("shared_w1", "shared_w2", "shared_gate_w") if n in w}
+    # the single-process layer on the concatenated batch
+    y_ref, ctx = fm.moe_forward(w["x"], w["router_w"], w1, w2, return_context=True, **sh,
+                                **opts)
+    dx_ref, g_ref = fm.moe_backward(w["dy"], ctx)
+    # this rank's tokens and experts
+    lo = sum(tokens[:rank])
+    mine = slice(lo, lo + tokens[rank])
+    x, dy = w["x"][mine].copy(), w["dy"][mine].copy()
+    x0 = x.copy()
+    w1l, w2l = ep.shard_experts(w1, comm), ep.shard_experts(w2, comm)
+    y, ectx = ep.ep_moe_forward(x, w["router_w"], w1l, w2l, comm=comm, return_context=True,
+                                **sh, **opts)
+    dx, g = ep.ep_moe_backward(dy, ectx)
+    same(f"{name}: x unchanged", x, x0)
+    same(f"{name}: experts", ectx.routing.experts, ctx.routing.experts[mine])
+    # BLAS may sum the router GEMM x @ router_w (and the shared expert's) differently for a
+    # (T_r, d) block than for the (T, d) batch (a 1-row product takes its gemv path): where
+    # it does, the routing weights differ in the last bit and everything downstream is
+    # compared at 1e-6 instead; where the logits agree on every rank, the exchange changes
+    # no summation: bitwise (the "exact" cases, without a shared expert, must be).
+    bitwise = comm.allreduce(bool(np.array_equal(ectx.logits, ctx.logits[mine])), op=MPI.LAND)
+    if exact:
+        check(f"{name}: exact router logits bitwise on every rank", bitwise)
+    alike = same if bitwise else close
+    stats["bitwise" if bitwise else "close"] += 1
+    alike(f"{name}: y", y, y_ref[mine])
+    same(f"{name}: dropped (global)", ectx.dropped, ctx.plan.dropped)
+    e0, e1 = ep.expert_range(E, comm)
+    same(f"{name}: expert counts", ectx.counts, ctx.plan.counts[e0:e1])
+    alike(f"{name}: dw1", g["w1"], g_ref["w1"][e0:e1])
+    alike(f"{name}: dw2", g["w2"], g_ref["w2"][e0:e1])
+    close(f"{name}: dx", dx, dx_ref[mine])
+    for n in g_ref:
+        if n not in ("w1", "w2"):
+            close(f"{name}: d{n}", g[n], g_ref[n])
+    same(f"{name}: grad keys", sorted(g), sorted(g_ref))
+    # reduce="mean" and None
+    _, gm = ep.ep_moe_backward(dy, ectx, reduce="mean")
+    close(f"{name}: mean dw1", gm["w1"], g["w1"] / dtype(P))
+    close(f"{name}: mean drouter_w", gm["router_w"], g["router_w"] / dtype(P))
+    _, gn = ep.ep_moe_backward(dy, ectx, reduce=None)
+    close(f"{name}: unreduced drouter_w", ep.allreduce_grads(comm, {"r": gn["router_w"]})["r"],
+          g["router_w"])
+
+
+def expect_error(name, fn, cls, words):
+    """fn() must raise cls on this rank, its message holding every word."""
+    try:
+        fn()
+    except cls as e:
+        check(name, all(wd in str(e) for wd in words), f"message {str(e)!r} lacks {words}")
+    except Exception as e:  # noqa: BLE001
+        check(name, False, f"raised {type(e).__name__}: {e}")
+    else:
+        check(name, False, "did not raise")
+
+
+def validation_cases():
+    d, h, E = 8, 4, 2 * P
+    w = global_case(1, [3] * P, d, h, E, np.float32)
+    x = w["x"][:3]
+    w1l, w2l = ep.shard_experts(w["w1"], comm), ep.shard_experts(w["w2"], comm)
+    call = lambda **kw: ep.ep_moe_forward(**{**dict(x=x, router_w=w["router_w"], w1=w1l,  # noqa
+                                                     w2=w2l, k=2, comm=comm), **kw})
+    # E not divisible by P: every rank says so
+    bad_E = np.zeros((d, P + 1), np.float32)
+    expect_error("E not divisible", lambda: call(router_w=bad_E), ValueError,
+                 ["router_w", "divisible", str(P)])
+    # one rank passes a float64 x: a TypeError there, and on every other rank
+    xr = x.astype(np.float64) if rank == 1 else x
+    expect_error("dtype on one rank", lambda: call(x=xr), TypeError,
+                 ["x"] if rank == 1 else ["rank 1", "x"])
+    # a width differing between ranks, each rank consistent on its own
+    dd = d + 1 if rank == P - 1 else d
+    wd = global_case(2, [3], dd, h, E, np.float32)
+    expect_error("d differs between ranks",
+                 lambda: call(x=wd["x"], router_w=wd["router_w"],
+                              w1=ep.shard_experts(wd["w1"], comm),
+                              w2=ep.shard_experts(wd["w2"], comm)), ValueError,
+                 ["same", "d = "])
+    # an option differing between ranks
+    expect_error("k differs", lambda: call(k=1 + (rank == 0)), ValueError, ["k = "])
+    expect_error("capacity differs", lambda: call(capacity=3 if rank else None), ValueError,
+                 ["capacity"])
+    # non-finite logits on one rank
+    xn = x.copy()
+    if rank == 0:
+        xn[0, 0] = np.nan
+    expect_error("NaN on one rank", lambda: call(x=xn), ValueError,
+                 ["finite"] if rank == 0 else ["rank 0", "finite"])
+    # wrong local expert count
+    expect_error("w1 all experts", lambda: call(w1=w["w1"]), ValueError, ["w1", "E/P"])
+    # backward: a wrong dy on one rank
+    y, ctx = call(return_context=True)
+    dyb = np.zeros((4, d), np.float32) if rank == P - 1 else np.zeros_like(y)
+    expect_error("dy shape on one rank", lambda: ep.ep_moe_backward(dyb, ctx), ValueError,
+                 ["dy"])
+    expect_error("reduce", lambda: ep.ep_moe_backward(y, ctx, reduce="max"), ValueError,
+                 ["reduce"])
+    expect_error("comm", lambda: call(comm=object()), TypeError, ["comm"])
+    # the communicator still works after every error
+    same("usable after errors", call(), call())
+
+
+def short_traceback():
+    return traceback.format_exc(limit=-4)[-1500:]
+
+
+def main():
+    cases = [
+        # name, T_r per rank (a rank with no token), d, h, E, k, options
+        dict(name="f32 swiglu", tokens=[5, 0, 3, 1], d=100, h=8, E=2 * P, k=2),
+        dict(name="f32 exact router", tokens=[5, 0, 3, 1], d=100, h=8, E=2 * P, k=2,
+             exact=True, capacity=2),
+        dict(name="f32 exact router T=1 k=E", tokens=[1, 1, 1, 1], d=64, h=4, E=P, k=P,
+             exact=True, activation="gelu_tanh", seed=5),
+        dict(name="f32 T=1 empty experts trans_w gelu", tokens=[1, 1, 1, 1], d=781, h=5,
+             E=4 * P, k=1, activation="gelu", trans_w=True),
+        dict(name="f64 k=E=P capacity shared", tokens=[4, 3, 0, 5], d=12, h=6, E=P, k=P,
+             dtype=np.float64, capacity=3, shared=True, gate=True),
+        dict(name="f32 E=P k=1 capacity 0", tokens=[2, 2, 2, 2], d=16, h=4, E=P, k=1,
+             capacity=0, activation="relu"),
+        dict(name="f64 sigmoid groups capacity", tokens=[6, 2, 5, 3], d=20, h=4, E=4 * P,
+             k=3, dtype=np.float64, capacity=2, shared=True,
+             sigmoid=dict(n_group=2, topk_group=1, scale=2.5)),
+        dict(name="f32 uneven d=600", tokens=[7, 1, 0, 2], d=600, h=3, E=2 * P, k=2,
+             activation="silu", seed=3),
+    ]
+    for c in cases:
+        try:
+            run_case(**c)
+        except Exception:  # noqa: BLE001
+            failures.append(f"rank {rank}: {c['name']} raised\n{short_traceback()}")
+    try:
+        validation_cases()
+    except Exception:  # noqa: BLE001
+        failures.append(f"rank {rank}: validation raised\n{short_traceback()}")
+    everything = comm.gather((checks[0], failures), root=0)
+    if rank == 0:
+        bad = [f for _, fs in everything for f in fs]
+        if bad:
+            print("\n".join(bad))
+            sys.stdout.flush()
+        else:
+            print(f"ALL OK {sum(n for n, _ in everything)} checks on {P} ranks "
+                  f"({stats['bitwise']} cases bitwise, {stats['close']} within 1e-6)")
+    ok = comm.bcast(rank == 0 and not bad if rank == 0 else None, root=0)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

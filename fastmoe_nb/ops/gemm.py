@@ -1,10 +1,20 @@
-"""Grouped GEMM: one matrix product per expert over its block of rows."""
+"""Grouped GEMM: one matrix product per expert over its block of rows, and its backward.
+
+The CPU work is done by kernels/cpu/gemm.py (packed panels, register-blocked micro-kernel, one
+parallel loop over the tiles of all experts). Weights are packed into panels on every call,
+unless the caller packs them once per weight update with pack_weights() and passes the
+PackedWeights instead of w.
+"""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
+import numba
 import numpy as np
 
 from .. import errors as chk
 from ..backend import CUDA, as_host, backend_of, cuda_module
+from ..kernels.cpu import gemm as kg
 
 
 def check_offsets(offsets, E, N, name="offsets"):
@@ -31,18 +41,161 @@ def check_gemm_args(a, w, offsets, trans_w):
     return a, w, offsets, (w.shape[1] if trans_w else w.shape[2])
 
 
+
+@contextmanager
+def vectorizer_flags():
+    """The micro-kernel must be compiled with LLVM's SLP vectorizer on and its loop vectorizer
+    off (with numba's defaults it runs 5-10x slower); numba reads these flags when a function
+    compiles, so every call into kernels/cpu/gemm.py goes through here."""
+    old = numba.config.SLP_VECTORIZE, numba.config.LOOP_VECTORIZE
+    numba.config.SLP_VECTORIZE, numba.config.LOOP_VECTORIZE = 1, 0
+    try:
+        yield
+    finally:
+        numba.config.SLP_VECTORIZE, numba.config.LOOP_VECTORIZE = old
+
+
+class PackedWeights:
+    """Expert weights packed once into the kernel's panels: pass it instead of w.
+
+    A snapshot, not a view: after an in-place update of w, call pack_weights again (nothing
+    is cached behind the caller's back, so stale panels can never be served silently).
+    panels: (E, P, K, NR); shape/trans_w: those of the w it was packed from; swiglu: panels
+    interleave the [gate | up] halves so the activation can run in the GEMM's epilogue.
+    """
+
+    def __init__(self, panels, shape, trans_w, swiglu):
+        self.panels, self.shape, self.trans_w, self.swiglu = panels, shape, trans_w, swiglu
+
+    @property
+    def dtype(self):
+        return self.panels.dtype
+
+    @property
+    def num_experts(self):
+        return self.shape[0]
+
+    @property
+    def in_features(self):
+        """K, the depth of the product."""
+        return self.shape[2] if self.trans_w else self.shape[1]
+
+    @property
+    def out_features(self):
+        """M, the columns of the product."""
+        return self.shape[1] if self.trans_w else self.shape[2]
+
+    def __repr__(self):
+        return (f"PackedWeights(E={self.num_experts}, K={self.in_features}, "
+                f"M={self.out_features}, dtype={self.dtype}, trans_w={self.trans_w}, "
+                f"swiglu={self.swiglu})")
+
+
+def _pack(w, trans, half):
+    # w: (G, L, M) [trans: (G, M, L)] -> (G, P, L, NR) panels of B_g = w[g] (trans: w[g].T)
+    M = w.shape[1] if trans else w.shape[2]
+    L = w.shape[2] if trans else w.shape[1]
+    P = -(-(half if half else M) // (kg.HN if half else kg.NR))
+    out = np.empty((w.shape[0], P, L, kg.NR), w.dtype)
+    with vectorizer_flags():
+        kg.pack_panels(w, trans, half, out)
+    return out
+
+
+def pack_weights(w, trans_w=False, swiglu=False):
+    """w: (E, K, M) [trans_w: (E, M, K)] -> PackedWeights, reused by grouped_gemm and
+    experts_forward until the next weight update. swiglu=True (M even, [gate | up]) lays the
+    halves side by side for the fused swiglu epilogue; grouped_gemm's result is unchanged."""
+    w = chk.check_float("w", as_host("w", w), ndim=3)
+    trans_w = bool(trans_w)
+    M = w.shape[1] if trans_w else w.shape[2]
+    if swiglu and M % 2:
+        raise ValueError(f"w: swiglu expects an even number of output columns holding "
+                         f"[gate | up] halves, got {M}")
+    panels = _pack(np.ascontiguousarray(w), trans_w, M // 2 if swiglu else 0)
+    return PackedWeights(panels, tuple(int(s) for s in w.shape), trans_w, bool(swiglu))
+
+
+def _chunks(cost, n):
+    """Split tiles 0..len(cost)-1 into n contiguous runs of about equal cost -> (n+1,)."""
+    if len(cost) == 0:
+        return np.zeros(n + 1, np.int64)
+    cum = np.cumsum(cost, dtype=np.float64)
+    cuts = np.searchsorted(cum, cum[-1] * np.arange(1, n) / n, side="left")
+    return np.concatenate([[0], cuts, [len(cost)]]).astype(np.int64)
+
+
+def make_tiles(rows, r0, r_out, g, k0, k1, P):
+    """One job per entry (rows of C, their first A row, first C row, group, depth range) ->
+    (tiles (n, 7) int64, bounds (nthreads+1,) int64) for grouped_gemm_kernel: jobs cut into
+    row blocks of MC and column blocks of NC, split by cost over the threads."""
+    rows, r0, r_out, g, k0, k1 = (np.asarray(v, np.int64) for v in (rows, r0, r_out, g, k0, k1))
+    keep = rows > 0
+    rows, r0, r_out, g, k0, k1 = (v[keep] for v in (rows, r0, r_out, g, k0, k1))
+    ncb = -(-P // (kg.NC // kg.NR))
+    nrb = -(-rows // kg.MC)
+    job = np.repeat(np.arange(rows.shape[0]), nrb * ncb)
+    within = np.arange(job.shape[0]) - np.repeat(np.cumsum(nrb * ncb) - nrb * ncb, nrb * ncb)
+    rb, cb = within // ncb, within % ncb
+    m = np.minimum(kg.MC, rows[job] - rb * kg.MC)
+    tiles = np.stack([g[job], r0[job] + rb * kg.MC, m, r_out[job] + rb * kg.MC, k0[job],
+                      k1[job], cb * (kg.NC // kg.NR)], axis=1).astype(np.int64)
+    ncols = np.minimum(kg.NC // kg.NR, P - tiles[:, 6])
+    cost = (-(-m // kg.MR) * kg.MR) * ncols * np.maximum(k1[job] - k0[job], 1)
+    return np.ascontiguousarray(tiles), _chunks(cost, numba.get_num_threads())
+
+
+def run_gemm(src, ridx, trans, panels, tiles, half, ncol, out, act_out=None, code=-1,
+             store_out=True):
+    """grouped_gemm_kernel with the vectorizer flags (see kernels/cpu/gemm.py)."""
+    tiles, bounds = tiles
+    if act_out is None:
+        act_out = np.empty((0, 0), out.dtype)
+    with vectorizer_flags():
+        kg.grouped_gemm_kernel(src, ridx, trans, panels, tiles, bounds, half, ncol, out,
+                               act_out, code, store_out)
+
+
+def expert_tiles(offsets, P, K):
+    """Tiles of a forward-shaped product: expert e's rows offsets[e]..offsets[e+1] of A and C,
+    group e, the whole depth K."""
+    E = offsets.shape[0] - 1
+    lo = offsets[:-1]
+    return make_tiles(np.diff(offsets), lo, lo, np.arange(E), np.zeros(E), np.full(E, K), P)
+
+
+def check_weights(w, a, offsets, trans_w, name="w"):
+    """w: an array (validated like check_gemm_args) or PackedWeights -> (w, offsets, M)."""
+    if isinstance(w, PackedWeights):
+        if w.dtype != a.dtype:
+            raise TypeError(f"{name}: expected dtype {a.dtype} (the dtype of a; mixed dtypes "
+                            f"are not cast), got PackedWeights of {w.dtype}")
+        if w.in_features != a.shape[1]:
+            raise ValueError(f"{name}: expected PackedWeights with K = a.shape[1] = "
+                             f"{a.shape[1]}, got {w!r}")
+        offsets = check_offsets(as_host("offsets", offsets), w.num_experts, a.shape[0])
+        return w, offsets, w.out_features
+    _, w, offsets, M = check_gemm_args(a, w, offsets, trans_w)
+    return w, offsets, M
+
+
 def grouped_gemm(a, w, offsets, trans_w=False):
     """a: (N, K), w: (E, K, M) — or (E, M, K) with trans_w, the PyTorch Linear layout used
-    without a copy —, offsets: (E+1,) -> (N, M); rows offsets[e]:offsets[e+1] are
-    a[rows] @ w[e] (or @ w[e].T)."""
-    if backend_of(a=a, w=w) == CUDA:
+    without a copy —, or PackedWeights from pack_weights(w, trans_w); offsets: (E+1,)
+    -> (N, M); rows offsets[e]:offsets[e+1] are a[rows] @ w[e] (or @ w[e].T)."""
+    if not isinstance(w, PackedWeights) and backend_of(a=a, w=w) == CUDA:
         return cuda_module().grouped_gemm(a, w, offsets, trans_w)
-    a, w, offsets, M = check_gemm_args(a, w, offsets, bool(trans_w))
+    a = chk.check_float("a", as_host("a", a), ndim=2)
+    w, offsets, M = check_weights(w, a, offsets, bool(trans_w))
+    if not isinstance(w, PackedWeights):
+        w = PackedWeights(_pack(np.ascontiguousarray(w), bool(trans_w), 0), w.shape,
+                          bool(trans_w), False)
     out = np.empty((a.shape[0], M), a.dtype)
-    for e in range(w.shape[0]):
-        lo, hi = offsets[e], offsets[e + 1]
-        if hi > lo:
-            np.matmul(a[lo:hi], w[e].T if trans_w else w[e], out=out[lo:hi])
+    N = a.shape[0]
+    half = M // 2 if w.swiglu else 0
+    tiles = expert_tiles(offsets, w.panels.shape[1], a.shape[1])
+    run_gemm(np.ascontiguousarray(a), np.arange(N, dtype=np.int64), False, w.panels, tiles,
+             half, M, out)
     return out
 
 
@@ -51,20 +204,30 @@ def grouped_gemm_backward(dy, a, w, offsets, trans_w=False):
     offsets: (E+1,) -> da (N, K), dw (E, K, M) [trans_w: (E, M, K)], dw in w's layout.
 
     da[rows of e] = dy[rows] @ w[e].T; dw[e] = a[rows].T @ dy[rows], zero for an expert with
-    no rows."""
+    no rows. dw's sum over an expert's rows runs in one thread in row order: deterministic."""
     if backend_of(dy=dy, a=a, w=w) == CUDA:
         return cuda_module().grouped_gemm_backward(dy, a, w, offsets, trans_w)
     trans_w = bool(trans_w)
     a, w, offsets, M = check_gemm_args(a, w, offsets, trans_w)
     dy = chk.check_float("dy", as_host("dy", dy), shape=(a.shape[0], M), dtype=a.dtype)
-    da = np.zeros(a.shape, a.dtype)
-    dw = np.zeros(w.shape, w.dtype)
-    for e in range(w.shape[0]):
-        lo, hi = offsets[e], offsets[e + 1]
-        if hi > lo:
-            np.matmul(dy[lo:hi], w[e] if trans_w else w[e].T, out=da[lo:hi])
-            if trans_w:
-                np.matmul(dy[lo:hi].T, a[lo:hi], out=dw[e])
-            else:
-                np.matmul(a[lo:hi].T, dy[lo:hi], out=dw[e])
+    a, dy, w = np.ascontiguousarray(a), np.ascontiguousarray(dy), np.ascontiguousarray(w)
+    N, K = a.shape
+    E = w.shape[0]
+    ident = np.arange(N, dtype=np.int64)
+    # da = dy @ B_e with B_e = w[e].T (M, K): panels of w read transposed unless trans_w
+    da = np.empty((N, K), a.dtype)
+    panels = _pack(w, not trans_w, 0)
+    tiles = expert_tiles(offsets, panels.shape[1], M)
+    run_gemm(dy, ident, False, panels, tiles, 0, K, da)
+    # dw[e] (K, M) = a_e^T @ dy_e; trans_w: dw[e] (M, K) = dy_e^T @ a_e. The depth is the
+    # expert's rows; C is dw viewed as (E*R, C) with R, C = dw[e]'s shape.
+    lhs, rhs = (dy, a) if trans_w else (a, dy)
+    R, C = lhs.shape[1], rhs.shape[1]
+    dw = np.empty((E, R, C), a.dtype)
+    panels = _pack(rhs[None], False, 0)
+    lo, hi = offsets[:-1], offsets[1:]
+    tiles = make_tiles(np.where(hi > lo, R, 0), np.zeros(E), np.arange(E) * R, np.zeros(E),
+                       lo, hi, panels.shape[1])
+    run_gemm(lhs, ident, True, panels, tiles, 0, C, dw.reshape(E * R, C))
+    dw[hi == lo] = 0.0
     return da, dw

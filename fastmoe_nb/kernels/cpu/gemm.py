@@ -1,0 +1,198 @@
+"""CPU grouped GEMM: packed weight panels, a register-blocked micro-kernel, and ONE parallel
+loop over the tiles of all experts together (so many small experts keep every core busy).
+
+    C[r, :] (+)= sum_p  A(r, p) * B_g[p, :]        for the rows r of each tile
+
+One machinery serves the three products of an expert layer:
+    forward  y_e  = a_e @ w_e          A = rows of a (optionally gathered: fused permute)
+    dA       da_e = dy_e @ w_e^T       A = rows of dy, B = w_e^T packed
+    dW       dw_e = a_e^T @ dy_e       A = a_e^T (a read transposed), B = dy packed; the sum
+                                       over an expert's rows runs in one thread, in order
+Every output element is produced by exactly one tile, in a fixed order: results are bitwise
+the same for any thread count.
+
+Blocking (AVX2/AVX-512 fp32): a micro-tile is MR rows x NR columns of C held in registers;
+a tile is up to MC rows x NC columns; the depth is walked in KC chunks. A's rows are packed
+per tile into (MC/MR, KC, MR) micro-panels (this is where the permute gather happens); B is
+packed once per weight update into (G, P, L, NR) panels (pack_panels).
+
+Compile these kernels with the SLP vectorizer on and the loop vectorizer off (see
+ops/gemm.py: compiled()), unsigned depth indices, and fastmath 'contract' (FMA only).
+"""
+import numpy as np
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.core.errors import RequireLiteralValue
+from numba.extending import intrinsic
+from numba import carray
+
+from ..common import SILU, act_scalar
+
+MR = 6     # rows of a micro-tile
+NR = 16    # columns of a micro-tile (2 AVX2 vectors of fp32)
+HN = NR // 2   # swiglu-interleaved panels: HN gate columns then HN up columns
+KC = 256   # depth chunk: a KC x NR panel of B stays in L1
+MC = 96    # rows of a tile (multiple of MR): the MC x KC block of A stays in L2
+NC = 256   # columns of a tile (multiple of NR)
+MR_NR = MR * NR   # a literal for _stack_empty
+
+FLAGS = dict(cache=True, fastmath={"contract"})   # FMA contraction only: no reassociation
+
+
+@intrinsic
+def _stack_empty(typingctx, size, dtype):
+    """A pointer to `size` (a literal) elements of `dtype` on the stack: LLVM promotes it to
+    registers once the loops over it are unrolled."""
+    if not isinstance(size, types.IntegerLiteral):
+        raise RequireLiteralValue(size)
+
+    def impl(context, builder, sig, args):
+        ty = context.get_value_type(dtype.dtype)
+        return cgutils.alloca_once(builder, ty, size=size.literal_value)
+
+    return types.CPointer(dtype.dtype)(size, dtype), impl
+
+
+@njit(parallel=True, **FLAGS)
+def pack_panels(w, trans, half, out):
+    # w: (G, L, M) [trans: (G, M, L)] -> out: (G, P, L, NR), P = ceil(M' / NR), zero-padded:
+    #   half == 0: out[g, q, p, j] = B_g[p, q*NR + j]
+    #   half > 0 (swiglu [gate | up], M = 2*half): panel q holds gate columns q*HN.. and the
+    #            matching up columns half + q*HN.., so one micro-tile sees both halves
+    # where B_g = w[g] (trans: w[g].T).
+    G, P, L = out.shape[0], out.shape[1], out.shape[2]
+    M = w.shape[1] if trans else w.shape[2]
+    for gq in prange(G * P):
+        g = gq // P
+        q = gq - g * P
+        for j in range(NR):
+            c = panel_col(q, j, half, M)
+            for p in range(L):
+                if c < 0:
+                    out[g, q, p, j] = 0.0
+                elif trans:
+                    out[g, q, p, j] = w[g, c, p]
+                else:
+                    out[g, q, p, j] = w[g, p, c]
+
+
+@njit(cache=True)
+def panel_col(q, j, half, M):
+    # the column of B (and of C) held by column j of panel q, or -1 for padding
+    if half == 0:
+        c = q * NR + j
+        return c if c < M else -1
+    c = q * HN + (j if j < HN else j - HN)
+    if c >= half:
+        return -1
+    return c if j < HN else half + c
+
+
+@njit(**FLAGS)
+def pack_rows(src, ridx, trans, r0, m, k0, k1, buf):
+    # A operand rows r0..r0+m, depth k0..k1 -> buf: (ceil(m/MR), KC, MR), zero rows past m
+    #   not trans: A(i, p) = src[ridx[r0 + i], p]          (src (*, K): rows, maybe gathered)
+    #   trans:     A(i, p) = src[ridx[p], r0 + i]          (src (N, *): read transposed)
+    nb = (m + MR - 1) // MR
+    kc = k1 - k0
+    if not trans:
+        for b in range(nb):
+            for ii in range(MR):
+                i = b * MR + ii
+                if i < m:
+                    row = ridx[r0 + i]
+                    for p in range(kc):
+                        buf[b, p, ii] = src[row, k0 + p]
+                else:
+                    for p in range(kc):
+                        buf[b, p, ii] = 0.0
+    else:
+        for p in range(kc):
+            row = ridx[k0 + p]
+            for b in range(nb):
+                for ii in range(MR):
+                    i = b * MR + ii
+                    buf[b, p, ii] = src[row, r0 + i] if i < m else 0.0
+
+
+@njit(**FLAGS)
+def micro_tile(ap, bp, kc, cbuf, ci, cj, first, last, mr, out, r_out, q, half, ncol,
+               act_out, code, store_out):
+    # ap: (KC, MR) packed A, bp: (>=kc, NR) packed B panel; acc (MR, NR) in registers.
+    # acc = (first ? 0 : cbuf[ci:ci+MR, cj:cj+NR]) + ap[:kc]^T bp[:kc]
+    # not last: acc -> cbuf (the partial sum over the depth chunks so far)
+    # last:     the epilogue: out[r_out + i, col] = acc (store_out), and act_out[...] =
+    #           act(acc) (code >= 0; swiglu: silu(gate) * up of the interleaved halves)
+    acc = carray(_stack_empty(MR_NR, ap.dtype), (MR, NR))
+    if first:
+        for i in range(MR):
+            for j in range(NR):
+                acc[i, j] = 0.0
+    else:
+        for i in range(MR):
+            for j in range(NR):
+                acc[i, j] = cbuf[ci + i, cj + j]
+    for p in range(np.uint64(0), np.uint64(kc)):
+        for i in range(MR):
+            av = ap[p, i]
+            for j in range(NR):
+                acc[i, j] += av * bp[p, j]
+    if not last:
+        for i in range(MR):
+            for j in range(NR):
+                cbuf[ci + i, cj + j] = acc[i, j]
+        return
+    if half > 0:                     # swiglu-interleaved panel: columns q*HN .. of each half
+        c0 = q * HN
+        nc = min(HN, half - c0)
+        for i in range(mr):
+            r = r_out + i
+            for j in range(nc):
+                if store_out:
+                    out[r, c0 + j] = acc[i, j]
+                    out[r, half + c0 + j] = acc[i, HN + j]
+                if code >= 0:
+                    act_out[r, c0 + j] = act_scalar(acc[i, j], SILU) * acc[i, HN + j]
+        return
+    c0 = q * NR
+    nc = min(NR, ncol - c0)
+    for i in range(mr):
+        r = r_out + i
+        for j in range(nc):
+            if store_out:
+                out[r, c0 + j] = acc[i, j]
+            if code >= 0:
+                act_out[r, c0 + j] = act_scalar(acc[i, j], code)
+
+
+@njit(parallel=True, **FLAGS)
+def grouped_gemm_kernel(src, ridx, trans, bp, tiles, bounds, half, ncol, out, act_out, code,
+                        store_out):
+    # src: A's source (see pack_rows), ridx: (*,) int64 row indices into src,
+    # bp: (G, P, L, NR) packed B, tiles: (n, 7) int64 rows
+    #   (g, r0, m, r_out, k0, k1, q0) -- q1 = q0 + NC/NR clipped to P: panels q0..q1-1 of
+    #   group g, A rows r0..r0+m (depth k0..k1) -> C rows r_out..r_out+m,
+    # bounds: (nchunks+1,) tiles bounds[c]..bounds[c+1]-1 run in chunk c, in order.
+    # out: (*, ncol) C (or h_pre for the activation epilogue), act_out: (*, ncol') or (0, 0)
+    P = bp.shape[1]
+    nchunks = bounds.shape[0] - 1
+    for c in prange(nchunks):
+        abuf = np.empty((MC // MR, KC, MR), bp.dtype)
+        cbuf = np.empty((MC, NC), bp.dtype)
+        for t in range(bounds[c], bounds[c + 1]):
+            g, r0, m, r_out, k0, k1, q0 = (tiles[t, 0], tiles[t, 1], tiles[t, 2], tiles[t, 3],
+                                           tiles[t, 4], tiles[t, 5], tiles[t, 6])
+            q1 = min(P, q0 + NC // NR)
+            nb = (m + MR - 1) // MR
+            for kk in range(k0, k1, KC):
+                ke = min(k1, kk + KC)
+                pack_rows(src, ridx, trans, r0, m, kk, ke, abuf)
+                first = kk == k0
+                last = ke == k1
+                for q in range(q0, q1):
+                    bq = bp[g, q, kk:ke]
+                    for b in range(nb):
+                        micro_tile(abuf[b], bq, ke - kk, cbuf, b * MR, (q - q0) * NR, first,
+                                   last, min(MR, m - b * MR), out, r_out + b * MR, q, half,
+                                   ncol, act_out, code, store_out)
+

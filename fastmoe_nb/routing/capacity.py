@@ -22,8 +22,8 @@ PRIORITIES = ("position", "score")
 def expert_capacity(num_tokens, num_experts, capacity_factor=1.0, k=1, min_capacity=4):
     """Tokens each expert may take: max(ceil((T / E) * (capacity_factor * k)), min_capacity).
 
-    Computed in float64 in DeepSpeed's order (T / E first), so e.g. T=100, E=10, factor 1.1
-    gives ceil(11.000000000000002) = 12, as DeepSpeed does; Mesh TensorFlow (Switch, GShard)
+    Computed in float64 in DeepSpeed's order (T / E first), so e.g. T=1000, E=10, factor 1.1
+    gives ceil(110.00000000000001) = 111, as DeepSpeed does; Mesh TensorFlow (Switch, GShard)
     rounds down instead: min(T, int(T * factor / E)) then max with its min_expert_capacity 4;
     HF transformers' Switch takes a fixed `expert_capacity` (pass `capacity=` for that).
     """

@@ -4,6 +4,7 @@ the nn form. Every rank checks its own part; rank 0 prints "ALL OK <checks>" or 
 of every rank and the script exits 1."""
 import sys
 import traceback
+from pathlib import Path
 
 import numpy as np
 
@@ -183,6 +184,66 @@ def validation_cases():
     same("usable after errors", call(), call())
 
 
+def nn_cases():
+    """ExpertParallelMoE against nn.MoE on the global batch; sync_gradients; norms."""
+    from fastmoe_nb import nn
+
+    d, h, E, k, tokens = 12, 6, 2 * P, 2, [4, 1, 0, 3][:P]
+    opts = dict(activation="silu", capacity=3, shared_h=5, shared_gate=True,
+                dtype=np.float64, rng=7)
+    moe = nn.MoE(d, h, E, k, **opts)
+    layer = ep.ExpertParallelMoE(d, h, E, k, comm=comm, **opts)
+    lo, hi = ep.expert_range(E, comm)
+    same("nn: w1 is this rank's slice of nn.MoE's", layer.w1.value, moe.w1.value[lo:hi])
+    same("nn: from_moe", ep.ExpertParallelMoE.from_moe(moe, comm).w2.value, layer.w2.value)
+    rng = np.random.default_rng(11)
+    X, dY = rng.standard_normal((2, sum(tokens), d))
+    start = sum(tokens[:rank])
+    mine = slice(start, start + tokens[rank])
+    Y = moe.forward(X)
+    DX = moe.backward(dY)
+    model = nn.Sequential(layer)
+    y = model.forward(X[mine].copy())
+    dx = model.backward(dY[mine].copy())
+    close("nn: y", y, Y[mine])
+    close("nn: dx", dx, DX[mine])
+    same("nn: dropped", layer.dropped, moe.ctx.plan.dropped)
+    rep, exp = ep.split_parameters(model)
+    check("nn: split", [id(p) for p in exp] == [id(layer.w1), id(layer.w2)])
+    ep.sync_gradients(model, comm, average=False)
+    for n in ("router_w", "shared_w1", "shared_w2", "shared_gate_w"):
+        close(f"nn: {n}.grad", getattr(layer, n).grad, getattr(moe, n).grad)
+    close("nn: w1.grad", layer.w1.grad, moe.w1.grad[lo:hi])
+    close("nn: global norm", np.array(ep.global_grad_norm(model, comm)),
+          np.array(nn.global_grad_norm(moe)))
+    g = layer.router_w.grad.copy()
+    w1g = layer.w1.grad.copy()
+    ep.sync_gradients(model, comm)            # summed again (P g), then averaged: g
+    close("nn: averaged router_w.grad", layer.router_w.grad, g)
+    close("nn: averaged w1.grad", layer.w1.grad, w1g / P)
+    expect_error("nn: E not divisible", lambda: ep.ExpertParallelMoE(d, h, P + 1, 1, comm=comm),
+                 ValueError, ["divisible"])
+
+
+def training_cases():
+    """The training example on every sub-communicator size 1, 2, .., P at once: the same
+    losses (float64: to 1e-9; float32: to 1e-5)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+    from train_expert_parallel import train
+
+    sizes = [s for s in (1, 2, 4) if s <= P]
+    for dt, rtol in ((np.float64, 1e-9), (np.float32, 1e-5)):
+        runs = {}
+        for s in sizes:
+            sub = comm.Split(rank // s, rank)
+            runs[s] = np.array(train(sub, steps=12, batch=64, dtype=dt))
+            sub.Free()
+        check(f"training {dt.__name__}: loss decreases", runs[1][-1] < runs[1][0] - 0.1,
+              f"{runs[1][0]} -> {runs[1][-1]}")
+        for s in sizes[1:]:
+            close(f"training {dt.__name__}: {s} ranks vs 1", runs[s], runs[1], rtol)
+
+
 def short_traceback():
     return traceback.format_exc(limit=-4)[-1500:]
 
@@ -212,6 +273,11 @@ def main():
             run_case(**c)
         except Exception:  # noqa: BLE001
             failures.append(f"rank {rank}: {c['name']} raised\n{short_traceback()}")
+    for fn in (nn_cases, training_cases):
+        try:
+            fn()
+        except Exception:  # noqa: BLE001
+            failures.append(f"rank {rank}: {fn.__name__} raised\n{short_traceback()}")
     try:
         validation_cases()
     except Exception:  # noqa: BLE001

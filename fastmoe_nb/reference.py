@@ -388,8 +388,9 @@ def moe_backward(dy, x, router_w, w1, w2, k, activation="swiglu", router="softma
     grads = {"router_w": (x64.T @ d_logits).astype(dt), "w1": dw1.astype(dt),
              "w2": dw2.astype(dt)}
     if shared_w1 is not None:
-        dxs, grads["shared_w1"], grads["shared_w2"], dgate = shared_backward(
-            dy64, x64, shared_w1, shared_w2, shared_gate_w, activation)
+        dxs, dw1s, dw2s, dgate = shared_backward(dy64, x64, shared_w1, shared_w2,
+                                                 shared_gate_w, activation)
+        grads["shared_w1"], grads["shared_w2"] = dw1s.astype(dt), dw2s.astype(dt)
         dx += dxs
         if dgate is not None:
             grads["shared_gate_w"] = dgate.astype(dt)

@@ -13,7 +13,9 @@ CUDA = "cuda"
 
 
 def is_device_array(a) -> bool:
-    return hasattr(a, "__cuda_array_interface__")
+    # __cuda_ndarray__: Numba's device arrays, including the simulator's (which lack the
+    # interface)
+    return hasattr(a, "__cuda_array_interface__") or bool(getattr(a, "__cuda_ndarray__", False))
 
 
 def backend_of(**named) -> str:

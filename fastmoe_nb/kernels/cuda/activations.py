@@ -1,0 +1,64 @@
+"""CUDA elementwise kernels: activations (the maths is kernels/common.py, shared with the CPU),
+their backward, the sigmoid gate of a shared expert and a gated row-sum. Grid-stride, one
+thread per output element."""
+import numpy as np
+from numba import cuda, from_dtype, int64, void
+
+from ..common import SWIGLU, act_grad_scalar, act_scalar, sigmoid
+
+
+def specs(dt, cfg):
+    """{name: (kernel, signature)} for dtype dt."""
+    f = from_dtype(np.dtype(dt))
+
+    def activate_kernel(h, code, out):
+        # h: (N, H) -> out: (N, H); SWIGLU: h (N, 2H') = [gate | up] -> out (N, H')
+        N, H = out.shape
+        for q in range(cuda.grid(1), N * H, cuda.gridsize(1)):
+            i = q // H
+            c = q - i * H
+            if code == SWIGLU:
+                out[i, c] = act_scalar(h[i, c], code) * h[i, H + c]
+            else:
+                out[i, c] = act_scalar(h[i, c], code)
+
+    def activate_backward_kernel(dout, h, code, dh):
+        # dout: (N, H), h: (N, H) [swiglu: (N, 2H)] -> dh: like h
+        N, H = dout.shape
+        for q in range(cuda.grid(1), N * H, cuda.gridsize(1)):
+            i = q // H
+            c = q - i * H
+            g = dout[i, c]
+            if code == SWIGLU:
+                dh[i, c] = g * h[i, H + c] * act_grad_scalar(h[i, c], code)
+                dh[i, H + c] = g * act_scalar(h[i, c], code)
+            else:
+                dh[i, c] = g * act_grad_scalar(h[i, c], code)
+
+    def sigmoid_kernel(z, out):
+        # z: (T, M) -> out: (T, M) = 1 / (1 + exp(-z))
+        T, M = out.shape
+        for q in range(cuda.grid(1), T * M, cuda.gridsize(1)):
+            out[q // M, q % M] = sigmoid(z[q // M, q % M])
+
+    def add_rows_kernel(y, s, gate, has_gate, out):
+        # y, s: (T, d), gate: (T, 1) -> out: (T, d) = y + s * gate (has_gate) or y + s
+        T, d = out.shape
+        for q in range(cuda.grid(1), T * d, cuda.gridsize(1)):
+            t = q // d
+            c = q - t * d
+            v = s[t, c] * gate[t, 0] if has_gate else s[t, c]
+            out[t, c] = y[t, c] + v
+
+    return {
+        "activate": (activate_kernel, void(f[:, :], int64, f[:, :])),
+        "activate_backward": (activate_backward_kernel,
+                              void(f[:, :], f[:, :], int64, f[:, :])),
+        "sigmoid": (sigmoid_kernel, void(f[:, :], f[:, :])),
+        "add_rows": (add_rows_kernel, void(f[:, :], f[:, :], f[:, :], from_dtype(np.bool_),
+                                           f[:, :])),
+    }
+
+
+# the dtypes each kernel is launched with (tools/cuda_compile_check.py compiles them all)
+LAUNCHED = {}  # every kernel: float32 and float64

@@ -1,0 +1,276 @@
+"""Host wrappers of the CUDA kernels: what fastmoe_nb/ops calls on the CUDA branch.
+
+Each one takes device arrays (anything with __cuda_array_interface__: Numba, CuPy, PyTorch),
+allocates the outputs on the device, launches the kernels on the default stream and returns
+Numba device arrays. The ops have validated shapes and dtypes; what needs the data (expert ids
+in range, finite logits, offsets) is checked here, on the device, before any output is
+written, and raised as the same ValueError as on the CPU.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import cuda
+
+from ... import errors as chk
+from ...backend import is_device_array
+from ...types import Plan, Routing
+from . import activations as ka
+from . import dispatch as kd
+from . import gemm as kg
+from . import routing as kr
+from .launch import CONFIG, blocks, gemm_threads, kernel
+
+
+def dev(a):
+    """A Numba device-array view of any __cuda_array_interface__ array (no copy)."""
+    return a if getattr(a, "__cuda_ndarray__", False) else cuda.as_cuda_array(a)
+
+
+def _empty(shape, dtype):
+    return cuda.device_array(shape, dtype=np.dtype(dtype))
+
+
+def _launch(specs, name, dt, n, threads, *args):
+    """Grid-stride launch of kernel `name` over n items (nothing to do: no launch)."""
+    if n > 0:
+        kernel(specs, name, np.dtype(dt))[blocks(n, threads), threads](*args)
+
+
+# --------------------------------------------------------------------------- routing
+
+def _check_finite(name, x, check_finite):
+    if not check_finite or x.size == 0:
+        return
+    flag = cuda.to_device(np.zeros(1, np.int32))
+    _launch(kr.specs, "nonfinite", x.dtype, x.size, CONFIG["threads"], x, flag)
+    if flag.copy_to_host()[0]:
+        chk.check_finite(name, np.array([np.nan]))
+
+
+def _check_k(name, k):
+    if k > CONFIG["max_k"]:
+        raise ValueError(f"{name}: the CUDA routers keep at most max_k = {CONFIG['max_k']} "
+                         f"per token (fastmoe_nb.kernels.cuda.launch.configure), got {k}")
+
+
+def _route(name, x, *args):
+    """One block of route_threads per token, grid-stride over tokens."""
+    if x.shape[0] > 0:
+        R = CONFIG["route_threads"]
+        grid = max(1, min(x.shape[0], CONFIG["max_blocks"]))
+        kernel(kr.specs, name, np.dtype(x.dtype))[grid, R](x, *args)
+
+
+def softmax(x, check_finite=True):
+    # x: (T, E) -> (T, E)
+    x = dev(x)
+    _check_finite("x", x, check_finite)
+    out = _empty(x.shape, x.dtype)
+    _route("softmax", x, out)
+    return out
+
+
+def topk(x, k, check_finite=True):
+    # x: (T, E) -> values (T, k), indices (T, k) int32
+    x = dev(x)
+    _check_k("k", k)
+    _check_finite("x", x, check_finite)
+    vals, idx = _empty((x.shape[0], k), x.dtype), _empty((x.shape[0], k), np.int32)
+    _route("topk", x, k, vals, idx)
+    return vals, idx
+
+
+def softmax_topk(logits, k, renormalize=True, check_finite=True):
+    # logits: (T, E) -> Routing(weights (T, k), experts (T, k) int32)
+    logits = dev(logits)
+    _check_k("k", k)
+    _check_finite("logits", logits, check_finite)
+    w, idx = _empty((logits.shape[0], k), logits.dtype), _empty((logits.shape[0], k), np.int32)
+    _route("softmax_topk", logits, k, bool(renormalize), w, idx)
+    return Routing(w, idx)
+
+
+def sigmoid_topk(logits, k, bias=None, n_group=1, topk_group=1, renormalize=True, scale=1.0,
+                 check_finite=True):
+    # logits: (T, E), bias: (E,) or None -> Routing(weights (T, k), experts (T, k) int32)
+    logits = dev(logits)
+    _check_k("k", k)
+    if n_group > 1:
+        _check_k("topk_group", topk_group)
+    _check_finite("logits", logits, check_finite)
+    if bias is not None:
+        bias = dev(bias)
+        if check_finite and not np.isfinite(bias.copy_to_host()).all():
+            chk.check_finite("bias", np.array([np.nan]))
+    b = bias if bias is not None else _empty(1, logits.dtype)
+    w, idx = _empty((logits.shape[0], k), logits.dtype), _empty((logits.shape[0], k), np.int32)
+    _route("sigmoid_topk", logits, k, b, bias is not None, n_group, topk_group,
+           bool(renormalize), float(scale), w, idx)
+    return Routing(w, idx)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+def _scan(a, n):
+    """In place: a (n+1,) int64 -> exclusive prefix sums, a[n] the total (one block)."""
+    P = CONFIG["scan_threads"]
+    kernel(kd.specs, "scan", np.dtype(np.float32))[1, P](a, n)
+
+
+def make_plan(experts, E, capacity=None):
+    # experts: (T, k) int -> Plan of device arrays (rows, offsets, counts, slots, dropped)
+    experts = dev(experts)
+    T, k = experts.shape
+    n = T * k
+    if experts.dtype != np.int32 or not experts.is_c_contiguous():
+        flat = _empty(n, np.int32)
+        if n:
+            kernel(kd.specs, "flatten", np.dtype(experts.dtype))[blocks(n), CONFIG["threads"]](
+                experts, flat)
+    else:
+        flat = experts.reshape(n)
+    C = max(1, min(CONFIG["plan_chunks"], -(-n // CONFIG["plan_min_chunk"])))
+    f32 = np.dtype(np.float32)  # the plan kernels hold no floats; one compiled copy
+    threads = CONFIG["threads"]
+    hist = _empty(E * C + 1, np.int64)
+    bad = _empty(C, np.int64)
+    kernel(kd.specs, "plan_count", f32)[blocks(C, threads), threads](flat, E, C, hist, bad)
+    bad_h = bad.copy_to_host()
+    if bad_h.any():
+        raise ValueError(f"experts: expected expert ids in 0..num_experts-1 = 0..{E - 1}, "
+                         f"found {bad_h[np.flatnonzero(bad_h)[0]]}")
+    _scan(hist, E * C)
+    cap = -1 if capacity is None else int(capacity)
+    first, offsets = _empty(E, np.int64), _empty(E + 1, np.int64)
+    dropped = _empty(E, np.int64)
+    kernel(kd.specs, "plan_sizes", f32)[blocks(E + 1, threads), threads](
+        hist, C, cap, first, offsets, dropped)
+    counts = _empty(E, np.int64)
+    counts.copy_to_device(offsets[:E])
+    _scan(offsets, E)
+    N = n if capacity is None else int(offsets[E:].copy_to_host()[0])
+    rows, slots = _empty(N, np.int32), _empty(n, np.int32)
+    if n:
+        kernel(kd.specs, "plan_scatter", f32)[blocks(C, threads), threads](
+            flat, C, cap, hist, first, offsets, rows, slots)
+    return Plan(rows, offsets, counts, slots.reshape(T, k), dropped, capacity)
+
+
+def _plan(plan):
+    return Plan(*(dev(a) for a in plan[:5]), plan.capacity)
+
+
+def permute(x, plan):
+    # x: (T, d) -> xs: (N, d)
+    x, plan = dev(x), _plan(plan)
+    out = _empty((plan.num_rows, x.shape[1]), x.dtype)
+    _launch(kd.specs, "permute", x.dtype, out.size, CONFIG["threads"], x, plan.rows,
+            plan.top_k, out)
+    return out
+
+
+def combine(ys, plan, weights=None):
+    # ys: (N, d), weights: (T, k) or None (ones) -> y: (T, d)
+    ys, plan = dev(ys), _plan(plan)
+    w = dev(weights) if weights is not None else _ones(plan.slots.shape, ys.dtype)
+    out = _empty((plan.num_tokens, ys.shape[1]), ys.dtype)
+    _launch(kd.specs, "combine", ys.dtype, out.size, CONFIG["threads"], ys, plan.slots, w, out)
+    return out
+
+
+def _ones(shape, dtype):
+    return cuda.to_device(np.ones(shape, dtype))
+
+
+# --------------------------------------------------------------------------- experts
+
+def activate(h, code):
+    # h: (N, H) -> (N, H); swiglu: (N, 2H) -> (N, H)
+    h = dev(h)
+    H = h.shape[1] // 2 if code == ka.SWIGLU else h.shape[1]
+    out = _empty((h.shape[0], H), h.dtype)
+    _launch(ka.specs, "activate", h.dtype, out.size, CONFIG["threads"], h, code, out)
+    return out
+
+
+def sigmoid(z):
+    # z: (T, M) -> (T, M)
+    z = dev(z)
+    out = _empty(z.shape, z.dtype)
+    _launch(ka.specs, "sigmoid", z.dtype, out.size, CONFIG["threads"], z, out)
+    return out
+
+
+def add_rows(y, s, gate=None):
+    # y, s: (T, d), gate: (T, 1) or None -> y + s * gate (a new array)
+    y, s = dev(y), dev(s)
+    g = dev(gate) if gate is not None else _empty((1, 1), y.dtype)
+    out = _empty(y.shape, y.dtype)
+    _launch(ka.specs, "add_rows", y.dtype, out.size, CONFIG["threads"], y, s, g,
+            gate is not None, out)
+    return out
+
+
+def _host_offsets(offsets, E, N):
+    """offsets (host or device) -> validated host int64 copy (one small copy from the GPU)."""
+    from ...ops.gemm import check_offsets  # noqa: PLC0415  (ops import this module lazily)
+
+    o = dev(offsets).copy_to_host() if is_device_array(offsets) else np.asarray(offsets)
+    return check_offsets(o, E, N)
+
+
+def _check_gemm(a, w, trans_w):
+    chk.check_float("a", a, ndim=2)
+    chk.check_float("w", w, ndim=3, dtype=a.dtype)
+    K = a.shape[1]
+    if (w.shape[2] if trans_w else w.shape[1]) != K:
+        lay = "(E, M, K)" if trans_w else "(E, K, M)"
+        raise ValueError(f"w: expected shape {lay} with K = a.shape[1] = {K} "
+                         f"(trans_w={trans_w}), got {tuple(w.shape)}")
+    return w.shape[1] if trans_w else w.shape[2]
+
+
+def _gemm(a, w, offsets_h, trans_w, code, out):
+    """The tiled grouped GEMM kernel (swiglu epilogue when code is SWIGLU)."""
+    BM = CONFIG["gemm_bm"]
+    counts = np.diff(offsets_h)
+    tiles = np.zeros(offsets_h.shape[0], np.int64)
+    np.cumsum(-(-counts // BM), out=tiles[1:])
+    glu = code == ka.SWIGLU
+    ncol = -(-out.shape[1] // (CONFIG["gemm_bn"] // (2 if glu else 1)))
+    total = int(tiles[-1]) * ncol
+    if total == 0:
+        return out
+    grid = max(1, min(total, CONFIG["max_blocks"]))
+    kernel(kg.specs, "gemm_glu" if glu else "gemm", np.dtype(a.dtype))[grid, gemm_threads()](
+        a, w, bool(trans_w), cuda.to_device(offsets_h), cuda.to_device(tiles), code, out)
+    return out
+
+
+def grouped_gemm(a, w, offsets, trans_w=False, code=-1):
+    # a: (N, K), w: (E, K, M) [trans_w: (E, M, K)], offsets: (E+1,) -> (N, M),
+    # or act(.) with an activation code (swiglu: (N, M/2))
+    a, w = dev(a), dev(w)
+    M = _check_gemm(a, w, trans_w)
+    o = _host_offsets(offsets, w.shape[0], a.shape[0])
+    Mo = M // 2 if code == ka.SWIGLU else M
+    return _gemm(a, w, o, trans_w, code, _empty((a.shape[0], Mo), a.dtype))
+
+
+def _as3(b):
+    """b: (K, M) -> (1, K, M), False; or (1, M, K), True: b as one expert without a copy."""
+    if b.is_c_contiguous():
+        return b.reshape(1, *b.shape), False
+    if b.is_f_contiguous():
+        return b.T.reshape(1, b.shape[1], b.shape[0]), True
+    raise ValueError(f"b: expected a C- or F-contiguous (K, M) device array, got strides "
+                     f"{b.strides}")
+
+
+def matmul(a, b):
+    # a: (T, K), b: (K, M) -> (T, M): the grouped GEMM with one expert
+    a, b = dev(a), dev(b)
+    chk.check_float("b", b, shape=(a.shape[1], None), dtype=a.dtype)
+    w, trans = _as3(b)
+    out = _empty((a.shape[0], b.shape[1]), a.dtype)
+    return _gemm(a, w, np.array([0, a.shape[0]], np.int64), trans, -1, out)

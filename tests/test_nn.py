@@ -9,14 +9,16 @@ F64 = np.float64
 TOL = 1e-6
 
 
-def numeric_grad(f, a, eps=1e-6):
-    """Central differences of the scalar f() with respect to every element of a (in place)."""
-    g = np.zeros(a.shape)
-    if a.size == 0:
-        return g
-    it = np.nditer(a, flags=["multi_index"])
-    for _ in it:
-        i = it.multi_index
+def numeric_grad(f, a, eps=1e-6, sample=None, rng=None):
+    """Central differences of the scalar f() with respect to the elements of a (perturbed in
+    place and restored). With sample, only that many random elements are computed; the
+    others are NaN (rel_err skips them)."""
+    g = np.full(a.shape, np.nan)
+    flat = np.arange(a.size)
+    if sample is not None and a.size > sample:
+        flat = np.sort((rng or np.random.default_rng(0)).choice(a.size, sample, replace=False))
+    for f_i in flat:
+        i = np.unravel_index(f_i, a.shape)
         old = a[i]
         a[i] = old + eps
         fp = f()
@@ -28,12 +30,17 @@ def numeric_grad(f, a, eps=1e-6):
 
 
 def rel_err(got, want):
-    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-12)) if want.size else 0.0
+    """max |got - want| / max |want| over the entries want holds (not NaN)."""
+    ok = ~np.isnan(want)
+    if not ok.any():
+        return 0.0
+    return float(np.abs(got[ok] - want[ok]).max() / max(np.abs(want[ok]).max(), 1e-12))
 
 
-def check_module(m, x, rng, reseed=None):
+def check_module(m, x, rng, reseed=None, sample=None):
     """f = sum(m(x) * r): the backward's dx and every parameter gradient against central
-    differences (float64). reseed() runs before each forward (for layers that draw noise)."""
+    differences (float64), on `sample` random entries of each array (all by default).
+    reseed() runs before each forward (for layers that draw noise)."""
     reseed = reseed or (lambda: None)
     reseed()
     r = rng.standard_normal(m.forward(x.copy()).shape)
@@ -47,10 +54,10 @@ def check_module(m, x, rng, reseed=None):
     m.forward(x)
     dx = m.backward(r)
     if np.issubdtype(x.dtype, np.floating):
-        assert rel_err(dx, numeric_grad(f, x)) <= TOL
+        assert rel_err(dx, numeric_grad(f, x, sample=sample, rng=rng)) <= TOL
     for name, p in m.named_parameters():
         if p.requires_grad:
-            err = rel_err(p.grad, numeric_grad(f, p.value))
+            err = rel_err(p.grad, numeric_grad(f, p.value, sample=sample, rng=rng))
             assert err <= TOL, (name, err)
 
 
@@ -215,3 +222,84 @@ def test_mse_value_and_gradient(rng):
         nn.mse(pred, target[:2])
     with pytest.raises(TypeError, match="target: expected dtype float64"):
         nn.mse(pred, target.astype(np.float32))
+
+
+# ------------------------------------------------------------------------------- MoE layer
+
+@pytest.mark.parametrize("kw", [
+    dict(num_experts=4, k=2),
+    dict(num_experts=1, k=1, activation="gelu"),
+    dict(num_experts=3, k=3, activation="silu", renormalize=False),
+    dict(num_experts=4, k=2, shared_h=3, shared_gate=True),
+    dict(num_experts=4, k=2, router="sigmoid_topk", scale=2.0, shared_h=2),
+    dict(num_experts=4, k=1, capacity=2),
+])
+def test_moe_backward(rng, kw):
+    m = nn.MoE(6, 3, dtype=F64, rng=rng, **kw).eval()
+    if kw.get("router") == "sigmoid_topk":
+        m.bias.value[...] = [0.3, 0.0, -0.2, 0.1]
+    check_module(m, rng.standard_normal((7, 6)), rng, sample=10)
+    assert not hasattr(m, "bias") or not m.bias.grad.any()
+
+
+def test_moe_with_one_expert_equals_the_dense_mlp(rng):
+    moe = nn.MoE(5, 4, num_experts=1, k=1, activation="swiglu", dtype=F64, rng=rng)
+    mlp = nn.MLP(5, 4, activation="swiglu", dtype=F64, rng=rng)
+    mlp.w1.value[...] = moe.w1.value[0]
+    mlp.w2.value[...] = moe.w2.value[0]
+    x, dy = rng.standard_normal((6, 5)), rng.standard_normal((6, 5))
+    np.testing.assert_allclose(moe.forward(x), mlp.forward(x), rtol=1e-12)
+    np.testing.assert_allclose(moe.backward(dy), mlp.backward(dy), rtol=1e-12)
+    np.testing.assert_allclose(moe.w1.grad[0], mlp.w1.grad, rtol=1e-12)
+    assert not moe.router_w.grad.any()        # one expert, weight 1: the router gets nothing
+
+
+def test_moe_jitter_only_in_train_mode_and_its_backward(rng):
+    m = nn.MoE(6, 3, num_experts=4, k=2, jitter=0.2, dtype=F64, rng=rng)
+    x = rng.standard_normal((5, 6))
+    m.eval()
+    np.testing.assert_array_equal(m.forward(x), m.forward(x))
+    m.train()
+    assert not np.array_equal(m.forward(x), m.forward(x))
+    check_module(m, x, rng, reseed=lambda: setattr(m, "rng", np.random.default_rng(7)),
+                 sample=8)
+
+
+def test_moe_records_routing_statistics(rng):
+    m = nn.MoE(6, 3, num_experts=4, k=2, capacity=2, rng=rng, window=3)
+    x = rng.standard_normal((9, 6)).astype(np.float32)
+    m.forward(x)
+    s = m.stats
+    assert s.tokens_per_expert.sum() == 18 - m.ctx.plan.num_dropped
+    np.testing.assert_array_equal(s.tokens_per_expert, m.ctx.plan.counts)
+    assert s.dropped_fraction == m.ctx.plan.num_dropped / 18
+    assert 0 < s.entropy <= np.log(4) + 1e-9
+    assert len(m.monitor.history) == 1
+    m.eval().forward(x)
+    assert len(m.monitor.history) == 1        # the monitor follows training steps only
+
+
+def test_moe_float32_matches_float64_layer(rng):
+    m64 = nn.MoE(8, 4, num_experts=4, k=2, dtype=F64, rng=rng)
+    m32 = nn.MoE(8, 4, num_experts=4, k=2, rng=rng)
+    for (_, a), (_, b) in zip(m32.named_parameters(), m64.named_parameters()):
+        b.value[...] = a.value
+    x, dy = rng.standard_normal((10, 8)), rng.standard_normal((10, 8))
+    y32 = m32.forward(x.astype(np.float32))
+    dx32 = m32.backward(dy.astype(np.float32))
+    assert y32.dtype == dx32.dtype == np.float32
+    assert rel_err(y32, m64.forward(x)) <= 1e-5
+    assert rel_err(dx32, m64.backward(dy)) <= 1e-4
+    for (n, a), (_, b) in zip(m32.named_parameters(), m64.named_parameters()):
+        assert rel_err(a.grad, b.grad) <= 1e-4, n
+
+
+def test_moe_bad_arguments():
+    with pytest.raises(ValueError, match="k: expected an integer in 1..num_experts"):
+        nn.MoE(4, 2, num_experts=3, k=4)
+    with pytest.raises(ValueError, match="router"):
+        nn.MoE(4, 2, num_experts=3, k=1, router="top1")
+    with pytest.raises(ValueError, match="jitter"):
+        nn.MoE(4, 2, num_experts=3, k=1, jitter=1.5)
+    with pytest.raises(ValueError, match="x: expected shape"):
+        nn.MoE(4, 2, num_experts=3, k=1).forward(np.zeros((2, 5), np.float32))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import errors as chk
-from ..ops.activations import activate, activation_code, hidden_width
+from ..ops.activations import activate, activate_backward, activation_code, hidden_width
 from .module import Module, Parameter
 
 
@@ -19,12 +19,6 @@ def as_rng(rng):
 
 def normal(rng, shape, std, dtype):
     return (as_rng(rng).standard_normal(shape) * std).astype(dtype)
-
-
-def _activate_backward(dh_act, h_pre, activation):
-    from ..ops.activations import activate_backward  # noqa: PLC0415  (the op lives beside activate)
-
-    return activate_backward(dh_act, h_pre, activation)
 
 
 def check_input(name, x, width, dtype):
@@ -141,6 +135,6 @@ class MLP(Module):
     def backward(self, dy):
         # dy: (T, d) -> dx: (T, d)
         self.w2.accumulate(self.h_act.T @ dy)
-        dh_pre = _activate_backward(dy @ self.w2.value.T, self.h_pre, self.activation)
+        dh_pre = activate_backward(dy @ self.w2.value.T, self.h_pre, self.activation)
         self.w1.accumulate(self.x.T @ dh_pre)
         return dh_pre @ self.w1.value.T

@@ -7,8 +7,7 @@ import numpy as np
 
 from .. import errors as chk
 from ..ops.activations import activation_code
-from ..ops.moe import ROUTERS, moe_forward
-from ..ops.routing import softmax
+from ..ops.moe import ROUTERS, moe_backward, moe_forward
 from ..routing.stats import RoutingMonitor, routing_stats
 from .layers import as_rng, check_input, normal
 from .module import Module, Parameter
@@ -20,10 +19,12 @@ WEIGHTS = ("router_w", "w1", "w2", "shared_w1", "shared_w2", "shared_gate_w")
 def router_probs(logits, router):
     """(T, E) router logits -> (T, E) probabilities: the softmax, or for the sigmoid router
     its scores normalized to sum to 1 (what the entropy statistic reads)."""
+    z = logits.astype(np.float64)
     if router == "softmax_topk":
-        return softmax(logits, check_finite=False)
-    s = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-    return s / s.sum(axis=1, keepdims=True)
+        p = np.exp(z - z.max(axis=1, keepdims=True)) if z.size else z
+    else:
+        p = 1.0 / (1.0 + np.exp(-z))
+    return p / p.sum(axis=1, keepdims=True)
 
 
 class MoE(Module):
@@ -126,8 +127,6 @@ class MoE(Module):
 
     def backward(self, dy):
         # dy: (T, d) -> dx: (T, d); accumulates the gradient of every trainable weight
-        from ..ops.moe import moe_backward  # noqa: PLC0415
-
         ctx = self.ctx
         dx, grads = moe_backward(dy, ctx)
         if self.aux_loss_coef or self.z_loss_coef:

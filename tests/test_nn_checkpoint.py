@@ -1,0 +1,111 @@
+"""nn.save / nn.load: round trip, atomic writes, name / shape / dtype mismatches."""
+import os
+
+import numpy as np
+import pytest
+
+import fastmoe_nb.nn as nn
+
+
+def model(d=4, h=3, dtype=np.float32, seed=0):
+    return nn.Sequential(nn.Embedding(7, d, dtype=dtype, rng=seed), nn.RMSNorm(d, dtype=dtype),
+                         nn.Linear(d, h, dtype=dtype, rng=seed + 1))
+
+
+def trained(seed=0):
+    m = model(seed=seed)
+    opt = nn.AdamW(m, lr=0.01)
+    ids = np.arange(5) % 7
+    for _ in range(3):
+        m.forward(ids)
+        m.zero_grad()
+        m.backward(np.ones((5, 3), np.float32))
+        opt.step()
+    return m, opt
+
+
+def test_round_trip_restores_parameters_and_optimizer_state(tmp_path):
+    m, opt = trained()
+    path = tmp_path / "ckpt.npz"
+    nn.save(path, m, opt)
+    m2 = model(seed=5)
+    opt2 = nn.AdamW(m2, lr=0.01)
+    ref_w = m2.layers[2].w.value              # load writes in place: references stay valid
+    nn.load(path, m2, opt2)
+    for (n, a), (_, b) in zip(m.named_parameters(), m2.named_parameters()):
+        np.testing.assert_array_equal(a.value, b.value, err_msg=n)
+    assert ref_w is m2.layers[2].w.value
+    sd, sd2 = opt.state_dict(), opt2.state_dict()
+    assert opt2.t == opt.t == 3
+    for k in sd:
+        np.testing.assert_array_equal(sd[k], sd2[k], err_msg=k)
+    # the exact path given, no ".npz" appended twice, and no temporary left behind
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.npz"]
+
+
+def test_model_only_checkpoint(tmp_path):
+    m, _ = trained()
+    nn.save(tmp_path / "m.npz", m)
+    m2 = model(seed=9)
+    nn.load(tmp_path / "m.npz", m2)
+    np.testing.assert_array_equal(m2.layers[0].w.value, m.layers[0].w.value)
+    with pytest.raises(ValueError, match="holds no optimizer state"):
+        nn.load(tmp_path / "m.npz", m2, nn.SGD(m2))
+
+
+def test_crash_mid_write_leaves_the_previous_file_intact(tmp_path, monkeypatch):
+    m, opt = trained()
+    path = tmp_path / "ckpt.npz"
+    nn.save(path, m, opt)
+    before = path.read_bytes()
+
+    def crash(f, **arrays):
+        f.write(b"PK\x03\x04 half a zip")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", crash)
+    m.layers[2].w.value[...] = 42
+    with pytest.raises(OSError, match="disk full"):
+        nn.save(path, m, opt)
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.npz"]
+    monkeypatch.undo()
+    m2 = model(seed=3)
+    nn.load(path, m2)
+    assert not (m2.layers[2].w.value == 42).any()
+
+
+def test_mismatches_raise_before_anything_changes(tmp_path):
+    m, opt = trained()
+    path = tmp_path / "ckpt.npz"
+    nn.save(path, m, opt)
+
+    wider = model(d=5)
+    w0 = [p.value.copy() for p in wider.parameters()]
+    with pytest.raises(ValueError, match=r"parameter layers.0.w: the model expects shape "
+                                         r"\(7, 5\) float32, the file holds \(7, 4\) float32"):
+        nn.load(path, wider)
+    assert all((a == p.value).all() for a, p in zip(w0, wider.parameters()))
+
+    with pytest.raises(ValueError, match="float64"):
+        nn.load(path, model(dtype=np.float64))
+
+    other = nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 3))
+    with pytest.raises(ValueError, match=r"missing layers.1.b, layers.1.w; unexpected layers.1.g"):
+        nn.load(path, other)
+
+    m3 = model()
+    sgd = nn.SGD(m3, momentum=0.9)
+    before = [p.value.copy() for p in m3.parameters()]
+    with pytest.raises(ValueError, match="optimizer state: missing momentum/"):
+        nn.load(path, m3, sgd)
+    assert all((a == p.value).all() for a, p in zip(before, m3.parameters()))
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(TypeError, match="model: expected a fastmoe_nb.nn.Module"):
+        nn.save(tmp_path / "x.npz", {"w": np.ones(2)})
+    with pytest.raises(TypeError, match="optimizer"):
+        nn.save(tmp_path / "x.npz", model(), optimizer="adam")
+    with pytest.raises(FileNotFoundError):
+        nn.load(tmp_path / "missing.npz", model())

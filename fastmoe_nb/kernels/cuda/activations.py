@@ -2,7 +2,7 @@
 their backward, the sigmoid gate of a shared expert and a gated row-sum. Grid-stride, one
 thread per output element."""
 import numpy as np
-from numba import cuda, from_dtype, int64, void
+from numba import boolean, cuda, float64, from_dtype, int64, void
 
 from ..common import SWIGLU, act_grad_scalar, act_scalar, sigmoid
 
@@ -41,21 +41,32 @@ def specs(dt, cfg):
         for q in range(cuda.grid(1), T * M, cuda.gridsize(1)):
             out[q // M, q % M] = sigmoid(z[q // M, q % M])
 
-    def add_rows_kernel(y, s, gate, has_gate, out):
-        # y, s: (T, d), gate: (T, 1) -> out: (T, d) = y + s * gate (has_gate) or y + s
+    def add_rows_kernel(y, has_y, s, gate, has_gate, out):
+        # y, s: (T, d), gate: (T, 1) -> out: (T, d) = [y +] s [* gate]
         T, d = out.shape
         for q in range(cuda.grid(1), T * d, cuda.gridsize(1)):
             t = q // d
             c = q - t * d
             v = s[t, c] * gate[t, 0] if has_gate else s[t, c]
-            out[t, c] = y[t, c] + v
+            out[t, c] = y[t, c] + v if has_y else v
+
+    def rowdot_gate_kernel(dh, h, gate, out):
+        # dh, h: (T, H), gate: (T, 1) -> out: (T, 1) = <dh[t], h[t]> * gate (1 - gate), the
+        # gradient of a sigmoid gate's logit; one thread per token, the dot in float64
+        for t in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
+            dot = 0.0
+            for c in range(h.shape[1]):
+                dot += float64(dh[t, c]) * float64(h[t, c])
+            g = gate[t, 0]
+            out[t, 0] = dot * (g * (1.0 - g))
 
     return {
+        "rowdot_gate": (rowdot_gate_kernel, void(f[:, :], f[:, :], f[:, :], f[:, :])),
         "activate": (activate_kernel, void(f[:, :], int64, f[:, :])),
         "activate_backward": (activate_backward_kernel,
                               void(f[:, :], f[:, :], int64, f[:, :])),
         "sigmoid": (sigmoid_kernel, void(f[:, :], f[:, :])),
-        "add_rows": (add_rows_kernel, void(f[:, :], f[:, :], f[:, :], from_dtype(np.bool_),
+        "add_rows": (add_rows_kernel, void(f[:, :], boolean, f[:, :], f[:, :], boolean,
                                            f[:, :])),
     }
 

@@ -11,7 +11,7 @@ consecutive ids, one thread each:
 Every position is a function of the input alone: the plan is the CPU's, bitwise.
 """
 import numpy as np
-from numba import cuda, from_dtype, int32, int64, void
+from numba import cuda, float64, from_dtype, int32, int64, void
 
 
 def specs(dt, cfg):
@@ -124,7 +124,26 @@ def specs(dt, cfg):
                     acc += weights[t, j] * ys[s, c]
             out[t, c] = acc
 
+    def combine_backward_kernel(dy, ys, rows, weights, d_ys, d_weights):
+        # dy: (T, d), ys: (N, d), rows: (N,), weights: (T, k) -> d_ys: (N, d),
+        # d_weights: (T, k); one thread per kept row i of assignment (t, j) = divmod(rows[i], k):
+        # d_ys[i] = weights[t, j] * dy[t], d_weights[t, j] = <dy[t], ys[i]> (float64 sum);
+        # the caller zeroes d_weights (dropped assignments stay 0)
+        k = weights.shape[1]
+        d = dy.shape[1]
+        for i in range(cuda.grid(1), rows.shape[0], cuda.gridsize(1)):
+            t = rows[i] // k
+            j = rows[i] - t * k
+            w = weights[t, j]
+            dot = 0.0
+            for c in range(d):
+                dot += float64(dy[t, c]) * float64(ys[i, c])
+                d_ys[i, c] = w * dy[t, c]
+            d_weights[t, j] = dot
+
     return {
+        "combine_backward": (combine_backward_kernel,
+                             void(f[:, :], f[:, :], int32[:], f[:, :], f[:, :], f[:, :])),
         "flatten": (flatten, void(f[:, :], int32[:])),
         "plan_count": (plan_count, void(int32[:], int64, int64, int64[:], int64[:])),
         "scan": (scan, void(int64[:], int64)),
@@ -139,4 +158,5 @@ def specs(dt, cfg):
 # the dtypes each kernel is launched with (tools/cuda_compile_check.py compiles them all)
 LAUNCHED = {"flatten": ("int32", "int64"), "plan_count": ("float32",), "scan": ("float32",),
             "plan_sizes": ("float32",), "plan_scatter": ("float32",),
-            "permute": ("float32", "float64"), "combine": ("float32", "float64")}
+            "permute": ("float32", "float64"), "combine": ("float32", "float64"),
+            "combine_backward": ("float32", "float64")}

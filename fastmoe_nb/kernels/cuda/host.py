@@ -202,11 +202,12 @@ def sigmoid(z):
 
 
 def add_rows(y, s, gate=None):
-    # y, s: (T, d), gate: (T, 1) or None -> y + s * gate (a new array)
-    y, s = dev(y), dev(s)
-    g = dev(gate) if gate is not None else _empty((1, 1), y.dtype)
-    out = _empty(y.shape, y.dtype)
-    _launch(ka.specs, "add_rows", y.dtype, out.size, CONFIG["threads"], y, s, g,
+    # y (or None), s: (T, d), gate: (T, 1) or None -> [y +] s [* gate], a new array
+    s = dev(s)
+    out = _empty(s.shape, s.dtype)
+    y = out if y is None else dev(y)
+    g = dev(gate) if gate is not None else out
+    _launch(ka.specs, "add_rows", s.dtype, out.size, CONFIG["threads"], y, y is not out, s, g,
             gate is not None, out)
     return out
 
@@ -274,3 +275,140 @@ def matmul(a, b):
     w, trans = _as3(b)
     out = _empty((a.shape[0], b.shape[1]), a.dtype)
     return _gemm(a, w, np.array([0, a.shape[0]], np.int64), trans, -1, out)
+
+
+# --------------------------------------------------------------------------- backward
+
+def _zeros(shape, dtype):
+    return cuda.to_device(np.zeros(shape, dtype))
+
+
+def _per_token(specs, name, dt, T, *args):
+    """A backward kernel with one thread per token, grid-stride."""
+    _launch(specs, name, dt, T, CONFIG["threads"], *args)
+
+
+def softmax_backward(dy, y):
+    # dy: (T, E), y: (T, E) softmax output -> dx: (T, E)
+    y = dev(chk.check_float("y", y, ndim=2))
+    dy = dev(chk.check_float("dy", dy, shape=tuple(y.shape), dtype=y.dtype))
+    dx = _empty(y.shape, y.dtype)
+    _per_token(kr.specs, "softmax_backward", y.dtype, y.shape[0], dy, y, dx)
+    return dx
+
+
+def _router_grad_args(d_weights, logits, experts):
+    """Validated (d_weights, logits, experts int32) device arrays; the expert ids are checked
+    on a host copy (T*k ints) with the CPU path's check."""
+    from ...ops.routing import check_experts  # noqa: PLC0415
+
+    logits = dev(chk.check_float("logits", logits, ndim=2))
+    T, E = logits.shape
+    experts = dev(experts)
+    checked = check_experts(experts.copy_to_host(), T, E)
+    if experts.dtype != np.int32:
+        experts = cuda.to_device(checked)
+    d_weights = dev(chk.check_float("d_weights", d_weights, shape=tuple(experts.shape),
+                                    dtype=logits.dtype))
+    return d_weights, logits, experts
+
+
+def softmax_topk_backward(d_weights, logits, experts, renormalize=True):
+    # d_weights: (T, k), logits: (T, E), experts: (T, k) -> d_logits: (T, E)
+    d_weights, logits, experts = _router_grad_args(d_weights, logits, experts)
+    out = _empty(logits.shape, logits.dtype)
+    _per_token(kr.specs, "softmax_topk_backward", logits.dtype, logits.shape[0], d_weights,
+               logits, experts, bool(renormalize), out)
+    return out
+
+
+def sigmoid_topk_backward(d_weights, logits, experts, renormalize=True, scale=1.0):
+    # d_weights: (T, k), logits: (T, E), experts: (T, k) -> d_logits: (T, E)
+    d_weights, logits, experts = _router_grad_args(d_weights, logits, experts)
+    scale = chk.check_real("scale", scale)
+    out = _empty(logits.shape, logits.dtype)
+    _per_token(kr.specs, "sigmoid_topk_backward", logits.dtype, logits.shape[0], d_weights,
+               logits, experts, bool(renormalize), scale, out)
+    return out
+
+
+def permute_backward(d_xs, plan):
+    # d_xs: (N, d) -> dx: (T, d), a combine with unit weights
+    return combine(d_xs, plan, None)
+
+
+def combine_backward(dy, ys, plan, weights=None):
+    # dy: (T, d), ys: (N, d), weights: (T, k) or None -> (d_ys (N, d), d_weights (T, k))
+    dy, ys, plan = dev(dy), dev(ys), _plan(plan)
+    if weights is not None:
+        chk.check_float("weights", weights, shape=tuple(plan.slots.shape), dtype=ys.dtype)
+    w = dev(weights) if weights is not None else _ones(plan.slots.shape, ys.dtype)
+    d_ys, d_w = _empty(ys.shape, ys.dtype), _zeros(plan.slots.shape, ys.dtype)
+    _launch(kd.specs, "combine_backward", ys.dtype, plan.num_rows, CONFIG["threads"], dy, ys,
+            plan.rows, w, d_ys, d_w)
+    return d_ys, d_w
+
+
+def activate_backward(dy, h, code):
+    # dy: (N, H), h: (N, H) pre-activation [swiglu: (N, 2H)] -> dh: like h
+    dy, h = dev(dy), dev(h)
+    dh = _empty(h.shape, h.dtype)
+    _launch(ka.specs, "activate_backward", h.dtype, dy.size, CONFIG["threads"], dy, h, code, dh)
+    return dh
+
+
+def grouped_gemm_backward(dy, a, w, offsets, trans_w=False):
+    # dy: (N, M), a: (N, K), w: (E, K, M) [trans_w: (E, M, K)], offsets: (E+1,)
+    # -> da (N, K) = the grouped GEMM of dy with w in the other layout, dw in w's layout
+    a, w = dev(a), dev(w)
+    M = _check_gemm(a, w, trans_w)
+    dy = dev(chk.check_float("dy", dy, shape=(a.shape[0], M), dtype=a.dtype))
+    o = _host_offsets(offsets, w.shape[0], a.shape[0])
+    da = _gemm(dy, w, o, not trans_w, -1, _empty(a.shape, a.dtype))
+    dw = _empty(w.shape, w.dtype)
+    if dw.size:
+        lhs, rhs = (dy, a) if trans_w else (a, dy)   # dw[e] = lhs[rows].T @ rhs[rows]
+        BM, BN = CONFIG["gemm_bm"], CONFIG["gemm_bn"]
+        total = w.shape[0] * -(-dw.shape[1] // BM) * -(-dw.shape[2] // BN)
+        kernel(kg.specs, "gemm_dw", np.dtype(a.dtype))[
+            max(1, min(total, CONFIG["max_blocks"])), gemm_threads()](
+            lhs, rhs, cuda.to_device(o), dw)
+    return da, dw
+
+
+def rowdot_gate(dh, h, gate):
+    # dh, h: (T, H), gate: (T, 1) -> (T, 1) = <dh[t], h[t]> * gate * (1 - gate)
+    out = _empty(gate.shape, gate.dtype)
+    _launch(ka.specs, "rowdot_gate", gate.dtype, gate.shape[0], CONFIG["threads"], dh, h, gate,
+            out)
+    return out
+
+
+def scale_rows(s, gate):
+    # s: (T, d), gate: (T, 1) -> s * gate
+    return add_rows(None, s, gate)
+
+
+def shared_backward(ds, x, w1, w2, gate_w, cache, activation):
+    # ds, x: (T, d), w1: (d, hs|2hs), w2: (hs, d), gate_w: (d, 1) or None, cache: shared_forward's
+    # -> (dx (T, d), dw1, dw2, dgate_w (d, 1) or None); the CPU path's steps on the device
+    from ...ops.activations import activation_code  # noqa: PLC0415
+
+    ds, x, w1, w2 = dev(ds), dev(x), dev(w1), dev(w2)
+    h_pre, h_act, gate = dev(cache["h_pre"]), dev(cache["h_act"]), cache["gate"]
+    dh_act = matmul(ds, w2.T)                                       # (T, hs)
+    dgate_w = dx_gate = None
+    if gate_w is not None:
+        gate, gate_w = dev(gate), dev(gate_w)
+        dz = rowdot_gate(dh_act, h_act, gate)                       # (T, 1)
+        dgate_w = matmul(x.T, dz)
+        dx_gate = matmul(dz, gate_w.T)
+        dh_act = scale_rows(dh_act, gate)
+        ds = scale_rows(ds, gate)
+    dw2 = matmul(h_act.T, ds)
+    dh_pre = activate_backward(dh_act, h_pre, activation_code(activation))
+    dw1 = matmul(x.T, dh_pre)
+    dx = matmul(dh_pre, w1.T)
+    if dx_gate is not None:
+        dx = add_rows(dx, dx_gate)
+    return dx, dw1, dw2, dgate_w

@@ -194,7 +194,78 @@ def specs(dt, cfg):
             if not math.isfinite(x[i // E, i % E]):
                 flag[0] = 1
 
+    def softmax_backward_kernel(dy, y, dx):
+        # dy: (T, E), y: (T, E) softmax output -> dx: (T, E) = y * (dy - sum(dy * y));
+        # the backward kernels run one thread per token, sums in float64 as on the CPU
+        T, E = y.shape
+        for t in range(cuda.grid(1), T, cuda.gridsize(1)):
+            dot = 0.0
+            for e in range(E):
+                dot += float64(dy[t, e]) * float64(y[t, e])
+            for e in range(E):
+                dx[t, e] = float64(y[t, e]) * (float64(dy[t, e]) - dot)
+
+    def softmax_topk_backward_kernel(d_weights, logits, experts, renormalize, d_logits):
+        # d_weights: (T, k), logits: (T, E), experts: (T, k) -> d_logits: (T, E)
+        # renormalize: w = softmax over the k chosen logits -> d l[e_j] = w_j (dw_j - dot),
+        #              dot = sum_i dw_i w_i, and 0 elsewhere
+        # otherwise:   w_j = p[e_j] (softmax over E) -> d l = p * (g - dot), g the d_weights
+        #              scattered to their experts
+        T, E = logits.shape
+        k = experts.shape[1]
+        for t in range(cuda.grid(1), T, cuda.gridsize(1)):
+            m = -math.inf
+            for j in range(k):
+                m = max(m, float64(logits[t, experts[t, j]]))
+            norm = 0.0
+            if renormalize:
+                for j in range(k):
+                    norm += math.exp(float64(logits[t, experts[t, j]]) - m)
+            else:
+                for e in range(E):
+                    m = max(m, float64(logits[t, e]))
+                for e in range(E):
+                    norm += math.exp(float64(logits[t, e]) - m)
+            dot = 0.0
+            for j in range(k):
+                dot += float64(d_weights[t, j]) * (
+                    math.exp(float64(logits[t, experts[t, j]]) - m) / norm)
+            for e in range(E):
+                d_logits[t, e] = 0.0 if renormalize else -math.exp(
+                    float64(logits[t, e]) - m) / norm * dot
+            for j in range(k):
+                w = math.exp(float64(logits[t, experts[t, j]]) - m) / norm
+                d_logits[t, experts[t, j]] = w * (float64(d_weights[t, j]) - dot)
+
+    def sigmoid_topk_backward_kernel(d_weights, logits, experts, renormalize, scale, d_logits):
+        # d_weights: (T, k), logits: (T, E), experts: (T, k) -> d_logits: (T, E), zero off
+        # the k. w_j = scale * s_j / D, s = sigmoid(logits[e_j]), D = sum_i s_i + 1e-20 (or
+        # 1): d s_j = scale / D * (dw_j - sum_i dw_i s_i / D), d l[e_j] = d s_j s_j (1 - s_j)
+        T, E = logits.shape
+        k = experts.shape[1]
+        for t in range(cuda.grid(1), T, cuda.gridsize(1)):
+            total = 0.0
+            dot = 0.0
+            for j in range(k):
+                sj = sigmoid(float64(logits[t, experts[t, j]]))
+                total += sj
+                dot += float64(d_weights[t, j]) * sj
+            denom = total + 1e-20 if renormalize else 1.0
+            dot = dot / denom if renormalize else 0.0
+            for e in range(E):
+                d_logits[t, e] = 0.0
+            for j in range(k):
+                sj = sigmoid(float64(logits[t, experts[t, j]]))
+                ds = scale / denom * (float64(d_weights[t, j]) - dot)
+                d_logits[t, experts[t, j]] = ds * sj * (1.0 - sj)
+
     return {
+        "softmax_backward": (softmax_backward_kernel, void(f[:, :], f[:, :], f[:, :])),
+        "softmax_topk_backward": (softmax_topk_backward_kernel,
+                                  void(f[:, :], f[:, :], int32[:, :], boolean, f[:, :])),
+        "sigmoid_topk_backward": (sigmoid_topk_backward_kernel,
+                                  void(f[:, :], f[:, :], int32[:, :], boolean, float64,
+                                       f[:, :])),
         "softmax": (softmax_kernel, void(f[:, :], f[:, :])),
         "topk": (topk_kernel, void(f[:, :], int64, f[:, :], int32[:, :])),
         "softmax_topk": (softmax_topk_kernel,

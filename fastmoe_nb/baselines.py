@@ -16,6 +16,7 @@ Used by `fastmoe-nb bench --compare` and by bench/compare.py:
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 
 import numpy as np
@@ -25,13 +26,15 @@ from . import reference as ref
 from .presets import Preset
 
 HF_IMPLEMENTATIONS = ("eager", "grouped_mm")
+MATMUL_SHAPE = (2048, 1024, 2048)   # (m, K, n) of the machine-rate GEMM: 8.6 GFLOP
 
 
 # --------------------------------------------------------------------------- timing
 
 @contextlib.contextmanager
 def thread_limits(threads=None):
-    """Run numba kernels, BLAS and torch with `threads` threads (None: leave as they are)."""
+    """Run numba kernels, BLAS and torch with `threads` threads (None: leave as they are).
+    A torch imported later (hf_mixtral_block) takes numba's thread count."""
     if threads is None:
         yield
         return
@@ -40,7 +43,7 @@ def thread_limits(threads=None):
     prev = numba.get_num_threads()
     numba.set_num_threads(int(threads))
     torch_prev = None
-    torch = _optional("torch")
+    torch = sys.modules.get("torch")   # never imported here just to set its threads
     if torch is not None:
         torch_prev = torch.get_num_threads()
         torch.set_num_threads(int(threads))
@@ -189,7 +192,7 @@ def dense_operands(rows, K, M, dtype=np.float32, seed=0):
 
 # --------------------------------------------------------------------------- the machine
 
-def matmul_rate(dtype=np.float32, shape=(4096, 1024, 2816), repeat=3):
+def matmul_rate(dtype=np.float32, shape=MATMUL_SHAPE, repeat=5):
     """The machine's dense GEMM rate in GFLOP/s: median of np.matmul (m, K) @ (K, n) with
     the current BLAS thread count (use thread_limits)."""
     m, K, n = shape
@@ -254,6 +257,7 @@ def hf_mixtral_block(inputs, k, implementation="eager"):
 
     Returns (forward, train_step): forward() -> y (T, d) as NumPy; train_step() runs
     forward and backward with dy = ones (the weights' and x's gradients)."""
+    import numba  # noqa: PLC0415
     import torch  # noqa: PLC0415
     from transformers import MixtralConfig  # noqa: PLC0415
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock  # noqa
@@ -261,6 +265,7 @@ def hf_mixtral_block(inputs, k, implementation="eager"):
     if implementation not in HF_IMPLEMENTATIONS:
         raise ValueError(f"implementation: expected one of {HF_IMPLEMENTATIONS}, "
                          f"got {implementation!r}")
+    torch.set_num_threads(numba.get_num_threads())
     x, router_w, w1, w2 = (inputs[n] for n in ("x", "router_w", "w1", "w2"))
     (T, d), E, h = x.shape, router_w.shape[1], w2.shape[1]
     cfg = MixtralConfig(hidden_size=d, intermediate_size=h, num_local_experts=E,
@@ -291,7 +296,7 @@ def hf_mixtral_block(inputs, k, implementation="eager"):
     return forward, train_step
 
 
-__all__ = ["HF_IMPLEMENTATIONS", "dense_operands", "hf_mixtral_block", "hf_status",
-           "hf_supports", "layer_inputs", "layer_kwargs", "matmul_rate", "numpy_grouped_gemm",
-           "numpy_moe_forward", "read_bandwidth", "thread_limits", "time_calls", "zipf_experts",
-           "zipf_probs"]
+__all__ = ["HF_IMPLEMENTATIONS", "MATMUL_SHAPE", "dense_operands", "hf_mixtral_block",
+           "hf_status", "hf_supports", "layer_inputs", "layer_kwargs", "matmul_rate",
+           "numpy_grouped_gemm", "numpy_moe_forward", "read_bandwidth", "thread_limits",
+           "time_calls", "zipf_experts", "zipf_probs"]

@@ -612,7 +612,7 @@ def measure_machine(dtype, threads):
 
     with B.thread_limits(threads):
         return {"matmul_gflops": B.matmul_rate(np.dtype(dtype)),
-                "matmul_shape": [4096, 1024, 2816], "read_gbs": B.read_bandwidth(),
+                "matmul_shape": list(B.MATMUL_SHAPE), "read_gbs": B.read_bandwidth(),
                 "threads": threads}
 
 

@@ -23,6 +23,14 @@ def _matmul(a, b):
     return a @ b
 
 
+def _add(y, s):
+    """y + s on the arrays' backend (in place on the host)."""
+    if backend_of(y=y) == CUDA:
+        return cuda_module().add_rows(y, s)
+    y += s
+    return y
+
+
 def _check_layer(x, router_w, w1, w2, k, activation, trans_w, shared_w1, shared_w2,
                  shared_gate_w):
     """Validate the layer's arrays; returns (backend, the arrays on that side, E, h)."""
@@ -71,6 +79,10 @@ def experts_forward(xs, w1, w2, offsets, activation, trans_w=False, keep=False):
     xs: (N, d), w1: (E, d, h|2h), w2: (E, h, d) [trans_w: (E, h|2h, d), (E, d, h)]
     -> (h_pre (N, h|2h) or None, h_act (N, h), ys (N, d)); h_pre is kept only when keep.
     """
+    if not keep and backend_of(xs=xs) == CUDA:  # the activation in the GEMM's epilogue
+        hidden_width(w1.shape[1] if trans_w else w1.shape[2], activation)
+        h_act = cuda_module().grouped_gemm(xs, w1, offsets, trans_w, activation_code(activation))
+        return None, h_act, grouped_gemm(h_act, w2, offsets, trans_w)
     h_pre = grouped_gemm(xs, w1, offsets, trans_w)
     h_act = activate(h_pre, activation)
     ys = grouped_gemm(h_act, w2, offsets, trans_w)
@@ -87,8 +99,12 @@ def shared_forward(x, w1, w2, gate_w, activation):
     gate = None
     if gate_w is not None:
         z = _matmul(x, gate_w)
-        gate = 1.0 / (1.0 + np.exp(-z)) if backend_of(z=z) != CUDA else cuda_module().sigmoid(z)
-        s = s * gate
+        if backend_of(z=z) == CUDA:
+            gate = cuda_module().sigmoid(z)
+            s = cuda_module().scale_rows(s, gate)
+        else:
+            gate = 1.0 / (1.0 + np.exp(-z))
+            s = s * gate
     return s, {"h_pre": h_pre, "h_act": h_act, "gate": gate}
 
 
@@ -134,7 +150,7 @@ def moe_forward(x, router_w, w1, w2, k, activation="swiglu", router="softmax_top
     shared = None
     if shared_w1 is not None:
         s, shared = shared_forward(x, shared_w1, shared_w2, shared_gate_w, activation)
-        y += s
+        y = _add(y, s)
     if not return_context:
         return y
     params = dict(router_w=router_w, w1=w1, w2=w2, k=k, activation=activation, router=router,
@@ -213,13 +229,13 @@ def moe_backward(dy, ctx):
     else:
         d_logits = sigmoid_topk_backward(d_weights, ctx.logits, r.experts, p["renormalize"],
                                          p["scale"])
-    dx += _matmul(d_logits, p["router_w"].T)
+    dx = _add(dx, _matmul(d_logits, p["router_w"].T))
     grads = {"router_w": _matmul(ctx.x.T, d_logits), "w1": dw1, "w2": dw2}
     if p["shared_w1"] is not None:
         dxs, grads["shared_w1"], grads["shared_w2"], dgate = shared_backward(
             dy, ctx.x, p["shared_w1"], p["shared_w2"], p["shared_gate_w"], ctx.shared,
             p["activation"])
-        dx += dxs
+        dx = _add(dx, dxs)
         if dgate is not None:
             grads["shared_gate_w"] = dgate.reshape(p.get("shared_gate_shape") or dgate.shape)
     return dx, grads

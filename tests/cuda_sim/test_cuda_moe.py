@@ -1,0 +1,80 @@
+"""The whole layer on the device: moe_forward (fused swiglu epilogue, shared experts, both
+routers, capacity, both weight layouts) and moe_backward, vs the reference and the CPU path."""
+import numpy as np
+import pytest
+from cuda_helpers import close, dev, host, is_dev
+
+import fastmoe_nb as fm
+from fastmoe_nb import reference as ref
+
+
+def layer(rng, T, d, h, E, dtype=np.float32, swiglu=True, trans_w=False):
+    H1 = 2 * h if swiglu else h
+    x = rng.standard_normal((T, d)).astype(dtype)
+    router_w = (rng.standard_normal((d, E)) / np.sqrt(d)).astype(dtype)
+    w1 = (rng.standard_normal((E, d, H1)) / np.sqrt(d)).astype(dtype)
+    w2 = (rng.standard_normal((E, h, d)) / np.sqrt(h)).astype(dtype)
+    if trans_w:
+        w1, w2 = (np.ascontiguousarray(w.transpose(0, 2, 1)) for w in (w1, w2))
+    return x, router_w, w1, w2
+
+
+CASES = [
+    dict(T=9, d=6, h=5, E=4, k=2, activation="swiglu"),
+    dict(T=1, d=5, h=3, E=1, k=1, activation="gelu"),
+    dict(T=0, d=4, h=3, E=3, k=3, activation="silu"),
+    dict(T=7, d=5, h=4, E=4, k=4, activation="relu", trans_w=True, capacity=3),
+    dict(T=8, d=6, h=3, E=6, k=2, activation="swiglu", router="sigmoid_topk", n_group=3,
+         topk_group=2, scale=2.5, bias=True, shared=True),
+    dict(T=6, d=4, h=3, E=4, k=2, activation="gelu_tanh", shared=True, gate=True,
+         renormalize=False),
+]
+
+
+def _call(rng, case):
+    c = dict(case)
+    T, d, h, E = c.pop("T"), c.pop("d"), c.pop("h"), c.pop("E")
+    act, trans_w = c["activation"], c.get("trans_w", False)
+    x, router_w, w1, w2 = layer(rng, T, d, h, E, swiglu=act == "swiglu", trans_w=trans_w)
+    host_kw = dict(c)
+    if host_kw.pop("bias", False):
+        host_kw["bias"] = (rng.standard_normal(E) * 0.3).astype(np.float32)
+    shared, gate = host_kw.pop("shared", False), host_kw.pop("gate", False)
+    if shared:
+        H1 = 2 * h if act == "swiglu" else h
+        host_kw["shared_w1"] = (rng.standard_normal((d, H1)) / np.sqrt(d)).astype(np.float32)
+        host_kw["shared_w2"] = (rng.standard_normal((h, d)) / np.sqrt(h)).astype(np.float32)
+        if gate:
+            host_kw["shared_gate_w"] = rng.standard_normal(d).astype(np.float32)
+    dev_kw = {n: (dev(v) if isinstance(v, np.ndarray) else v) for n, v in host_kw.items()}
+    return (x, router_w, w1, w2), host_kw, dev_kw
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c['activation']}-T{c['T']}" for c in CASES])
+def test_moe_forward_backward(rng, case):
+    args, host_kw, dev_kw = _call(rng, case)
+    dargs = [dev(a) for a in args]
+    k = host_kw.pop("k")
+    dev_kw.pop("k")
+    y = fm.moe_forward(*dargs, k, **dev_kw)                  # fused epilogue, no context
+    assert is_dev(y)
+    close(y, ref.moe_forward(*args, k, **host_kw))
+    y_ctx, ctx = fm.moe_forward(*dargs, k, return_context=True, **dev_kw)
+    y_cpu, ctx_cpu = fm.moe_forward(*args, k, return_context=True, **host_kw)
+    close(y_ctx, y_cpu)
+    close(ctx.counts, ctx_cpu.counts)
+    dy = rng.standard_normal(y_cpu.shape).astype(np.float32)
+    dx, grads = fm.moe_backward(dev(dy), ctx)
+    dx_cpu, grads_cpu = fm.moe_backward(dy, ctx_cpu)
+    close(dx, dx_cpu, rtol=3e-5)
+    assert sorted(grads) == sorted(grads_cpu)
+    for name in grads:
+        close(grads[name], grads_cpu[name], rtol=3e-5)
+
+
+def test_caller_arrays_unchanged(rng):
+    args = layer(rng, 5, 4, 3, 3)
+    dargs = [dev(a) for a in args]
+    fm.moe_forward(*dargs, 2)
+    for a, d in zip(args, dargs):
+        np.testing.assert_array_equal(host(d), a)

@@ -4,61 +4,43 @@ import numpy as np
 import pytest
 
 import fastmoe_nb.nn as nn
+from fastmoe_nb.nn.gradcheck import numerical_gradient
 
 F64 = np.float64
 TOL = 1e-6
 
 
-def numeric_grad(f, a, eps=1e-6, sample=None, rng=None):
-    """Central differences of the scalar f() with respect to the elements of a (perturbed in
-    place and restored). With sample, only that many random elements are computed; the
-    others are NaN (rel_err skips them)."""
-    g = np.full(a.shape, np.nan)
-    flat = np.arange(a.size)
-    if sample is not None and a.size > sample:
-        flat = np.sort((rng or np.random.default_rng(0)).choice(a.size, sample, replace=False))
-    for f_i in flat:
-        i = np.unravel_index(f_i, a.shape)
-        old = a[i]
-        a[i] = old + eps
-        fp = f()
-        a[i] = old - eps
-        fm_ = f()
-        a[i] = old
-        g[i] = (fp - fm_) / (2 * eps)
-    return g
+def numeric_grad(f, a, eps=1e-6):
+    """Central differences of the scalar f() with respect to every element of a."""
+    return numerical_gradient(lambda a: f(), [a], [1.0], 0, eps)
 
 
 def rel_err(got, want):
-    """max |got - want| / max |want| over the entries want holds (not NaN)."""
-    ok = ~np.isnan(want)
-    if not ok.any():
-        return 0.0
-    return float(np.abs(got[ok] - want[ok]).max() / max(np.abs(want[ok]).max(), 1e-12))
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-12)) if want.size else 0.0
 
 
-def check_module(m, x, rng, reseed=None, sample=None):
-    """f = sum(m(x) * r): the backward's dx and every parameter gradient against central
-    differences (float64), on `sample` random entries of each array (all by default).
-    reseed() runs before each forward (for layers that draw noise)."""
+def check_module(m, x, reseed=None, max_entries=None):
+    """The backward's dx (for float x) and every trainable parameter's gradient against
+    float64 central differences of <m.forward(x), dy> (nn.gradcheck). reseed() runs before
+    each forward (for layers that draw noise)."""
     reseed = reseed or (lambda: None)
-    reseed()
-    r = rng.standard_normal(m.forward(x.copy()).shape)
+    params = [p for _, p in m.named_parameters() if p.requires_grad]
+    float_x = np.issubdtype(x.dtype, np.floating)
 
-    def f():
+    def fn(x, *values):
+        for p, v in zip(params, values):
+            p.value = v                 # gradcheck's own copies, perturbed in place
         reseed()
-        return float((m.forward(x) * r).sum())
+        return m.forward(x)
 
-    m.zero_grad()
-    reseed()
-    m.forward(x)
-    dx = m.backward(r)
-    if np.issubdtype(x.dtype, np.floating):
-        assert rel_err(dx, numeric_grad(f, x, sample=sample, rng=rng)) <= TOL
-    for name, p in m.named_parameters():
-        if p.requires_grad:
-            err = rel_err(p.grad, numeric_grad(f, p.value, sample=sample, rng=rng))
-            assert err <= TOL, (name, err)
+    def backward(dy):
+        m.zero_grad()
+        dx = m.backward(dy)
+        return [dx if float_x else None] + [p.grad for p in params]
+
+    errors = nn.gradcheck(fn, [x] + [p.value for p in params], backward, rtol=TOL,
+                          max_entries=max_entries)
+    assert len(errors) == len(params) + float_x
 
 
 @pytest.mark.parametrize("T,d_in,d_out,bias", [(1, 3, 2, True), (5, 4, 7, False), (0, 3, 2, True)])
@@ -66,7 +48,7 @@ def test_linear_backward(rng, T, d_in, d_out, bias):
     m = nn.Linear(d_in, d_out, bias=bias, dtype=F64, rng=rng)
     if bias:
         m.b.value[...] = rng.standard_normal(d_out)
-    check_module(m, rng.standard_normal((T, d_in)), rng)
+    check_module(m, rng.standard_normal((T, d_in)))
     if T == 0:
         assert not m.w.grad.any()
 
@@ -75,7 +57,7 @@ def test_linear_backward(rng, T, d_in, d_out, bias):
 def test_rmsnorm_backward(rng, T, d):
     m = nn.RMSNorm(d, dtype=F64)
     m.g.value[...] = rng.standard_normal(d)
-    check_module(m, rng.standard_normal((T, d)), rng)
+    check_module(m, rng.standard_normal((T, d)))
 
 
 def test_rmsnorm_forward_has_unit_rms(rng):
@@ -86,7 +68,7 @@ def test_rmsnorm_forward_has_unit_rms(rng):
 @pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu", "swiglu"])
 def test_mlp_backward(rng, activation):
     m = nn.MLP(5, 3, activation=activation, dtype=F64, rng=rng)
-    check_module(m, rng.standard_normal((4, 5)), rng)
+    check_module(m, rng.standard_normal((4, 5)))
 
 
 def test_mlp_matches_numpy(rng):
@@ -120,7 +102,7 @@ def test_sequential_and_residual_backward(rng):
     assert names == ["layers.0.w", "layers.0.b", "layers.1.body.layers.0.g",
                      "layers.1.body.layers.1.w1", "layers.1.body.layers.1.w2", "layers.2.w",
                      "layers.2.b"]
-    check_module(m, rng.standard_normal((3, 4)), rng)
+    check_module(m, rng.standard_normal((3, 4)))
 
 
 def test_gradients_accumulate_and_zero_grad_clears(rng):
@@ -238,7 +220,7 @@ def test_moe_backward(rng, kw):
     m = nn.MoE(6, 3, dtype=F64, rng=rng, **kw).eval()
     if kw.get("router") == "sigmoid_topk":
         m.bias.value[...] = [0.3, 0.0, -0.2, 0.1]
-    check_module(m, rng.standard_normal((7, 6)), rng, sample=10)
+    check_module(m, rng.standard_normal((7, 6)), max_entries=10)
     assert not hasattr(m, "bias") or not m.bias.grad.any()
 
 
@@ -261,8 +243,8 @@ def test_moe_jitter_only_in_train_mode_and_its_backward(rng):
     np.testing.assert_array_equal(m.forward(x), m.forward(x))
     m.train()
     assert not np.array_equal(m.forward(x), m.forward(x))
-    check_module(m, x, rng, reseed=lambda: setattr(m, "rng", np.random.default_rng(7)),
-                 sample=8)
+    check_module(m, x, reseed=lambda: setattr(m, "rng", np.random.default_rng(7)),
+                 max_entries=8)
 
 
 def test_moe_records_routing_statistics(rng):
@@ -303,3 +285,14 @@ def test_moe_bad_arguments():
         nn.MoE(4, 2, num_experts=3, k=1, jitter=1.5)
     with pytest.raises(ValueError, match="x: expected shape"):
         nn.MoE(4, 2, num_experts=3, k=1).forward(np.zeros((2, 5), np.float32))
+
+
+def test_check_module_catches_a_wrong_backward(rng):
+    class Doubled(nn.Linear):
+        def backward(self, dy):
+            dx = super().backward(dy)
+            self.b.grad *= 2
+            return dx
+
+    with pytest.raises(nn.GradcheckError, match="inputs\\[2\\]"):   # inputs: x, w, b
+        check_module(Doubled(3, 2, dtype=F64, rng=rng), rng.standard_normal((4, 3)))

@@ -296,3 +296,38 @@ def test_check_module_catches_a_wrong_backward(rng):
 
     with pytest.raises(nn.GradcheckError, match="inputs\\[2\\]"):   # inputs: x, w, b
         check_module(Doubled(3, 2, dtype=F64, rng=rng), rng.standard_normal((4, 3)))
+
+
+def test_moe_balancing_and_z_loss_gradients_reach_router_and_input(rng):
+    m = nn.MoE(6, 3, num_experts=4, k=2, aux_loss_coef=0.3, z_loss_coef=0.2, dtype=F64,
+               rng=rng).eval()
+    x, r = rng.standard_normal((7, 6)), rng.standard_normal((7, 6))
+
+    def total():   # the training loss the layer's backward differentiates
+        y = m.forward(x)
+        return float((y * r).sum()) + 0.3 * m.aux_loss + 0.2 * m.z_loss
+
+    total()
+    assert m.aux_loss > 0 and m.z_loss > 0
+    m.zero_grad()
+    dx = m.backward(r)
+    assert rel_err(dx, numeric_grad(total, x)) <= TOL
+    assert rel_err(m.router_w.grad, numeric_grad(total, m.router_w.value)) <= TOL
+    plain = nn.MoE(6, 3, num_experts=4, k=2, dtype=F64, rng=0).eval()
+    plain.router_w.value[...] = m.router_w.value
+    plain.w1.value[...], plain.w2.value[...] = m.w1.value, m.w2.value
+    plain.forward(x)
+    assert not np.allclose(plain.backward(r), dx)        # the losses did add something
+
+
+def test_moe_update_bias_follows_the_load(rng):
+    m = nn.MoE(4, 2, num_experts=4, k=1, router="sigmoid_topk", rng=rng)
+    with pytest.raises(ValueError, match="call forward first"):
+        m.update_bias()
+    m.forward(rng.standard_normal((16, 4)).astype(np.float32))
+    load = m.stats.tokens_per_expert
+    m.update_bias(0.01)
+    np.testing.assert_allclose(m.bias.value, 0.01 * np.sign(load.mean() - load), rtol=1e-6)
+    assert m.bias not in [p for p in m.parameters() if p.requires_grad]
+    with pytest.raises(ValueError, match="sigmoid_topk"):
+        nn.MoE(4, 2, num_experts=4, k=1).update_bias()

@@ -8,6 +8,8 @@ import numpy as np
 from .. import errors as chk
 from ..ops.activations import activation_code
 from ..ops.moe import ROUTERS, moe_backward, moe_forward
+from ..routing.losses import (NORMALIZATIONS, load_balancing_loss,
+                              load_balancing_loss_backward, update_bias, z_loss, z_loss_backward)
 from ..routing.stats import RoutingMonitor, routing_stats
 from .layers import as_rng, check_input, normal
 from .module import Module, Parameter
@@ -63,7 +65,7 @@ class MoE(Module):
             raise ValueError(f"jitter: expected a number in [0, 1), got {jitter}")
         self.aux_loss_coef = chk.check_real("aux_loss_coef", aux_loss_coef)
         self.z_loss_coef = chk.check_real("z_loss_coef", z_loss_coef)
-        self.balance = balance
+        self.balance = chk.check_choice("balance", balance, NORMALIZATIONS)
         self.activation, self.router, self.renormalize = activation, router, bool(renormalize)
         self.capacity = capacity
         self.options = {} if router == "softmax_topk" else dict(n_group=n_group,
@@ -85,8 +87,6 @@ class MoE(Module):
         self.monitor = RoutingMonitor(E, window=window)
         self.stats = None
         self.aux_loss = self.z_loss = 0.0
-        if self.aux_loss_coef or self.z_loss_coef:
-            self._balancing()          # fail now, not at the first forward, if unavailable
 
     @property
     def num_experts(self):
@@ -95,10 +95,14 @@ class MoE(Module):
     def _weights(self):
         return {n: getattr(self, n).value for n in WEIGHTS if hasattr(self, n)}
 
-    def _balancing(self):
-        from .. import routing as rt  # noqa: PLC0415  (routing/ imports nothing from nn)
-
-        return rt
+    def update_bias(self, gamma=1e-3):
+        """DeepSeek-V3's auxiliary-loss-free balancing, after an optimizer step (sigmoid_topk
+        router only): bias += gamma * sign(mean load - load), the load of the last forward."""
+        if self.router != "sigmoid_topk":
+            raise ValueError("update_bias: only for router='sigmoid_topk' (it has the bias)")
+        if self.stats is None:
+            raise ValueError("update_bias: call forward first (the load comes from it)")
+        self.bias.value[...] = update_bias(self.bias.value, self.stats.tokens_per_expert, gamma)
 
     def forward(self, x):
         # x: (T, d) -> y: (T, d); keeps the jitter noise and moe_forward's context
@@ -119,10 +123,9 @@ class MoE(Module):
         if self.training:
             self.monitor.update(self.stats)
         if self.aux_loss_coef or self.z_loss_coef:
-            rt = self._balancing()
-            self.aux_loss = float(rt.load_balancing_loss(logits, r.experts,
-                                                         normalization=self.balance))
-            self.z_loss = float(rt.z_loss(logits))
+            self.aux_loss = load_balancing_loss(logits, r.experts, self.balance,
+                                                check_finite=False)
+            self.z_loss = z_loss(logits, check_finite=False)
         return y
 
     def backward(self, dy):
@@ -130,13 +133,12 @@ class MoE(Module):
         ctx = self.ctx
         dx, grads = moe_backward(dy, ctx)
         if self.aux_loss_coef or self.z_loss_coef:
-            rt = self._balancing()
             dlogits = np.zeros_like(ctx.logits)
             if self.aux_loss_coef:
-                dlogits += self.aux_loss_coef * rt.load_balancing_loss_backward(
-                    ctx.logits, ctx.routing.experts, normalization=self.balance)
+                dlogits += load_balancing_loss_backward(self.aux_loss_coef, ctx.logits,
+                                                        ctx.routing.experts, self.balance)
             if self.z_loss_coef:
-                dlogits += self.z_loss_coef * rt.z_loss_backward(ctx.logits)
+                dlogits += z_loss_backward(self.z_loss_coef, ctx.logits)
             grads["router_w"] = grads["router_w"] + ctx.x.T @ dlogits
             dx = dx + dlogits @ self.router_w.value.T
         for n in WEIGHTS:

@@ -1,0 +1,86 @@
+"""The CUDA backend, checked without a GPU, in subprocesses (numba's CUDA target must be set up
+before numba is first imported, and this process keeps the CPU path):
+
+- tests/cuda_sim/ under NUMBA_ENABLE_CUDASIM=1: every CUDA op against fastmoe_nb.reference and
+  the CPU path on tiny awkward shapes (on a GPU machine run that folder directly, see its
+  conftest.py);
+- tools/cuda_compile_check.py: every kernel compiled to PTX for sm_90 and sm_75 with each
+  signature it is launched with (the simulator runs Python and proves no compilation);
+- the one clear error for a device array when CUDA cannot run.
+
+The two long ones start together, so the 2 cores run them side by side.
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HAVE_NUMBA_CUDA = importlib.util.find_spec("numba_cuda") is not None
+pytestmark = pytest.mark.skipif(not HAVE_NUMBA_CUDA,
+                                reason="needs numba-cuda: pip install -e '.[test]'")
+TIMEOUT = 900
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    env.update(extra)
+    return env
+
+
+def _start(args, **env):
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=_env(**env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture(scope="module")
+def runs():
+    procs = {
+        "sim": _start(["-m", "pytest", "tests/cuda_sim", "-q", "-p", "no:cacheprovider"],
+                      NUMBA_ENABLE_CUDASIM="1"),
+        "ptx": _start(["tools/cuda_compile_check.py"]),
+    }
+    yield procs
+    for p in procs.values():
+        if p.poll() is None:
+            p.kill()
+
+
+def _finish(proc):
+    out, _ = proc.communicate(timeout=TIMEOUT)
+    return proc.returncode, out
+
+
+def test_cuda_ops_in_simulator(runs):
+    rc, out = _finish(runs["sim"])
+    assert rc == 0, "tests/cuda_sim failed under NUMBA_ENABLE_CUDASIM=1:\n" + out[-6000:]
+    assert " passed" in out and "skipped" not in out, out[-2000:]
+
+
+def test_cuda_kernels_compile_to_ptx(runs):
+    rc, out = _finish(runs["ptx"])
+    assert rc == 0, "tools/cuda_compile_check.py failed:\n" + out[-6000:]
+    assert "kernel compilations to PTX succeeded" in out, out[-2000:]
+
+
+def test_clear_error_without_gpu():
+    code = """
+import numpy as np, fastmoe_nb as fm
+class Fake:  # a device array as CuPy or PyTorch would hand it over
+    shape, dtype = (2, 3), np.dtype(np.float32)
+    __cuda_array_interface__ = {"shape": (2, 3), "typestr": "<f4", "data": (0, False),
+                                "version": 3}
+try:
+    fm.softmax(Fake())
+except RuntimeError as e:
+    print("ERROR:", e)
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), text=True,
+                         capture_output=True, timeout=300)
+    if "numba.cuda.is_available() is False" not in out.stdout:
+        pytest.skip("a CUDA GPU is usable here" if "ERROR" not in out.stdout else out.stdout)
+    assert "pass NumPy arrays to run on the CPU" in out.stdout
+    assert "NUMBA_ENABLE_CUDASIM=1" in out.stdout

@@ -13,7 +13,9 @@ from .gemm import grouped_gemm, grouped_gemm_backward
 from .routing import (check_sigmoid_options, sigmoid_topk, sigmoid_topk_backward, softmax_topk,
                       softmax_topk_backward)
 
-ROUTERS = ("softmax_topk", "sigmoid_topk")
+ROUTERS = ("softmax_topk", "sigmoid_topk",
+           # fastmoe_nb.routing, by name (routing/layer.py)
+           "switch_top1", "gshard_top2", "expert_choice", "dense_gating", "noisy_topk")
 
 
 def _matmul(a, b):
@@ -111,7 +113,7 @@ def shared_forward(x, w1, w2, gate_w, activation):
 def moe_forward(x, router_w, w1, w2, k, activation="swiglu", router="softmax_topk",
                 renormalize=True, bias=None, n_group=1, topk_group=1, scale=1.0, capacity=None,
                 trans_w=False, shared_w1=None, shared_w2=None, shared_gate_w=None,
-                check_finite=True, return_context=False):
+                check_finite=True, return_context=False, **router_options):
     """The MoE layer. x: (T, d), router_w: (d, E), w1: (E, d, h) or (E, d, 2h) for swiglu
     ([gate | up]), w2: (E, h, d); with trans_w=True, w1: (E, h|2h, d) and w2: (E, d, h)
     (PyTorch Linear layout, no copy) -> y: (T, d), or (y, ctx) with return_context.
@@ -120,6 +122,9 @@ def moe_forward(x, router_w, w1, w2, k, activation="swiglu", router="softmax_top
     (DeepSeek-V3: bias, n_group, topk_group, renormalize, scale). capacity: per-expert limit
     (None: dropless). shared_w1 (d, hs|2hs) / shared_w2 (hs, d): a shared expert added to every
     token, gated by sigmoid(x @ shared_gate_w) when shared_gate_w (d,) is given (Qwen2-MoE).
+    router may also name a router of fastmoe_nb.routing, its options as keywords: switch_top1
+    (k=1), gshard_top2 (k=2), expert_choice and dense_gating (k=E), noisy_topk (noise_w (d, E),
+    train, seed); capacity is theirs (see fastmoe_nb/routing/layer.py).
     """
     trans_w = bool(trans_w)
     chk.check_choice("router", router, ROUTERS)
@@ -131,6 +136,12 @@ def moe_forward(x, router_w, w1, w2, k, activation="swiglu", router="softmax_top
                                                               scale, x.dtype)
     elif bias is not None or n_group != 1 or topk_group != 1 or scale != 1.0:
         raise ValueError("bias, n_group, topk_group, scale: only for router='sigmoid_topk'")
+    if router in ROUTERS[2:]:
+        from ..routing.layer import check_router_options  # lazily: routing builds on ops
+        check_router_options(router, k, E, capacity, router_options)
+    elif router_options:
+        raise TypeError(f"{', '.join(sorted(router_options))}: not an option of "
+                        f"router={router!r}")
     if capacity is not None:
         capacity = chk.check_int("capacity", capacity, 0, None, what="a non-negative integer")
     if be != CUDA:
@@ -139,10 +150,15 @@ def moe_forward(x, router_w, w1, w2, k, activation="swiglu", router="softmax_top
     logits = _matmul(x, router_w)
     if router == "softmax_topk":
         r = softmax_topk(logits, k, renormalize, check_finite=check_finite)
-    else:
+    elif router == "sigmoid_topk":
         r = sigmoid_topk(logits, k, bias, n_group, topk_group, renormalize, scale,
                          check_finite=check_finite)
-    plan = make_plan(r.experts, E, capacity)
+    plan, router_state = None, None
+    if router in ROUTERS[2:]:
+        from ..routing.layer import route
+        r, plan, router_state = route(router, x, logits, k, capacity, router_options,
+                                      check_finite)
+    plan = make_plan(r.experts, E, capacity) if plan is None else plan
     xs = permute(x, plan)
     h_pre, h_act, ys = experts_forward(xs, w1, w2, plan.offsets, activation, trans_w,
                                        keep=return_context)
@@ -157,7 +173,8 @@ def moe_forward(x, router_w, w1, w2, k, activation="swiglu", router="softmax_top
                   renormalize=bool(renormalize), bias=bias, n_group=n_group,
                   topk_group=topk_group, scale=scale, capacity=capacity, trans_w=trans_w,
                   shared_w1=shared_w1, shared_w2=shared_w2, shared_gate_w=shared_gate_w,
-                  shared_gate_shape=None if gate_shape is None else tuple(gate_shape))
+                  shared_gate_shape=None if gate_shape is None else tuple(gate_shape),
+                  router_options=router_options, router_state=router_state)
     return y, MoEContext(x=x, logits=logits, routing=r, plan=plan, xs=xs, h_pre=h_pre,
                          h_act=h_act, ys=ys, params=params, shared=shared)
 
@@ -224,13 +241,19 @@ def moe_backward(dy, ctx):
     d_h_pre = activate_backward(d_h_act, ctx.h_pre, p["activation"])
     d_xs, dw1 = grouped_gemm_backward(d_h_pre, ctx.xs, p["w1"], plan.offsets, p["trans_w"])
     dx = permute_backward(d_xs, plan)
+    dx_router, router_grads = None, {}
     if p["router"] == "softmax_topk":
         d_logits = softmax_topk_backward(d_weights, ctx.logits, r.experts, p["renormalize"])
-    else:
+    elif p["router"] == "sigmoid_topk":
         d_logits = sigmoid_topk_backward(d_weights, ctx.logits, r.experts, p["renormalize"],
                                          p["scale"])
+    else:
+        from ..routing.layer import route_backward  # lazily: routing builds on ops
+        d_logits, dx_router, router_grads = route_backward(p["router"], d_weights, ctx)
     dx = _add(dx, _matmul(d_logits, p["router_w"].T))
-    grads = {"router_w": _matmul(ctx.x.T, d_logits), "w1": dw1, "w2": dw2}
+    grads = {"router_w": _matmul(ctx.x.T, d_logits), "w1": dw1, "w2": dw2, **router_grads}
+    if dx_router is not None:
+        dx = _add(dx, dx_router)
     if p["shared_w1"] is not None:
         dxs, grads["shared_w1"], grads["shared_w2"], dgate = shared_backward(
             dy, ctx.x, p["shared_w1"], p["shared_w2"], p["shared_gate_w"], ctx.shared,

@@ -1,0 +1,129 @@
+"""PyTorch autograd over fastmoe_nb: forward and backward both run fastmoe_nb's kernels.
+
+- `MoEFunction`: the whole layer, fm.moe_forward / fm.moe_backward (routing included);
+  `moe(x, router_w, w1, w2, k, ...)` is its functional form, `MoE` a small nn.Module.
+- `ExpertsFunction`: the routed experts alone with the routing given (HF transformers'
+  experts interface); `experts(x, experts, weights, w1, w2, ...)`.
+
+Tensors cross without copies (DLPack for CPU tensors; CUDA tensors go to the CUDA backend
+through `__cuda_array_interface__`); results come back as tensors over fastmoe_nb's arrays.
+float32 and float64 tensors are supported (bfloat16 / float16 are a TypeError).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..ops.moe import moe_backward, moe_forward
+from .arrays import as_array, to_torch
+from .experts import routed_experts, routed_experts_backward
+
+_GRAD_NAMES = ("router_w", "w1", "w2", "shared_w1", "shared_w2", "shared_gate_w")
+
+
+def _grad(g, device):
+    """A fastmoe_nb gradient as a tensor on the input's device (None stays None)."""
+    return None if g is None else to_torch(g, device=device)
+
+
+class MoEFunction(torch.autograd.Function):
+    """y = fm.moe_forward(x, router_w, w1, w2, k, **options); backward is fm.moe_backward.
+
+    x: (T, d), router_w: (d, E), w1: (E, d, h|2h), w2: (E, h, d) [trans_w: (E, h|2h, d),
+    (E, d, h)], shared_w1 / shared_w2 / shared_gate_w: tensors or None; options: a dict of
+    moe_forward's keyword options (activation, router, renormalize, bias, ..., trans_w).
+    Every tensor argument gets its gradient but the routing options; the sigmoid router's bias
+    gets none (it only chooses)."""
+
+    @staticmethod
+    def forward(ctx, x, router_w, w1, w2, shared_w1, shared_w2, shared_gate_w, k, options):
+        tensors = dict(x=x, router_w=router_w, w1=w1, w2=w2, shared_w1=shared_w1,
+                       shared_w2=shared_w2, shared_gate_w=shared_gate_w)
+        arrays = {n: None if t is None else as_array(t, n) for n, t in tensors.items()}
+        opts = dict(options)
+        if opts.get("bias") is not None:
+            opts["bias"] = as_array(opts["bias"], "bias")
+        y, ctx.moe = moe_forward(**arrays, k=k, **opts, return_context=True)
+        ctx.device = x.device
+        return to_torch(y, device=x.device)
+
+    @staticmethod
+    def backward(ctx, dy):
+        dx, grads = moe_backward(as_array(dy.contiguous(), "dy"), ctx.moe)
+        return (_grad(dx, ctx.device), *(_grad(grads.get(n), ctx.device) for n in _GRAD_NAMES), None, None)
+
+
+def moe(x, router_w, w1, w2, k, shared_w1=None, shared_w2=None, shared_gate_w=None, **options):
+    """The functional form of MoEFunction: fm.moe_forward's arguments, tensors in and out,
+    differentiable in x, router_w, w1, w2 and the shared-expert weights."""
+    return MoEFunction.apply(x, router_w, w1, w2, shared_w1, shared_w2, shared_gate_w, k,
+                             options)
+
+
+class ExpertsFunction(torch.autograd.Function):
+    """y = routed_experts(x, experts, weights, w1, w2, activation, trans_w): the experts with a
+    routing chosen elsewhere. Gradients reach x, weights (and so the caller's router), w1, w2."""
+
+    @staticmethod
+    def forward(ctx, x, experts, weights, w1, w2, activation, trans_w):
+        y, ctx.experts = routed_experts(as_array(x, "x"), as_array(experts, "experts"),
+                                        as_array(weights, "weights"), as_array(w1, "w1"),
+                                        as_array(w2, "w2"), activation, trans_w,
+                                        return_context=True)
+        ctx.device = x.device
+        return to_torch(y, device=x.device)
+
+    @staticmethod
+    def backward(ctx, dy):
+        dx, d_weights, dw1, dw2 = routed_experts_backward(as_array(dy.contiguous(), "dy"),
+                                                          ctx.experts)
+        return (_grad(dx, ctx.device), None, _grad(d_weights, ctx.device), _grad(dw1, ctx.device),
+                _grad(dw2, ctx.device), None, None)
+
+
+def experts(x, top_k_index, top_k_weights, w1, w2, activation="swiglu", trans_w=False):
+    """The functional form of ExpertsFunction. x: (T, d), top_k_index: (T, k) int,
+    top_k_weights: (T, k) (cast to x's dtype), w1, w2 as in fm.moe_forward -> y: (T, d)."""
+    return ExpertsFunction.apply(x, top_k_index, top_k_weights.to(x.dtype), w1, w2, activation,
+                                 bool(trans_w))
+
+
+class MoE(torch.nn.Module):
+    """A Mixture-of-Experts layer whose forward and backward run fastmoe_nb.
+
+    x: (..., d) -> (..., d). Parameters in fastmoe_nb's layout: router_w (d, E),
+    w1 (E, d, h|2h) ([gate | up] for swiglu), w2 (E, h, d); initialized like nn.Linear
+    (uniform in +-1/sqrt(fan_in)). Options are fm.moe_forward's (router, renormalize, ...).
+    """
+
+    def __init__(self, d, h, num_experts, k, activation="swiglu", dtype=torch.float32,
+                 device=None, **options):
+        super().__init__()
+        h1 = 2 * h if activation == "swiglu" else h
+        kw = dict(dtype=dtype, device=device)
+        self.router_w = torch.nn.Parameter(torch.empty(d, num_experts, **kw))
+        self.w1 = torch.nn.Parameter(torch.empty(num_experts, d, h1, **kw))
+        self.w2 = torch.nn.Parameter(torch.empty(num_experts, h, d, **kw))
+        self.k, self.activation, self.options = k, activation, options
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for p, fan_in in ((self.router_w, self.router_w.shape[0]), (self.w1, self.w1.shape[1]),
+                          (self.w2, self.w2.shape[1])):
+            bound = 1.0 / math.sqrt(fan_in)
+            torch.nn.init.uniform_(p, -bound, bound)
+
+    def forward(self, x):
+        shape = x.shape
+        y = moe(x.reshape(-1, shape[-1]), self.router_w, self.w1, self.w2, self.k,
+                activation=self.activation, **self.options)
+        return y.reshape(shape)
+
+    def extra_repr(self):
+        E, d, _ = self.w1.shape
+        return f"d={d}, h={self.w2.shape[1]}, num_experts={E}, k={self.k}, " \
+               f"activation={self.activation!r}"
+
+
+__all__ = ["ExpertsFunction", "MoE", "MoEFunction", "experts", "moe"]

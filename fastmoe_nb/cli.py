@@ -31,6 +31,7 @@ import numpy as np
 
 EXIT_OK, EXIT_WRONG, EXIT_USAGE = 0, 1, 2
 OPS = ("layer", "grouped_gemm", "permute", "combine", "route", "train-step")
+BENCH_ROUTERS = ("softmax_topk", "sigmoid_topk")
 SWEEP_KEYS = ("tokens", "d", "h", "experts", "k", "threads")
 BASELINES = ("numpy", "dense", "hf-eager", "hf-grouped_mm")
 SCHEMA = "fastmoe-nb-bench/1"
@@ -152,7 +153,6 @@ def resolve_preset(args, **override):
     """The Preset a bench runs: --preset, then the shape flags, then a sweep value."""
     from . import presets as P  # noqa: PLC0415
     from .ops.activations import ACTIVATIONS  # noqa: PLC0415
-    from .ops.moe import ROUTERS  # noqa: PLC0415
     from .ops.routing import check_sigmoid_options  # noqa: PLC0415
 
     try:
@@ -166,8 +166,9 @@ def resolve_preset(args, **override):
         raise UsageError(f"--activation: expected one of {', '.join(ACTIVATIONS)}, "
                          f"got {changes['activation']!r}")
     if "router" in changes:
-        if changes["router"] not in ROUTERS:
-            raise UsageError(f"--router: expected one of {', '.join(ROUTERS)}, "
+        if changes["router"] not in BENCH_ROUTERS:
+            raise UsageError(f"--router: expected one of {', '.join(BENCH_ROUTERS)} (the "
+                             f"routers reference.py specifies), "
                              f"got {changes['router']!r}")
         if changes["router"] != p.router:   # another router: its default options
             changes.update(n_group=1, topk_group=1, scale=1.0)
@@ -626,9 +627,9 @@ def _num(v, fmt="{:.1f}"):
     return "-" if v is None else fmt.format(v)
 
 
-def print_result(res, out=sys.stdout):
+def print_result(res, out=None):
     s = res["shape"]
-    w = out.write
+    w = (out or sys.stdout).write
     w(f"\n{res['op']}  preset {res['name']}  T={s['tokens']} d={s['d']} h={s['h']} "
       f"E={s['experts']} k={s['k']}  {res['activation']} {res['router']}  {res['dtype']}  "
       f"{res['backend']}  {res['threads']} threads"
@@ -690,19 +691,18 @@ def write_plot(path, results, key, machine):
 
 
 def _versions():
-    import numba  # noqa: PLC0415
+    """Installed versions, read from package metadata (nothing heavy is imported)."""
+    from importlib import metadata  # noqa: PLC0415
 
     from . import __version__  # noqa: PLC0415
 
-    v = {"fastmoe_nb": __version__, "python": platform.python_version(),
-         "numpy": np.__version__, "numba": numba.__version__}
-    for mod in ("scipy", "llvmlite", "numba_cuda", "torch", "transformers"):
+    v = {"fastmoe_nb": __version__, "python": platform.python_version()}
+    for dist in ("numpy", "numba", "scipy", "llvmlite", "numba-cuda", "torch", "transformers",
+                 "threadpoolctl", "tqdm", "matplotlib"):
         try:
-            v[mod] = __import__(mod).__version__
-        except ImportError:
-            v[mod] = None
-        except AttributeError:
-            v[mod] = "installed"
+            v[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            v[dist] = None
     return v
 
 

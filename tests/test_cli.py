@@ -1,0 +1,349 @@
+"""The `fastmoe-nb` command, its presets and baselines.
+
+A few tests run the real command in a subprocess (exit codes, the JSON it writes, one-line
+errors with no traceback); the rest call cli.main(argv) in this process on tiny shapes, with
+the machine ceilings stubbed (they are measured for real in the subprocess test). No test
+asserts a time.
+"""
+import json
+import os
+import subprocess
+import sys
+from importlib import metadata
+
+import numpy as np
+import pytest
+
+from fastmoe_nb import baselines as B
+from fastmoe_nb import cli
+from fastmoe_nb import presets as P
+from fastmoe_nb import reference as ref
+
+from conftest import assert_close
+
+TINY = ["--tokens", "48", "--d", "24", "--h", "40", "--experts", "4", "--k", "2",
+        "--repeat", "2", "--quiet"]
+FAKE_MACHINE = {"matmul_gflops": 100.0, "matmul_shape": [1, 1, 1], "read_gbs": 10.0,
+                "threads": 1}
+
+
+def run_cmd(*args, env=None):
+    """The command in a fresh interpreter -> CompletedProcess (text)."""
+    return subprocess.run([sys.executable, "-m", "fastmoe_nb.cli", *args], capture_output=True,
+                          text=True, timeout=300, env=env)
+
+
+def one_line_error(stderr):
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("fastmoe-nb: error: "), stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+@pytest.fixture
+def stub_machine(monkeypatch):
+    monkeypatch.setattr(cli, "measure_machine", lambda dtype, threads: dict(FAKE_MACHINE))
+
+
+def bench_json(tmp_path, *args):
+    """cli.main(['bench', *args, '--json', path]) -> (exit status, the JSON document)."""
+    path = tmp_path / "out.json"
+    status = cli.main(["bench", *args, "--json", str(path)])
+    return status, (json.loads(path.read_text()) if path.exists() else None)
+
+
+# --------------------------------------------------------------------------- the command
+
+def test_console_script_is_installed():
+    eps = [e for e in metadata.entry_points(group="console_scripts") if e.name == "fastmoe-nb"]
+    assert [e.value for e in eps] == ["fastmoe_nb.cli:main"]
+
+
+def test_bench_layer_subprocess_writes_checked_json(tmp_path):
+    out = tmp_path / "bench.json"
+    p = run_cmd("bench", "layer", *TINY, "--compare", "numpy,dense", "--json", str(out))
+    assert p.returncode == 0, p.stderr
+    assert "Traceback" not in p.stderr
+    assert "check vs reference.py" in p.stdout and "fastmoe_nb" in p.stdout
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == cli.SCHEMA
+    assert doc["machine"]["matmul_gflops"] > 0 and doc["machine"]["read_gbs"] > 0
+    assert doc["versions"]["numba"] and doc["versions"]["fastmoe_nb"]
+    (res,) = doc["results"]
+    assert res["op"] == "layer" and res["preset"] == P.DEFAULT_PRESET
+    assert res["shape"] == {"tokens": 48, "d": 24, "h": 40, "experts": 4, "k": 2}
+    assert res["correct"] is True
+    assert 0 <= res["check"]["max_rel_err"] <= res["check"]["tolerance"] == 1e-4
+    assert len(res["times_s"]) == 2
+    assert res["min_s"] <= res["median_s"] <= res["max_s"]
+    assert res["first_call_s"] > 0 and res["compile_s"] >= 0
+    T, d, h, E, k = 48, 24, 40, 4, 2
+    assert res["routing"]["rows"] == T * k and res["routing"]["dropped"] == 0
+    assert res["flops"] == 2.0 * (T * d * E + T * k * d * (2 * h + h))
+    assert res["bound"] in ("compute", "memory") and res["fraction_of_peak"] > 0
+    assert [b["name"] for b in res["baselines"]] == ["numpy", "dense"]
+    assert res["baselines"][0]["max_rel_err"] <= 1e-4
+    assert res["baselines"][1]["max_rel_err"] is None     # random operands: nothing to check
+    for b in res["baselines"]:
+        assert b["time_vs_fastmoe_nb"] == pytest.approx(b["median_s"] / res["median_s"])
+
+
+def test_bad_input_subprocess_is_one_line_exit_2():
+    p = run_cmd("bench", "--preset", "gpt-17")
+    assert p.returncode == 2
+    line = one_line_error(p.stderr)
+    assert "preset" in line and "'gpt-17'" in line and "mixtral-mini" in line
+    assert p.stdout == ""
+
+
+def test_missing_torch_for_compare_hf_is_one_line_exit_2(tmp_path):
+    blocked = tmp_path / "blocked"
+    (blocked / "torch").mkdir(parents=True)
+    (blocked / "torch" / "__init__.py").write_text("raise ImportError('torch blocked by test')")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(blocked)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    p = run_cmd("bench", *TINY, "--compare", "hf", env=env)
+    assert p.returncode == 2
+    line = one_line_error(p.stderr)
+    assert "--compare hf" in line and "torch" in line
+
+
+def test_info_subprocess(tmp_path):
+    out = tmp_path / "info.json"
+    p = run_cmd("info", "--json", str(out))
+    assert p.returncode == 0, p.stderr
+    info = json.loads(out.read_text())
+    assert {"versions", "cpu", "threads", "blas", "cuda", "numba_cache"} <= set(info)
+    assert info["threads"]["numba_num_threads"] >= 1
+    assert info["threads"]["threading_layer"] in ("omp", "tbb", "workqueue")
+    assert isinstance(info["cpu"]["simd"], list) and info["cpu"]["name"]
+    assert "fastmoe_nb_backend" in info["cuda"]
+    assert "numba_cache" in p.stdout
+
+
+def test_presets_command_lists_every_preset(capsys):
+    assert cli.main(["presets"]) == 0
+    out = capsys.readouterr().out
+    for name in P.PRESETS:
+        assert f"\n{name} " in out
+
+
+# --------------------------------------------------------------------------- every op
+
+@pytest.mark.parametrize("op, extra", [
+    ("grouped_gemm", []),
+    ("permute", []),
+    ("combine", []),
+    ("route", ["--preset", "deepseek-v3-laptop", "--experts", "16", "--k", "4"]),
+    ("train-step", []),
+    ("layer", []),
+    ("layer", ["--preset", "switch-laptop", "--experts", "4", "--k", "1", "--dtype",
+               "float64"]),
+])
+def test_each_op_is_checked_then_timed(tmp_path, stub_machine, op, extra):
+    status, doc = bench_json(tmp_path, op, *TINY, *extra, "--compare")
+    assert status == 0
+    (res,) = doc["results"]
+    assert res["op"] == op and res["correct"] is True
+    assert res["check"]["max_rel_err"] <= res["check"]["tolerance"]
+    assert res["check"]["tolerance"] == cli.TOLERANCE[res["dtype"]]
+    assert len(res["times_s"]) == 2 and res["median_s"] > 0
+    assert res["bound"] in ("compute", "memory")
+    assert [b["name"] for b in res["baselines"]][0] == "dense" if op == "train-step" else "numpy"
+    if op == "layer" and res["name"] == P.DEFAULT_PRESET:   # HF's Mixtral block applies
+        names = [b["name"] for b in res["baselines"]]
+        if B.hf_status()[0]:
+            assert names == ["numpy", "dense", "hf-eager", "hf-grouped_mm"]
+            assert all(b["max_rel_err"] <= 1e-4 for b in res["baselines"] if b["name"] != "dense")
+        else:
+            assert set(res["skipped_baselines"]) == {"hf-eager", "hf-grouped_mm"}
+    if op == "permute":
+        assert res["check"]["max_rel_err"] == 0.0 and res["bound"] == "memory"
+    if op == "layer" and res["name"] != P.DEFAULT_PRESET:   # switch: top-1, capacity ceil(1.25 * 48 / 4) = 15 tokens per expert
+        assert res["capacity"] == 15 and res["dtype"] == "float64"
+        assert res["routing"]["rows"] + res["routing"]["dropped"] == 48
+        assert "hf-eager" in res["skipped_baselines"]
+
+
+def test_a_wrong_kernel_is_not_timed(tmp_path, stub_machine, monkeypatch, capsys):
+    import fastmoe_nb as fm
+
+    good = fm.permute
+    monkeypatch.setattr(fm, "permute", lambda x, plan: good(x, plan)[::-1].copy())
+    status, doc = bench_json(tmp_path, "permute", *TINY)
+    assert status == cli.EXIT_WRONG
+    (res,) = doc["results"]
+    assert res["correct"] is False and res["check"]["max_rel_err"] is None
+    assert "median_s" not in res and "times_s" not in res
+    err = capsys.readouterr()
+    assert "differs from reference.py" in err.err and "WRONG" in err.out
+
+
+def test_sweep_runs_each_value(tmp_path, stub_machine):
+    status, doc = bench_json(tmp_path, "grouped_gemm", *TINY, "--sweep", "tokens=16,40")
+    assert status == 0 and doc["sweep"] == "tokens"
+    assert [r["sweep_value"] for r in doc["results"]] == [16, 40]
+    assert [r["shape"]["tokens"] for r in doc["results"]] == [16, 40]
+    assert [r["routing"]["rows"] for r in doc["results"]] == [32, 80]
+
+
+def test_plot_of_a_sweep(tmp_path, stub_machine):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "sweep.png"
+    assert cli.main(["bench", "permute", *TINY, "--sweep", "d=8,16", "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_zipf_skew_reaches_the_routing(tmp_path, stub_machine):
+    args = ["route", *TINY, "--experts", "8", "--tokens", "400"]
+    _, flat = bench_json(tmp_path, *args)
+    _, skew = bench_json(tmp_path, *args, "--skew", "zipf:2")
+    assert skew["results"][0]["skew"] == "zipf:2"
+    assert skew["results"][0]["routing"]["max_over_mean"] > \
+        flat["results"][0]["routing"]["max_over_mean"] + 0.5
+
+
+# --------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("argv, words", [
+    (["bench", "softmax"], ["op", "'softmax'"]),
+    (["bench", "--preset", "nope"], ["preset", "'nope'"]),
+    (["bench", "--experts", "4", "--k", "5"], ["--k", "1..4"]),
+    (["bench", "--tokens", "0"], ["--tokens", "positive"]),
+    (["bench", "--d", "x"], ["--d", "'x'"]),
+    (["bench", "--activation", "tanh"], ["--activation", "swiglu"]),
+    (["bench", "--router", "top1"], ["--router", "softmax_topk"]),
+    (["bench", "--skew", "pareto:1"], ["--skew", "zipf:A"]),
+    (["bench", "--skew", "zipf:-1"], ["--skew"]),
+    (["bench", "--sweep", "batch=1,2"], ["--sweep", "tokens"]),
+    (["bench", "--sweep", "tokens=1,0"], ["--sweep", "positive"]),
+    (["bench", "--threads", "4096"], ["--threads", "NUMBA_NUM_THREADS"]),
+    (["bench", "--preset", "deepseek-v3-laptop", "--experts", "12"], ["n_group", "E = 12"]),
+    (["bench", "--compare", "numpy,tf"], ["--compare", "'tf'"]),
+    (["bench", "permute", "--compare", "dense"], ["--compare dense", "permute"]),
+    (["bench", "--plot", "out.png"], ["--plot", "--sweep"]),
+    (["bench", "--json", "/nonexistent-folder/x.json"], ["--json", "nonexistent-folder"]),
+    (["bench", "--dtype", "float16"], ["--dtype", "float16"]),
+    (["frobnicate"], ["'frobnicate'"]),
+    ([], ["required"]),
+])
+def test_bad_input_is_one_line_exit_2(argv, words, capsys):
+    if argv[:1] == ["bench"]:     # tiny shapes first: the argument under test overrides them
+        argv = ["bench", *TINY, *argv[1:]]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr()
+    line = one_line_error(err.err)
+    for w in words:
+        assert w in line, line
+
+
+def test_missing_matplotlib_for_plot(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # import matplotlib -> ImportError
+    assert cli.main(["bench", *TINY, "--sweep", "tokens=8,16", "--plot", "x.png"]) == 2
+    assert "matplotlib" in one_line_error(capsys.readouterr().err)
+
+
+def test_too_big_for_memory(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_memory_available", lambda: 2 << 30)
+    assert cli.main(["bench", "--preset", "mixtral"]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert "mixtral" in line and "GB" in line and "-laptop" in line
+
+
+def test_cuda_backend_without_cuda(monkeypatch, capsys):
+    from fastmoe_nb.kernels import cuda as kc
+
+    def missing():
+        raise RuntimeError("no CUDA here (test)")
+
+    monkeypatch.setattr(kc, "require", missing)
+    assert cli.main(["bench", *TINY, "--backend", "cuda"]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert "--backend cuda" in line and "no CUDA here" in line
+
+
+# --------------------------------------------------------------------------- presets
+
+def test_cpu_performance_presets_are_the_issue_shapes():
+    want = {"mixtral-mini": (2048, 1024, 3584, 8, 2), "deepseek-mini": (2048, 1024, 512, 64, 6),
+            "fine-128": (2048, 512, 256, 128, 8), "decode-8": (8, 1024, 3584, 8, 2)}
+    assert {n: P.PRESETS[n].shape for n in P.CPU_PERF_PRESETS} == want
+    assert all(P.PRESETS[n].activation == "swiglu" for n in want)
+
+
+def test_every_preset_is_a_valid_layer():
+    from fastmoe_nb.ops.routing import check_sigmoid_options
+
+    for name in P.MODEL_PRESETS:
+        assert f"{name}-laptop" in P.PRESETS
+    for p in P.PRESETS.values():
+        assert 1 <= p.k <= p.experts
+        if p.router == "sigmoid_topk":
+            check_sigmoid_options(p.experts, p.k, None, p.n_group, p.topk_group, p.scale,
+                                  np.float32)
+    assert P.PRESETS["switch"].capacity() == 40     # ceil(1.25 * 4096 * 1 / 128)
+    assert P.PRESETS["olmoe"].renormalize is False
+    assert P.PRESETS["deepseek-v3"].router_kwargs() == {
+        "router": "sigmoid_topk", "renormalize": True, "n_group": 8, "topk_group": 4,
+        "scale": 2.5}
+
+
+# --------------------------------------------------------------------------- baselines
+
+@pytest.mark.parametrize("name", ["deepseek-v3-laptop", "switch-laptop", "olmoe-laptop"])
+def test_numpy_baseline_matches_the_reference(name):
+    p = P.get_preset(name).replace(tokens=37, d=20, h=12, experts=8,
+                                   **({"n_group": 4, "topk_group": 2} if "deepseek" in name
+                                      else {}))
+    p = p.replace(k=min(p.k, 4))
+    inp = B.layer_inputs(p, dtype=np.float64, seed=3)
+    kw = B.layer_kwargs(p, inp)
+    got = B.numpy_moe_forward(inp["x"], inp["router_w"], inp["w1"], inp["w2"], **kw)
+    want = ref.moe_forward(inp["x"], inp["router_w"], inp["w1"], inp["w2"], **kw)
+    assert_close(got, want)
+
+
+def test_numpy_grouped_gemm_matches_the_reference(rng):
+    a = rng.standard_normal((11, 7)).astype(np.float32)
+    w = rng.standard_normal((3, 7, 5)).astype(np.float32)
+    offsets = np.array([0, 4, 4, 11])           # expert 1 has no row
+    assert_close(B.numpy_grouped_gemm(a, w, offsets), ref.grouped_gemm(a, w, offsets))
+    wt = np.ascontiguousarray(w.transpose(0, 2, 1))
+    assert_close(B.numpy_grouped_gemm(a, wt, offsets, trans_w=True),
+                 ref.grouped_gemm(a, w, offsets))
+
+
+def test_hf_mixtral_block_matches_the_reference():
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    p = P.get_preset("mixtral-mini").replace(tokens=19, d=16, h=24, experts=4, k=2)
+    inp = B.layer_inputs(p, seed=5)
+    want = ref.moe_forward(inp["x"], inp["router_w"], inp["w1"], inp["w2"], k=2)
+    for impl in B.HF_IMPLEMENTATIONS:
+        fwd, step = B.hf_mixtral_block(inp, 2, impl)
+        assert_close(fwd(), want, rtol=1e-5)
+        assert step().shape == (1, 19, 16)
+
+
+def test_zipf_experts_are_distinct_and_skewed():
+    e = B.zipf_experts(2000, 8, 3, a=1.5, seed=1)
+    assert e.shape == (2000, 3) and e.dtype == np.int32
+    assert all(len(set(row)) == 3 for row in e.tolist())
+    counts = np.bincount(e.ravel(), minlength=8)
+    assert np.all(np.diff(counts[:4]) < 0)           # popularity falls with the rank
+    assert counts[0] > 3 * counts[7]
+    assert np.allclose(B.zipf_probs(5, 0.0), 0.2)
+
+
+def test_layer_inputs_skew_the_routing():
+    p = P.get_preset("fine-128").replace(tokens=512, d=32, h=8, experts=16, k=2)
+    inp = B.layer_inputs(p, seed=0, zipf=1.5)
+    counts = np.bincount(ref.softmax_topk(inp["x"] @ inp["router_w"], 2).experts.ravel(),
+                         minlength=16)
+    assert counts[0] > 3 * counts.mean() > 3 * counts[15]
+
+
+def test_machine_measurements_are_positive():
+    assert B.read_bandwidth(nbytes=1 << 20, repeat=2) > 0
+    assert B.matmul_rate(shape=(64, 32, 48), repeat=2) > 0

@@ -33,7 +33,8 @@ needs_mpi = pytest.mark.skipif(not (MPIEXEC and HAVE_MPI4PY),
 def warm_numba_cache():
     """Compile (or load) every kernel the ranks use, in this process, so that P ranks do not
     each compile them: one tiny layer, forward and backward, float32 and float64, every
-    activation and router the scripts use."""
+    activation and router the scripts use (every dtype and flag the ranks meet, so that
+    none of them compiles)."""
     rng = np.random.default_rng(0)
     for dt in (np.float32, np.float64):
         for act in fm.ACTIVATIONS:
@@ -42,7 +43,7 @@ def warm_numba_cache():
             rw = rng.standard_normal((6, 4)).astype(dt)
             w1 = rng.standard_normal((4, 6, H1)).astype(dt)
             w2 = rng.standard_normal((4, 4, 6)).astype(dt)
-            for router in fm.ROUTERS:
+            for router in ep.ROUTERS:
                 y, ctx = fm.moe_forward(x, rw, w1, w2, k=2, activation=act, router=router,
                                         capacity=3, return_context=True)
                 fm.moe_backward(y, ctx)

@@ -16,12 +16,12 @@ exchanges rows with an Alltoall of counts and an Alltoallv of rows per direction
 
 mpi4py is imported on first use (pip install "fastmoe-nb[mpi]").
 """
-from .moe import (EPContext, allreduce_grads, capped_plan, ep_moe_backward, ep_moe_forward,
+from .moe import (ROUTERS, EPContext, allreduce_grads, capped_plan, ep_moe_backward, ep_moe_forward,
                   exchange_plan, expert_range, shard_experts)
 from .nn import (ExpertParallelMoE, clip_grad_norm, global_grad_norm, split_parameters,
                  sync_gradients)
 
-__all__ = ["EPContext", "ExpertParallelMoE", "allreduce_grads", "capped_plan",
+__all__ = ["ROUTERS", "EPContext", "ExpertParallelMoE", "allreduce_grads", "capped_plan",
            "clip_grad_norm", "ep_moe_backward", "ep_moe_forward", "exchange_plan",
            "expert_range", "global_grad_norm", "shard_experts", "split_parameters",
            "sync_gradients"]

@@ -31,13 +31,14 @@ from ..backend import as_host
 from ..ops.activations import activate_backward, activation_code, hidden_width
 from ..ops.dispatch import combine, combine_backward, make_plan, permute, permute_backward
 from ..ops.gemm import grouped_gemm_backward
-from ..ops.moe import ROUTERS, experts_forward, shared_backward, shared_forward
+from ..ops.moe import experts_forward, shared_backward, shared_forward
 from ..ops.routing import (check_sigmoid_options, sigmoid_topk, sigmoid_topk_backward,
                            softmax_topk, softmax_topk_backward)
 from ..types import Plan, Routing
 from . import comm as mc
 
 REDUCTIONS = ("sum", "mean", None)
+ROUTERS = ("softmax_topk", "sigmoid_topk")   # the token-choice routers a rank applies alone
 
 
 @dataclass

@@ -25,7 +25,7 @@ from ..nn.layers import check_input
 from ..nn.module import Module, Parameter
 from ..nn.moe import MoE
 from . import comm as mc
-from .moe import allreduce_grads, ep_moe_backward, ep_moe_forward, expert_range
+from .moe import ROUTERS, allreduce_grads, ep_moe_backward, ep_moe_forward, expert_range
 
 # moe_forward's replicated weight arguments (every rank holds them whole)
 REPLICATED = ("router_w", "shared_w1", "shared_w2", "shared_gate_w")
@@ -48,6 +48,7 @@ class ExpertParallelMoE(Module):
                  shared_gate=False, n_group=1, topk_group=1, scale=1.0, dtype=np.float32,
                  rng=None):
         comm = mc.get_comm(comm)
+        chk.check_choice("router", router, ROUTERS)
         E = chk.check_int("num_experts", num_experts, 1)
         expert_range(E, comm)                      # E divisible by P, before drawing weights
         full = MoE(d, h, E, k, activation=activation, router=router, renormalize=renormalize,
@@ -62,6 +63,7 @@ class ExpertParallelMoE(Module):
         if not isinstance(moe, MoE):
             raise TypeError(f"moe: expected an nn.MoE, got {type(moe).__name__}")
         comm = mc.get_comm(comm)
+        chk.check_choice("moe.router", moe.router, ROUTERS)
         expert_range(moe.num_experts, comm)
         self = cls.__new__(cls)
         self._take(moe, comm)

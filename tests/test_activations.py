@@ -5,7 +5,7 @@ import pytest
 import fastmoe_nb as fm
 from fastmoe_nb import reference as ref
 
-from conftest import assert_close
+from support import assert_close
 
 
 @pytest.mark.parametrize("activation", fm.ACTIVATIONS)

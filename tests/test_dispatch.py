@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 import fastmoe_nb as fm
 from fastmoe_nb import reference as ref
 
-from conftest import assert_close
+from support import assert_close
 
 
 def distinct_experts(rng, T, k, E):

@@ -5,7 +5,7 @@ import pytest
 import fastmoe_nb as fm
 from fastmoe_nb import reference as ref
 
-from conftest import RTOL, assert_close, random_layer
+from support import RTOL, assert_close, random_layer
 
 STYLES = {
     # name: (router options, shared expert?, shared gate?)

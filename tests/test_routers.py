@@ -9,7 +9,7 @@ import fastmoe_nb.routing as R
 from fastmoe_nb.nn.gradcheck import gradcheck
 from fastmoe_nb.routing import reference as rref
 
-from conftest import assert_close
+from support import assert_close
 
 SHAPES = [(0, 4), (1, 1), (1, 3), (7, 3), (33, 8), (64, 16)]
 DTYPES = [np.float32, np.float64]
@@ -334,3 +334,42 @@ def test_routers_do_not_modify_their_inputs(rng):
     R.expert_choice(x, capacity=3)
     R.dense_gating(x)
     np.testing.assert_array_equal(x, keep)
+
+
+def test_expert_choice_ties_on_the_running_list_path():
+    # C * 16 <= T: the running top-C list; equal scores still go to the lower token
+    r, plan = R.expert_choice(np.zeros((40, 2), np.float32), capacity=2)
+    assert np.nonzero(plan.slots[:, 0] >= 0)[0].tolist() == [0, 1]
+    assert np.nonzero(plan.slots[:, 1] >= 0)[0].tolist() == [0, 1]
+
+
+def test_routers_and_losses_are_bitwise_the_same_for_any_thread_count(rng):
+    import numba
+
+    logits = rng.standard_normal((301, 8)).astype(np.float32)
+    raw = rng.standard_normal((301, 8)).astype(np.float32)
+    experts = fm.softmax_topk(logits, 2).experts
+
+    def run():
+        out = [R.expert_choice(logits, capacity=9)[0].weights,
+               R.expert_choice(logits, capacity=200)[0].weights,
+               *R.noisy_topk(logits, raw, 2, seed=1),
+               *R.noisy_topk_backward(np.ones((301, 2), np.float32), np.ones(8, np.float32),
+                                      logits, raw, 2, seed=1),
+               R.load_balancing_loss_backward(1.0, logits, experts),
+               R.z_loss_backward(1.0, logits),
+               R.sequence_balance_loss_backward(1.0, logits, experts, 7),
+               np.array([R.load_balancing_loss(logits, experts), R.z_loss(logits),
+                         R.sequence_balance_loss(logits, experts, 7)])]
+        return [np.asarray(a) for a in out]
+
+    prev = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = run()
+        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+        two = run()
+    finally:
+        numba.set_num_threads(prev)
+    for a, b in zip(one, two):
+        assert a.tobytes() == b.tobytes()

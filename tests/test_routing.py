@@ -5,7 +5,7 @@ import pytest
 import fastmoe_nb as fm
 from fastmoe_nb import reference as ref
 
-from conftest import assert_close
+from support import assert_close
 
 SHAPES = [(0, 4), (1, 1), (1, 8), (7, 3), (33, 16), (64, 64), (5, 100)]
 DTYPES = [np.float32, np.float64]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from conftest import assert_close, random_layer
+from support import assert_close, random_layer
 from fastmoe_nb import reference as ref
 from fastmoe_nb.interop import as_array, routed_experts, routed_experts_backward
 

@@ -8,7 +8,7 @@ import fastmoe_nb as fm
 import fastmoe_nb.routing as R
 from fastmoe_nb.nn.gradcheck import gradcheck
 
-from conftest import assert_close, random_layer
+from support import assert_close, random_layer
 
 CASES = [
     ("switch_top1", 1, dict(capacity=3)),

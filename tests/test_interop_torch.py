@@ -1,0 +1,98 @@
+"""The PyTorch bridge: zero-copy tensors, MoEFunction / ExpertsFunction under
+torch.autograd.gradcheck (float64), the MoE module against fm.moe_forward / moe_backward."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import fastmoe_nb as fm  # noqa: E402
+from support import assert_close, random_layer  # noqa: E402
+from fastmoe_nb.interop import as_array, to_torch  # noqa: E402
+from fastmoe_nb.interop.pytorch import MoE, experts, moe  # noqa: E402
+from fastmoe_nb.ops.moe import moe_backward  # noqa: E402
+
+
+def _leaves(*arrays):
+    return [torch.from_numpy(a.copy()).requires_grad_() for a in arrays]
+
+
+def test_tensors_cross_without_copies():
+    t = torch.randn(4, 3, requires_grad=True)        # requires grad: detached, not copied
+    a = as_array(t, "t")
+    assert isinstance(a, np.ndarray) and a.ctypes.data == t.data_ptr()
+    back = to_torch(a)
+    assert back.data_ptr() == t.data_ptr() and not back.requires_grad
+    n = np.arange(6.0).reshape(2, 3)
+    assert to_torch(n).data_ptr() == n.ctypes.data
+    n.flags.writeable = False                        # read-only: the one case that copies
+    c = to_torch(n)
+    assert c.data_ptr() != n.ctypes.data and torch.equal(c, torch.from_numpy(n.copy()))
+    with pytest.raises(TypeError, match="w: expected a tensor NumPy can view"):
+        as_array(torch.zeros(2, dtype=torch.bfloat16), "w")
+
+
+@pytest.mark.parametrize("router,opts", [
+    ("softmax_topk", {}),
+    ("sigmoid_topk", dict(n_group=2, topk_group=1, scale=1.5)),
+])
+def test_moe_function_gradcheck_float64(rng, router, opts):
+    T, d, h, E, k = 5, 4, 3, 4, 2
+    x, rw, w1, w2 = _leaves(*random_layer(rng, T, d, h, E, np.float64))
+    bias = torch.from_numpy(rng.standard_normal(E) * 0.1) if router == "sigmoid_topk" else None
+
+    def f(x, rw, w1, w2):
+        return moe(x, rw, w1, w2, k, router=router, bias=bias, **opts)
+
+    assert torch.autograd.gradcheck(f, (x, rw, w1, w2), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+def test_moe_function_shared_expert_gradcheck_float64(rng):
+    T, d, h, E, k = 4, 4, 3, 3, 2
+    x, rw, w1, w2 = _leaves(*random_layer(rng, T, d, h, E, np.float64, trans_w=True))
+    sw1, sw2, sg = _leaves(rng.standard_normal((d, 2 * h)) * 0.5,
+                           rng.standard_normal((h, d)) * 0.5, rng.standard_normal(d) * 0.5)
+
+    def f(*a):
+        return moe(*a[:4], k, shared_w1=a[4], shared_w2=a[5], shared_gate_w=a[6],
+                   trans_w=True)
+
+    assert torch.autograd.gradcheck(f, (x, rw, w1, w2, sw1, sw2, sg), fast_mode=True)
+
+
+def test_experts_function_gradcheck_float64(rng):
+    """HF's interface: the routing is given; gradients reach x, the weights, w1 and w2."""
+    T, d, h, E, k = 6, 4, 3, 4, 2
+    x, _, w1, w2 = _leaves(*random_layer(rng, T, d, h, E, np.float64, trans_w=True))
+    idx = torch.tensor([[0, 1], [1, 3], [3, 0], [0, 1], [1, 0], [3, 1]])   # expert 2 empty
+    wts = torch.rand(T, k, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, wts, w1, w2: experts(x, idx, wts, w1, w2, trans_w=True), (x, wts, w1, w2),
+        fast_mode=True)
+
+
+def test_moe_module_matches_numpy_forward_and_backward(rng):
+    torch.manual_seed(0)
+    m = MoE(d=8, h=5, num_experts=4, k=2)
+    x = torch.randn(2, 3, 8, requires_grad=True)     # (B, S, d): flattened to (T, d)
+    y = m(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    p = [t.detach().numpy() for t in (x.reshape(6, 8), m.router_w, m.w1, m.w2)]
+    want, ctx = fm.moe_forward(*p, k=2, return_context=True)
+    assert y.shape == x.shape and y.dtype == torch.float32
+    np.testing.assert_array_equal(y.detach().numpy().reshape(6, 8), want)
+    dx, grads = moe_backward(dy.numpy().reshape(6, 8), ctx)
+    np.testing.assert_array_equal(x.grad.numpy().reshape(6, 8), dx)
+    for name in ("router_w", "w1", "w2"):
+        assert_close(getattr(m, name).grad.numpy(), grads[name])
+    assert "num_experts=4" in repr(m)
+
+
+def test_bad_input_is_rejected_before_any_work(rng):
+    x, rw, w1, w2 = (torch.from_numpy(a) for a in random_layer(rng, 4, 6, 3, 3))
+    with pytest.raises(TypeError, match="w1: expected dtype float32"):
+        moe(x, rw, w1.double(), w2, 2)
+    with pytest.raises(ValueError, match="k: expected an integer in 1..E"):
+        moe(x, rw, w1, w2, 4)
+    with pytest.raises(ValueError, match="experts: expected expert ids"):
+        experts(x, torch.full((4, 2), 3), torch.ones(4, 2), w1, w2)

@@ -1,6 +1,7 @@
 """CUDA elementwise kernels: activations (the maths is kernels/common.py, shared with the CPU),
-their backward, the sigmoid gate of a shared expert and a gated row-sum. Grid-stride, one
-thread per output element."""
+their backward, the sigmoid gate of a shared expert and a gated row-sum. Grid-stride: a block
+per row, its threads over the columns (coalesced, no index division per element); one thread
+per output element."""
 import numpy as np
 from numba import boolean, cuda, float64, from_dtype, int64, void
 
@@ -12,28 +13,27 @@ def specs(dt, cfg):
     f = from_dtype(np.dtype(dt))
 
     def activate_kernel(h, code, out):
-        # h: (N, H) -> out: (N, H); SWIGLU: h (N, 2H') = [gate | up] -> out (N, H')
-        N, H = out.shape
-        for q in range(cuda.grid(1), N * H, cuda.gridsize(1)):
-            i = q // H
-            c = q - i * H
-            if code == SWIGLU:
-                out[i, c] = act_scalar(h[i, c], code) * h[i, H + c]
-            else:
-                out[i, c] = act_scalar(h[i, c], code)
+        # h: (N, H) -> out: (N, H); SWIGLU: h (N, 2H') = [gate | up] -> out (N, H');
+        # a block per row (grid-stride), its threads over the columns
+        H = out.shape[1]
+        for i in range(cuda.blockIdx.x, out.shape[0], cuda.gridDim.x):
+            for c in range(cuda.threadIdx.x, H, cuda.blockDim.x):
+                if code == SWIGLU:
+                    out[i, c] = act_scalar(h[i, c], code) * h[i, H + c]
+                else:
+                    out[i, c] = act_scalar(h[i, c], code)
 
     def activate_backward_kernel(dout, h, code, dh):
-        # dout: (N, H), h: (N, H) [swiglu: (N, 2H)] -> dh: like h
-        N, H = dout.shape
-        for q in range(cuda.grid(1), N * H, cuda.gridsize(1)):
-            i = q // H
-            c = q - i * H
-            g = dout[i, c]
-            if code == SWIGLU:
-                dh[i, c] = g * h[i, H + c] * act_grad_scalar(h[i, c], code)
-                dh[i, H + c] = g * act_scalar(h[i, c], code)
-            else:
-                dh[i, c] = g * act_grad_scalar(h[i, c], code)
+        # dout: (N, H), h: (N, H) [swiglu: (N, 2H)] -> dh: like h; a block per row
+        H = dout.shape[1]
+        for i in range(cuda.blockIdx.x, dout.shape[0], cuda.gridDim.x):
+            for c in range(cuda.threadIdx.x, H, cuda.blockDim.x):
+                g = dout[i, c]
+                if code == SWIGLU:
+                    dh[i, c] = g * h[i, H + c] * act_grad_scalar(h[i, c], code)
+                    dh[i, H + c] = g * act_scalar(h[i, c], code)
+                else:
+                    dh[i, c] = g * act_grad_scalar(h[i, c], code)
 
     def sigmoid_kernel(z, out):
         # z: (T, M) -> out: (T, M) = 1 / (1 + exp(-z))
@@ -42,13 +42,11 @@ def specs(dt, cfg):
             out[q // M, q % M] = sigmoid(z[q // M, q % M])
 
     def add_rows_kernel(y, has_y, s, gate, has_gate, out):
-        # y, s: (T, d), gate: (T, 1) -> out: (T, d) = [y +] s [* gate]
-        T, d = out.shape
-        for q in range(cuda.grid(1), T * d, cuda.gridsize(1)):
-            t = q // d
-            c = q - t * d
-            v = s[t, c] * gate[t, 0] if has_gate else s[t, c]
-            out[t, c] = y[t, c] + v if has_y else v
+        # y, s: (T, d), gate: (T, 1) -> out: (T, d) = [y +] s [* gate]; a block per row
+        for t in range(cuda.blockIdx.x, out.shape[0], cuda.gridDim.x):
+            for c in range(cuda.threadIdx.x, out.shape[1], cuda.blockDim.x):
+                v = s[t, c] * gate[t, 0] if has_gate else s[t, c]
+                out[t, c] = y[t, c] + v if has_y else v
 
     def rowdot_gate_kernel(dh, h, gate, out):
         # dh, h: (T, H), gate: (T, 1) -> out: (T, 1) = <dh[t], h[t]> * gate (1 - gate), the

@@ -103,26 +103,25 @@ def specs(dt, cfg):
                     slots[i] = -1
 
     def permute_kernel(x, rows, k, out):
-        # x: (T, d), rows: (N,) -> out: (N, d), out[i] = x[rows[i] // k]
-        N, d = out.shape
-        for q in range(cuda.grid(1), N * d, cuda.gridsize(1)):
-            i = q // d
-            c = q - i * d
-            out[i, c] = x[rows[i] // k, c]
+        # x: (T, d), rows: (N,) -> out: (N, d), out[i] = x[rows[i] // k]; a block per row
+        # (grid-stride), its threads over the columns: coalesced, no division per element
+        for i in range(cuda.blockIdx.x, out.shape[0], cuda.gridDim.x):
+            t = rows[i] // k
+            for c in range(cuda.threadIdx.x, out.shape[1], cuda.blockDim.x):
+                out[i, c] = x[t, c]
 
     def combine_kernel(ys, slots, weights, out):
-        # ys: (N, d), slots: (T, k), weights: (T, k) -> out: (T, d); each element summed by
-        # one thread over j = 0..k-1 in order, dropped assignments (slot -1) adding nothing
-        T, d = out.shape
-        for q in range(cuda.grid(1), T * d, cuda.gridsize(1)):
-            t = q // d
-            c = q - t * d
-            acc = f(0.0)
-            for j in range(slots.shape[1]):
-                s = slots[t, j]
-                if s >= 0:
-                    acc += weights[t, j] * ys[s, c]
-            out[t, c] = acc
+        # ys: (N, d), slots: (T, k), weights: (T, k) -> out: (T, d); a block per token, each
+        # element summed by one thread over j = 0..k-1 in order, dropped assignments (slot -1)
+        # adding nothing
+        for t in range(cuda.blockIdx.x, out.shape[0], cuda.gridDim.x):
+            for c in range(cuda.threadIdx.x, out.shape[1], cuda.blockDim.x):
+                acc = f(0.0)
+                for j in range(slots.shape[1]):
+                    s = slots[t, j]
+                    if s >= 0:
+                        acc += weights[t, j] * ys[s, c]
+                out[t, c] = acc
 
     def combine_backward_kernel(dy, ys, rows, weights, d_ys, d_weights):
         # dy: (T, d), ys: (N, d), rows: (N,), weights: (T, k) -> d_ys: (N, d),

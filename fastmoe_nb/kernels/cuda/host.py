@@ -36,6 +36,13 @@ def _launch(specs, name, dt, n, threads, *args):
         kernel(specs, name, np.dtype(dt))[blocks(n, threads), threads](*args)
 
 
+def _rows(specs, name, dt, shape, *args):
+    """Launch of a block-per-row kernel over a (rows, columns) output, grid-stride."""
+    if shape[0] > 0 and shape[1] > 0:
+        grid = max(1, min(shape[0], CONFIG["max_blocks"]))
+        kernel(specs, name, np.dtype(dt))[grid, CONFIG["threads"]](*args)
+
+
 # --------------------------------------------------------------------------- routing
 
 def _check_finite(name, x, check_finite):
@@ -164,8 +171,7 @@ def permute(x, plan):
     # x: (T, d) -> xs: (N, d)
     x, plan = dev(x), _plan(plan)
     out = _empty((plan.num_rows, x.shape[1]), x.dtype)
-    _launch(kd.specs, "permute", x.dtype, out.size, CONFIG["threads"], x, plan.rows,
-            plan.top_k, out)
+    _rows(kd.specs, "permute", x.dtype, out.shape, x, plan.rows, plan.top_k, out)
     return out
 
 
@@ -174,7 +180,7 @@ def combine(ys, plan, weights=None):
     ys, plan = dev(ys), _plan(plan)
     w = dev(weights) if weights is not None else _ones(plan.slots.shape, ys.dtype)
     out = _empty((plan.num_tokens, ys.shape[1]), ys.dtype)
-    _launch(kd.specs, "combine", ys.dtype, out.size, CONFIG["threads"], ys, plan.slots, w, out)
+    _rows(kd.specs, "combine", ys.dtype, out.shape, ys, plan.slots, w, out)
     return out
 
 
@@ -189,7 +195,7 @@ def activate(h, code):
     h = dev(h)
     H = h.shape[1] // 2 if code == ka.SWIGLU else h.shape[1]
     out = _empty((h.shape[0], H), h.dtype)
-    _launch(ka.specs, "activate", h.dtype, out.size, CONFIG["threads"], h, code, out)
+    _rows(ka.specs, "activate", h.dtype, out.shape, h, code, out)
     return out
 
 
@@ -207,8 +213,7 @@ def add_rows(y, s, gate=None):
     out = _empty(s.shape, s.dtype)
     y = out if y is None else dev(y)
     g = dev(gate) if gate is not None else out
-    _launch(ka.specs, "add_rows", s.dtype, out.size, CONFIG["threads"], y, y is not out, s, g,
-            gate is not None, out)
+    _rows(ka.specs, "add_rows", s.dtype, out.shape, y, y is not out, s, g, gate is not None, out)
     return out
 
 
@@ -353,7 +358,7 @@ def activate_backward(dy, h, code):
     # dy: (N, H), h: (N, H) pre-activation [swiglu: (N, 2H)] -> dh: like h
     dy, h = dev(dy), dev(h)
     dh = _empty(h.shape, h.dtype)
-    _launch(ka.specs, "activate_backward", h.dtype, dy.size, CONFIG["threads"], dy, h, code, dh)
+    _rows(ka.specs, "activate_backward", h.dtype, dy.shape, dy, h, code, dh)
     return dh
 
 

@@ -9,6 +9,7 @@ from .ops.moe import (ROUTERS, experts_forward, moe_backward, moe_forward, share
 from .ops.routing import (sigmoid_topk, sigmoid_topk_backward, softmax, softmax_backward,
                           softmax_topk, softmax_topk_backward, topk)
 from .types import MoEContext, Plan, Routing
+from . import routing  # routers of models and papers, balancing losses, statistics
 
 __version__ = "0.1.0"
 

@@ -5,7 +5,9 @@
 2. time them with CUDA events (median of --repeat after warm-up) and print one table:
    - grouped GEMM GFLOP/s next to cuBLAS fp32 SGEMM (TF32 off) of equal FLOPs, through CuPy
      or PyTorch, whichever is present (target: >= 50 % on mixtral-mini);
-   - permute / combine GB/s next to a device-to-device copy of the same bytes (target >= 60 %);
+   - permute / combine GB/s next to a device-to-device copy of the same bytes (target >= 60 %):
+     per op at the preset sizes (allocation and launch included), and the kernels alone on
+     ~1 GB (bandwidth());
    - moe_forward next to the CPU path and to HF transformers' Mixtral block with the
      'grouped_mm' experts implementation on the GPU, when torch and transformers are there.
 
@@ -291,6 +293,39 @@ def tile_sweep(p: Preset, tiles, repeat):
     return out
 
 
+def bandwidth(repeat, T=65536, d=1024, E=8, k=2):
+    """permute / combine kernels alone (outputs preallocated, so no allocation and the launch
+    overhead amortized over ~1 GB) next to a device-to-device copy of the same bytes -> GB/s."""
+    from fastmoe_nb.kernels.cuda import dispatch as kd  # noqa: PLC0415
+    from fastmoe_nb.kernels.cuda import launch  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    experts = np.argsort(rng.random((T, E)), axis=1)[:, :k].astype(np.int32)
+    plan = fm.make_plan(cuda.to_device(experts), E)
+    N = plan.num_rows
+    x = cuda.to_device(rng.standard_normal((T, d), dtype=np.float32))
+    w = cuda.to_device(rng.random((T, k), dtype=np.float32))
+    xs, y = cuda.device_array((N, d), np.float32), cuda.device_array((T, d), np.float32)
+    src, dst = cuda.device_array((N, d), np.float32), cuda.device_array((N, d), np.float32)
+    threads, grid = launch.CONFIG["threads"], min(N, launch.CONFIG["max_blocks"])
+    perm = launch.kernel(kd.specs, "permute", np.dtype(np.float32))
+    comb = launch.kernel(kd.specs, "combine", np.dtype(np.float32))
+    t_copy = gpu_time(lambda: dst.copy_to_device(src), repeat)
+    t_perm = gpu_time(lambda: perm[grid, threads](x, plan.rows, k, xs), repeat)
+    t_comb = gpu_time(lambda: comb[min(T, grid), threads](xs, plan.slots, w, y), repeat)
+    ok = rel_err(xs, x.copy_to_host()[plan.rows.copy_to_host() // k])
+    res = {"copy GB/s": 2 * N * d * 4 / t_copy / 1e9,
+           "permute GB/s": 2 * N * d * 4 / t_perm / 1e9,
+           "combine GB/s": (N + T) * d * 4 / t_comb / 1e9, "permute check": ok}
+    print(f"\n== permute / combine kernels at T = {T}, d = {d}, k = {k} (N = {N}; "
+          f"{2 * N * d * 4 / 1e9:.2f} GB moved by permute)")
+    print(f"copy {res['copy GB/s']:.0f} GB/s; permute {res['permute GB/s']:.0f} GB/s "
+          f"({100 * res['permute GB/s'] / res['copy GB/s']:.0f} %); combine "
+          f"{res['combine GB/s']:.0f} GB/s ({100 * res['combine GB/s'] / res['copy GB/s']:.0f} "
+          f"%); permute rel err {ok:.1e}")
+    return res
+
+
 # --------------------------------------------------------------------------- report
 
 def report(rows, sgemm_name):
@@ -361,12 +396,13 @@ def main(argv=None):
         t1 = time.perf_counter()
         run_preset(p, args.repeat, sgemm, rows)
         print(f"{p.name}: done in {time.perf_counter() - t1:.1f} s", flush=True)
-    sweep = tile_sweep(presets[0], [] if args.tiny else args.tiles, args.repeat)
+    sweep = tile_sweep(presets[0], ["8,8,4,2,2"] if args.tiny else args.tiles, args.repeat)
+    bw = bandwidth(args.repeat, *((16, 8, 4, 2) if args.tiny else ()))
     bad = report(rows, sgemm[0] if sgemm else None)
     out = args.json or (os.path.join(os.environ["OUT"], "gpu_bench.json")
                         if os.environ.get("OUT") else None)
     if out:
-        Path(out).write_text(json.dumps(dict(device=str(name), rows=rows, tile_sweep=sweep,
+        Path(out).write_text(json.dumps(dict(device=str(name), rows=rows, tile_sweep=sweep, bandwidth=bw,
                                              sgemm=sgemm[0] if sgemm else None), indent=1,
                                         default=str))
         print(f"numbers: {out}")

@@ -36,11 +36,16 @@ def _launch(specs, name, dt, n, threads, *args):
         kernel(specs, name, np.dtype(dt))[blocks(n, threads), threads](*args)
 
 
+def _per_row(specs, name, dt, rows, threads, *args):
+    """Launch of a block-per-row kernel (grid-stride over rows; routers: a row is a token)."""
+    if rows > 0:
+        grid = max(1, min(rows, CONFIG["max_blocks"]))
+        kernel(specs, name, np.dtype(dt))[grid, threads](*args)
+
+
 def _rows(specs, name, dt, shape, *args):
-    """Launch of a block-per-row kernel over a (rows, columns) output, grid-stride."""
-    if shape[0] > 0 and shape[1] > 0:
-        grid = max(1, min(shape[0], CONFIG["max_blocks"]))
-        kernel(specs, name, np.dtype(dt))[grid, CONFIG["threads"]](*args)
+    """A block-per-row elementwise kernel over a (rows, columns) output."""
+    _per_row(specs, name, dt, shape[0] if shape[1] else 0, CONFIG["threads"], *args)
 
 
 # --------------------------------------------------------------------------- routing
@@ -61,11 +66,8 @@ def _check_k(name, k):
 
 
 def _route(name, x, *args):
-    """One block of route_threads per token, grid-stride over tokens."""
-    if x.shape[0] > 0:
-        R = CONFIG["route_threads"]
-        grid = max(1, min(x.shape[0], CONFIG["max_blocks"]))
-        kernel(kr.specs, name, np.dtype(x.dtype))[grid, R](x, *args)
+    """One block of route_threads per token."""
+    _per_row(kr.specs, name, x.dtype, x.shape[0], CONFIG["route_threads"], x, *args)
 
 
 def softmax(x, check_finite=True):
@@ -129,19 +131,17 @@ def make_plan(experts, E, capacity=None):
     experts = dev(experts)
     T, k = experts.shape
     n = T * k
+    threads = CONFIG["threads"]
     if experts.dtype != np.int32 or not experts.is_c_contiguous():
         flat = _empty(n, np.int32)
-        if n:
-            kernel(kd.specs, "flatten", np.dtype(experts.dtype))[blocks(n), CONFIG["threads"]](
-                experts, flat)
+        _launch(kd.specs, "flatten", experts.dtype, n, threads, experts, flat)
     else:
         flat = experts.reshape(n)
     C = max(1, min(CONFIG["plan_chunks"], -(-n // CONFIG["plan_min_chunk"])))
     f32 = np.dtype(np.float32)  # the plan kernels hold no floats; one compiled copy
-    threads = CONFIG["threads"]
     hist = _empty(E * C + 1, np.int64)
     bad = _empty(C, np.int64)
-    kernel(kd.specs, "plan_count", f32)[blocks(C, threads), threads](flat, E, C, hist, bad)
+    _launch(kd.specs, "plan_count", f32, C, threads, flat, E, C, hist, bad)
     bad_h = bad.copy_to_host()
     if bad_h.any():
         raise ValueError(f"experts: expected expert ids in 0..num_experts-1 = 0..{E - 1}, "
@@ -150,16 +150,14 @@ def make_plan(experts, E, capacity=None):
     cap = -1 if capacity is None else int(capacity)
     first, offsets = _empty(E, np.int64), _empty(E + 1, np.int64)
     dropped = _empty(E, np.int64)
-    kernel(kd.specs, "plan_sizes", f32)[blocks(E + 1, threads), threads](
-        hist, C, cap, first, offsets, dropped)
+    _launch(kd.specs, "plan_sizes", f32, E + 1, threads, hist, C, cap, first, offsets, dropped)
     counts = _empty(E, np.int64)
     counts.copy_to_device(offsets[:E])
     _scan(offsets, E)
     N = n if capacity is None else int(offsets[E:].copy_to_host()[0])
     rows, slots = _empty(N, np.int32), _empty(n, np.int32)
-    if n:
-        kernel(kd.specs, "plan_scatter", f32)[blocks(C, threads), threads](
-            flat, C, cap, hist, first, offsets, rows, slots)
+    _launch(kd.specs, "plan_scatter", f32, C if n else 0, threads, flat, C, cap, hist, first,
+            offsets, rows, slots)
     return Plan(rows, offsets, counts, slots.reshape(T, k), dropped, capacity)
 
 

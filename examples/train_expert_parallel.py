@@ -53,8 +53,9 @@ def build(comm, vocab, d, h, experts, k, dtype):
 
 
 def train(comm, steps=60, batch=256, d=32, h=32, experts=8, k=2, lr=3e-3, dtype=np.float32,
-          seed=0, log=None):
-    """Train on comm's ranks; returns the global-batch loss of every step (all ranks)."""
+          seed=0, log=None, return_model=False):
+    """Train on comm's ranks; returns the global-batch loss of every step (all ranks), and
+    the model with return_model."""
     P, r = comm.Get_size(), comm.Get_rank()
     if batch % P:
         raise ValueError(f"batch: expected a multiple of the {P} ranks, got {batch}")
@@ -77,7 +78,7 @@ def train(comm, steps=60, batch=256, d=32, h=32, experts=8, k=2, lr=3e-3, dtype=
         losses.append(comm.allreduce(loss) / P)      # the global batch's mean loss
         if log and (step % 10 == 0 or step == steps - 1):
             log(f"step {step:3d}  loss {losses[-1]:.6f}")
-    return losses
+    return (losses, model) if return_model else losses
 
 
 def main():

@@ -92,16 +92,17 @@ def exchange_rows(comm, send, send_rows, recv_rows):
 
 
 def allreduce_sum(comm, a):
-    """The elementwise sum over ranks of a (a new array; a is left unchanged). MPI sums in a
-    fixed order for a given rank count, so every rank gets bitwise the same result."""
+    """a: any shape -> the elementwise sum over ranks (a new array; a is left unchanged).
+    Every rank gets the same bits (MPICH combines the same partial sums on every rank, as the
+    MPI standard advises), which keeps replicated weights identical across ranks."""
     out = np.empty_like(a)
     comm.Allreduce(np.ascontiguousarray(a), out, op=mpi().SUM)
     return out
 
 
 def exscan_sum(comm, a):
-    """Exclusive prefix sum over ranks: rank r gets the sum of a over ranks 0..r-1 (zeros on
-    rank 0)."""
+    """a: any shape -> its exclusive prefix sum over ranks: rank r gets the sum of a over
+    ranks 0..r-1 (zeros on rank 0)."""
     out = np.zeros_like(a)
     comm.Exscan(np.ascontiguousarray(a), out, op=mpi().SUM)
     if comm.Get_rank() == 0:

@@ -99,6 +99,7 @@ def _check_divisible(E, P, name="router_w"):
 
 def _local_routing(x, router_w, k, router, renormalize, bias, n_group, topk_group, scale,
                    check_finite):
+    # x: (T_r, d), router_w: (d, E) -> logits (T_r, E), Routing((T_r, k), (T_r, k))
     logits = x @ router_w
     if router == "softmax_topk":
         return logits, softmax_topk(logits, k, renormalize, check_finite=check_finite)

@@ -236,7 +236,13 @@ def training_cases():
         runs = {}
         for s in sizes:
             sub = comm.Split(rank // s, rank)
-            runs[s] = np.array(train(sub, steps=12, batch=64, dtype=dt))
+            losses, model = train(sub, steps=12, batch=64, dtype=dt, return_model=True)
+            runs[s] = np.array(losses)
+            # replicated weights stay bitwise identical on every rank of the group
+            for name, p in model.named_parameters():
+                if not name.endswith((".w1", ".w2")):
+                    same(f"training {dt.__name__} on {s}: {name} as on the group's rank 0",
+                         p.value, sub.bcast(p.value, root=0))
             sub.Free()
         check(f"training {dt.__name__}: loss decreases", runs[1][-1] < runs[1][0] - 0.1,
               f"{runs[1][0]} -> {runs[1][-1]}")

@@ -84,3 +84,23 @@ except RuntimeError as e:
         pytest.skip("a CUDA GPU is usable here" if "ERROR" not in out.stdout else out.stdout)
     assert "pass NumPy arrays to run on the CPU" in out.stdout
     assert "NUMBA_ENABLE_CUDASIM=1" in out.stdout
+
+
+def test_launch_configure_validates():
+    from fastmoe_nb.kernels.cuda import launch  # no numba.cuda import: plain Python
+
+    try:
+        with pytest.raises(ValueError, match="route_threads: expected a power of 2, got 3"):
+            launch.configure(route_threads=3)
+        with pytest.raises(ValueError, match="gemm_tm, gemm_tn: expected divisors"):
+            launch.configure(gemm_bm=64, gemm_tm=3)
+        with pytest.raises(ValueError, match="threads: expected a positive integer"):
+            launch.configure(threads=0)
+        with pytest.raises(ValueError, match="blocks: expected one of"):
+            launch.configure(blocks=2)
+        assert launch.CONFIG == launch.DEFAULTS          # a rejected change changes nothing
+        assert launch.configure(max_blocks=2)["max_blocks"] == 2
+        assert launch.blocks(1000, 32) == 2 and launch.blocks(0, 32) == 1
+    finally:
+        launch.configure(**launch.DEFAULTS)
+    assert launch.CONFIG == launch.DEFAULTS

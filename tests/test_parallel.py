@@ -69,3 +69,40 @@ def test_expert_parallel_equals_single_process(warm, nranks):
     rc, out = run_mpi(nranks, "check_parallel.py")
     assert rc == 0 and f"ALL OK" in out, out[-6000:]
     assert f"on {nranks} ranks" in out, out[-6000:]
+
+
+# ---------------------------------------------------------------- the plans (no MPI needed)
+
+@pytest.mark.parametrize("capacity", [0, 1, 2, 5])
+def test_capped_plan_equals_make_plan_with_capacity(rng, capacity):
+    # one rank keeping `capacity` per expert is make_plan's capacity
+    experts = rng.integers(0, 5, (9, 2)).astype(np.int32)
+    experts[:, 1] = (experts[:, 0] + 1 + rng.integers(0, 4, 9)) % 5   # distinct per token
+    want = fm.make_plan(experts, 5, capacity)
+    got = ep.capped_plan(fm.make_plan(experts, 5), np.full(5, capacity, np.int64))
+    for f in ("rows", "offsets", "counts", "slots", "dropped"):
+        a, b = getattr(got, f), getattr(want, f)
+        assert a.dtype == b.dtype and np.array_equal(a, b), f
+
+
+def test_capped_plan_per_expert_keep():
+    experts = np.array([[0], [1], [0], [0], [1]], np.int32)
+    plan = ep.capped_plan(fm.make_plan(experts, 3), np.array([1, 5, 0]))
+    assert plan.rows.tolist() == [0, 1, 4]                  # expert 0 keeps its first token
+    assert plan.slots.ravel().tolist() == [0, 1, -1, -1, 2]
+    assert plan.dropped.tolist() == [2, 0, 0] and plan.offsets.tolist() == [0, 1, 3, 3]
+
+
+def test_exchange_plan_orders_by_local_expert():
+    # 3 source ranks, 2 local experts: received blocks (s, l) in source order
+    recv = np.array([[2, 1], [0, 3], [1, 0]], np.int64)
+    xplan = ep.exchange_plan(recv)
+    # received positions: s0: e0 [0,1] e1 [2]; s1: e1 [3,4,5]; s2: e0 [6]
+    assert xplan.rows.tolist() == [0, 1, 6, 2, 3, 4, 5]
+    assert xplan.offsets.tolist() == [0, 3, 7] and xplan.counts.tolist() == [3, 4]
+    xr = np.arange(7, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
+    xe = fm.permute(xr, xplan)
+    assert np.array_equal(xe[:, 0], [0, 1, 6, 2, 3, 4, 5])
+    assert np.array_equal(fm.combine(xe, xplan), xr)        # and back, bitwise
+    empty = ep.exchange_plan(np.zeros((2, 1), np.int64))
+    assert empty.num_rows == 0 and empty.offsets.tolist() == [0, 0]

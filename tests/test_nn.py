@@ -215,6 +215,7 @@ def test_mse_value_and_gradient(rng):
     dict(num_experts=4, k=2, shared_h=3, shared_gate=True),
     dict(num_experts=4, k=2, router="sigmoid_topk", scale=2.0, shared_h=2),
     dict(num_experts=4, k=1, capacity=2),
+    dict(num_experts=4, k=1, router="switch_top1", capacity_factor=1.0),
 ])
 def test_moe_backward(rng, kw):
     m = nn.MoE(6, 3, dtype=F64, rng=rng, **kw).eval()

@@ -22,10 +22,10 @@ def router_probs(logits, router):
     """(T, E) router logits -> (T, E) probabilities: the softmax, or for the sigmoid router
     its scores normalized to sum to 1 (what the entropy statistic reads)."""
     z = logits.astype(np.float64)
-    if router == "softmax_topk":
-        p = np.exp(z - z.max(axis=1, keepdims=True)) if z.size else z
-    else:
+    if router == "sigmoid_topk":
         p = 1.0 / (1.0 + np.exp(-z))
+    else:
+        p = np.exp(z - z.max(axis=1, keepdims=True)) if z.size else z
     return p / p.sum(axis=1, keepdims=True)
 
 
@@ -37,6 +37,11 @@ class MoE(Module):
     shared_w2 (shared_h, d), and with shared_gate its sigmoid gate shared_gate_w (d, 1); with
     router="sigmoid_topk" a routing bias (E,) that chooses experts but gets no gradient
     (frozen; DeepSeek-V3's auxiliary-loss-free balancing updates it, see update_bias).
+
+    router: "softmax_topk", "sigmoid_topk" or any other name fm.moe_forward accepts
+    (switch_top1, gshard_top2, expert_choice, dense_gating), with its router_options passed
+    through. (noisy_topk is not offered: its noise weights would need a Parameter of their
+    own; use jitter for router noise.)
 
     Training extras:
     - jitter: in train mode the layer input is multiplied by U(1 - jitter, 1 + jitter) noise,
@@ -52,13 +57,14 @@ class MoE(Module):
     def __init__(self, d, h, num_experts, k, activation="swiglu", router="softmax_topk",
                  renormalize=True, capacity=None, shared_h=0, shared_gate=False, jitter=0.0,
                  aux_loss_coef=0.0, z_loss_coef=0.0, balance="mixtral", n_group=1,
-                 topk_group=1, scale=1.0, window=50, dtype=np.float32, rng=None):
+                 topk_group=1, scale=1.0, window=50, dtype=np.float32, rng=None,
+                 **router_options):
         d = chk.check_int("d", d, 1)
         h = chk.check_int("h", h, 1)
         E = chk.check_int("num_experts", num_experts, 1)
         self.k = chk.check_int("k", k, 1, E, what=f"1..num_experts = 1..{E}")
         activation_code(activation)
-        chk.check_choice("router", router, ROUTERS)
+        chk.check_choice("router", router, tuple(r for r in ROUTERS if r != "noisy_topk"))
         shared_h = chk.check_int("shared_h", shared_h, 0)
         self.jitter = chk.check_real("jitter", jitter)
         if not 0.0 <= self.jitter < 1.0:
@@ -68,9 +74,9 @@ class MoE(Module):
         self.balance = chk.check_choice("balance", balance, NORMALIZATIONS)
         self.activation, self.router, self.renormalize = activation, router, bool(renormalize)
         self.capacity = capacity
-        self.options = {} if router == "softmax_topk" else dict(n_group=n_group,
-                                                                 topk_group=topk_group,
-                                                                 scale=scale)
+        self.options = dict(router_options)
+        if router == "sigmoid_topk":
+            self.options.update(n_group=n_group, topk_group=topk_group, scale=scale)
         self.rng = as_rng(rng)
         H1 = 2 * h if activation == "swiglu" else h
         self.router_w = Parameter(normal(self.rng, (d, E), d ** -0.5, dtype))

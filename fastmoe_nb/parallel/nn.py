@@ -133,11 +133,18 @@ def sync_gradients(model, comm=None, average=True):
     loss is the mean over its own tokens), every gradient, the experts' included, is then
     divided by P: they become the gradients of the mean of the ranks' losses. Returns model.
     """
-    if not isinstance(model, Module):
-        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     comm = mc.get_comm(comm)
     P = comm.Get_size()
-    rep, exp = split_parameters(model)
+
+    def check():
+        if not isinstance(model, Module):
+            raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+        rep, exp = split_parameters(model)
+        names = {id(p): n for n, p in model.named_parameters()}
+        layout = tuple((names[id(p)], p.shape, str(p.dtype)) for p in rep)
+        return (("replicated parameters (name, shape, dtype)", layout),), (rep, exp)
+
+    rep, exp = mc.check_collectively(comm, check, "sync_gradients")
     total = allreduce_grads(comm, {i: p.grad for i, p in enumerate(rep)})
     for i, p in enumerate(rep):
         p.grad[...] = total[i]

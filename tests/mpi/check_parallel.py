@@ -221,6 +221,9 @@ def nn_cases():
     ep.sync_gradients(model, comm)            # summed again (P g), then averaged: g
     close("nn: averaged router_w.grad", layer.router_w.grad, g)
     close("nn: averaged w1.grad", layer.w1.grad, w1g / P)
+    other = nn.Sequential(layer, nn.Linear(d, d, rng=0)) if rank == P - 1 else model
+    expect_error("nn: sync_gradients of different models", lambda: ep.sync_gradients(other, comm),
+                 ValueError, ["replicated parameters"])
     expect_error("nn: E not divisible", lambda: ep.ExpertParallelMoE(d, h, P + 1, 1, comm=comm),
                  ValueError, ["divisible"])
 

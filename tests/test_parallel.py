@@ -49,7 +49,7 @@ def warm_numba_cache():
                 fm.moe_backward(y, ctx)
 
 
-def run_mpi(nranks, script, *args, timeout=240):
+def run_mpi(nranks, script, *args, timeout=600):
     env = dict(os.environ, NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1",
                OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [MPIEXEC, "-n", str(nranks), sys.executable, str(ROOT / "tests" / "mpi" / script),

@@ -106,3 +106,112 @@ def test_bad_input_names_the_argument(call, match):
     a, w, offsets = make_case((2, 3), 8, 6)
     with pytest.raises((ValueError, TypeError), match=match):
         call(a, w, offsets)
+
+
+# --------------------------------------------------------------------------- packed weights
+
+def test_packed_weights_are_a_snapshot():
+    """Packing copies: an in-place update of w changes nothing until w is packed again."""
+    a, w, offsets = make_case((4, 0, 7), 33, 40)
+    pw = fm.pack_weights(w)
+    before = fm.grouped_gemm(a, pw, offsets)
+    assert_close(before, ref.grouped_gemm(a, w, offsets), 1e-5)
+    w *= 2.0
+    np.testing.assert_array_equal(fm.grouped_gemm(a, pw, offsets), before)
+    assert_close(fm.grouped_gemm(a, fm.pack_weights(w), offsets),
+                 ref.grouped_gemm(a, w, offsets), 1e-5)
+
+
+@pytest.mark.parametrize("trans_w", [False, True])
+def test_swiglu_packing_keeps_grouped_gemm_result(trans_w):
+    """Interleaved [gate | up] panels (half = 50, not a multiple of the panel) change nothing."""
+    a, w, offsets = make_case((9, 3), 20, 100, trans_w=trans_w)
+    got = fm.grouped_gemm(a, fm.pack_weights(w, trans_w, swiglu=True), offsets)
+    assert_close(got, ref.grouped_gemm(a, w, offsets, trans_w), 1e-5)
+
+
+def test_packed_weights_bad_input():
+    a, w, offsets = make_case((2, 3), 8, 6)
+    with pytest.raises(ValueError, match="w: swiglu expects an even"):
+        fm.pack_weights(w[:, :, :5], swiglu=True)
+    with pytest.raises(TypeError, match="w: expected dtype float64"):
+        fm.grouped_gemm(a.astype(np.float64), fm.pack_weights(w), offsets)
+    with pytest.raises(ValueError, match="w: expected PackedWeights with K"):
+        fm.grouped_gemm(a[:, :4], fm.pack_weights(w), offsets)
+    with pytest.raises(ValueError, match="offsets: expected shape"):
+        fm.grouped_gemm(a, fm.pack_weights(w), offsets[:-1])
+
+
+# --------------------------------------------------------------------------- fused experts
+
+def ref_experts(xs, w1, w2, offsets, activation, trans_w):
+    h_pre = ref.grouped_gemm(xs, w1, offsets, trans_w)
+    h_act = ref.activate(h_pre, activation)
+    return h_pre, h_act, ref.grouped_gemm(h_act, w2, offsets, trans_w)
+
+
+@pytest.mark.parametrize("activation,trans_w,packed,keep", [
+    ("swiglu", False, False, True), ("swiglu", True, True, False), ("swiglu", False, True, True),
+    ("gelu", False, False, True), ("gelu_tanh", True, False, False), ("relu", False, True, True),
+    ("silu", True, True, True),
+])
+def test_experts_forward_fused_epilogue(activation, trans_w, packed, keep):
+    """The activation in the first GEMM's epilogue: h_pre (when kept), h_act, ys all match."""
+    counts, d, h = (5, 0, 13, 1), 37, 21          # h odd: swiglu halves cut panels unevenly
+    H1 = 2 * h if activation == "swiglu" else h
+    xs, w1, offsets = make_case(counts, d, H1, trans_w=trans_w, seed=5)
+    _, w2, _ = make_case(counts, h, d, trans_w=trans_w, seed=6)
+    w1 *= 0.3
+    want = ref_experts(xs, w1, w2, offsets, activation, trans_w)
+    if packed:
+        w1 = fm.pack_weights(w1, trans_w, swiglu=activation == "swiglu")
+    h_pre, h_act, ys = fm.experts_forward(xs, w1, w2, offsets, activation, trans_w, keep)
+    assert (h_pre is None) == (not keep)
+    if keep:
+        assert_close(h_pre, want[0], 1e-5)
+    assert_close(h_act, want[1], 1e-5)
+    assert_close(ys, want[2], 1e-5)
+
+
+def test_experts_forward_swiglu_with_plain_packing():
+    """Panels packed without swiglu=True still give the right answer (unfused path)."""
+    xs, w1, offsets = make_case((3, 4), 12, 10, seed=7)
+    _, w2, _ = make_case((3, 4), 5, 12, seed=8)
+    _, h_act, ys = fm.experts_forward(xs, fm.pack_weights(w1), w2, offsets, "swiglu")
+    want = ref_experts(xs, w1, w2, offsets, "swiglu", False)
+    assert_close(h_act, want[1], 1e-5)
+    assert_close(ys, want[2], 1e-5)
+
+
+# --------------------------------------------------------------------------- determinism
+
+_THREADS_SCRIPT = r"""
+import hashlib, numpy as np, fastmoe_nb as fm
+rng = np.random.default_rng(0)
+counts = (200, 0, 7, 130)                     # several tiles per expert, an empty expert
+off = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+N = int(off[-1])
+a = rng.standard_normal((N, 300), dtype=np.float32)
+w = rng.standard_normal((4, 300, 290), dtype=np.float32)
+dy = rng.standard_normal((N, 290), dtype=np.float32)
+w2 = rng.standard_normal((4, 145, 300), dtype=np.float32)
+outs = [fm.grouped_gemm(a, w, off), *fm.grouped_gemm_backward(dy, a, w, off),
+        *fm.grouped_gemm_backward(dy, a, w.transpose(0, 2, 1).copy(), off, trans_w=True),
+        *fm.experts_forward(a, w, w2, off, "swiglu", keep=True)]
+print(hashlib.sha256(b"".join(o.tobytes() for o in outs)).hexdigest())
+"""
+
+
+def test_bitwise_identical_for_1_and_2_threads():
+    import os
+    import subprocess
+    import sys
+
+    digests = []
+    for n in ("1", "2"):
+        env = dict(os.environ, NUMBA_NUM_THREADS=n)
+        r = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT], env=env, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        digests.append(r.stdout.strip())
+    assert len(digests[0]) == 64 and digests[0] == digests[1]

@@ -9,7 +9,9 @@ from ..backend import CUDA, as_host, backend_of, cuda_module
 from ..types import MoEContext
 from .activations import activate, activate_backward, activation_code, hidden_width
 from .dispatch import combine, combine_backward, make_plan, permute, permute_backward
-from .gemm import grouped_gemm, grouped_gemm_backward
+from ..kernels.common import SWIGLU
+from .gemm import (PackedWeights, check_weights, expert_tiles, grouped_gemm,
+                   grouped_gemm_backward, pack_weights, run_gemm)
 from .routing import (check_sigmoid_options, sigmoid_topk, sigmoid_topk_backward, softmax_topk,
                       softmax_topk_backward)
 
@@ -80,13 +82,37 @@ def experts_forward(xs, w1, w2, offsets, activation, trans_w=False, keep=False):
 
     xs: (N, d), w1: (E, d, h|2h), w2: (E, h, d) [trans_w: (E, h|2h, d), (E, d, h)]
     -> (h_pre (N, h|2h) or None, h_act (N, h), ys (N, d)); h_pre is kept only when keep.
+    On the CPU w1 / w2 may also be PackedWeights (pack_weights(w1, trans_w, swiglu=True) for
+    swiglu), packed once per weight update; raw weights are packed on each call. The
+    activation runs in the first GEMM's epilogue (h_pre is only written when keep).
     """
     if not keep and backend_of(xs=xs) == CUDA:  # the activation in the GEMM's epilogue
         hidden_width(w1.shape[1] if trans_w else w1.shape[2], activation)
         h_act = cuda_module().grouped_gemm(xs, w1, offsets, trans_w, activation_code(activation))
         return None, h_act, grouped_gemm(h_act, w2, offsets, trans_w)
-    h_pre = grouped_gemm(xs, w1, offsets, trans_w)
-    h_act = activate(h_pre, activation)
+    if backend_of(xs=xs) == CUDA:
+        h_pre = grouped_gemm(xs, w1, offsets, trans_w)
+        h_act = activate(h_pre, activation)
+        ys = grouped_gemm(h_act, w2, offsets, trans_w)
+        return (h_pre if keep else None), h_act, ys
+    trans_w = bool(trans_w)
+    code = activation_code(activation)
+    swiglu = code == SWIGLU
+    xs = np.ascontiguousarray(chk.check_float("xs", as_host("xs", xs), ndim=2))
+    w1, offsets, H1 = check_weights(w1, xs, offsets, trans_w, "w1")
+    h = hidden_width(H1, activation)
+    if not isinstance(w1, PackedWeights):
+        w1 = pack_weights(w1, trans_w, swiglu)
+    N = xs.shape[0]
+    if swiglu and not w1.swiglu:     # panels without [gate | up] side by side: no fusion
+        h_pre = grouped_gemm(xs, w1, offsets)
+        h_act = activate(h_pre, activation)
+    else:
+        h_pre = np.empty((N, H1), xs.dtype) if keep else np.empty((0, 0), xs.dtype)
+        h_act = np.empty((N, h), xs.dtype)
+        run_gemm(xs, np.arange(N, dtype=np.int64), False, w1.panels,
+                 expert_tiles(offsets, w1.panels.shape[1], xs.shape[1]), H1 // 2 if swiglu
+                 else 0, H1, h_pre, h_act, code, keep)
     ys = grouped_gemm(h_act, w2, offsets, trans_w)
     return (h_pre if keep else None), h_act, ys
 

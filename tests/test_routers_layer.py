@@ -71,7 +71,7 @@ def test_moe_backward_by_name(rng, name, k, opts):
         assert ("noise_w" in g) == (name == "noisy_topk")
         return dx, g["router_w"], g["w1"], g["w2"], g.get("noise_w")
 
-    gradcheck(fn, [x, router_w, w1, w2, noise_w], backward, max_entries=8)
+    gradcheck(fn, [x, router_w, w1, w2, noise_w], backward, max_entries=5)
 
 
 def test_moe_forward_router_option_errors(rng):

@@ -54,10 +54,10 @@ def test_smooth_load_estimates_the_expected_count():
     T, E, k = 200, 5, 2
     clean = rng.standard_normal((T, E))
     raw = rng.standard_normal((T, E)) - 1.0
-    load = sum(R.noisy_topk(clean, raw, k, seed=s)[1] for s in range(200)) / 200
+    load = sum(R.noisy_topk(clean, raw, k, seed=s)[1] for s in range(100)) / 100
     counts = sum(np.bincount(R.noisy_topk(clean, raw, k, seed=1000 + s)[0].experts.ravel(),
-                             minlength=E) for s in range(400)) / 400
-    assert_close(load, counts, rtol=0.02)
+                             minlength=E) for s in range(200)) / 200
+    assert_close(load, counts, rtol=0.03)
     assert load.sum() == pytest.approx(T * k, rel=0.01)
 
 
@@ -82,12 +82,14 @@ def test_noisy_topk_gradient_of_gates_and_load(rng, T, E, k):
         return routing.weights, load
 
     gradcheck(fn, [clean, raw],
-              lambda d: R.noisy_topk_backward(d[0], d[1], clean, raw, k, noise=noise))
+              lambda d: R.noisy_topk_backward(d[0], d[1], clean, raw, k, noise=noise),
+              max_entries=16)
     # evaluation: gates only, no gradient into the noise scale
     dc, dr = R.noisy_topk_backward(np.ones((T, k)), np.ones(E), clean, None, k, train=False)
     assert (dr == 0).all()
     gradcheck(lambda c: R.noisy_topk(c, None, k, train=False)[0].weights, [clean],
-              lambda d: [R.noisy_topk_backward(d, None, clean, None, k, train=False)[0]])
+              lambda d: [R.noisy_topk_backward(d, None, clean, None, k, train=False)[0]],
+              max_entries=16)
 
 
 def test_noisy_topk_balancing_loss_chain(rng):
@@ -105,7 +107,7 @@ def test_noisy_topk_balancing_loss_chain(rng):
         dw, dl = R.noisy_topk_loss_backward(float(d), r, load, E, 0.5, 2.0)
         return R.noisy_topk_backward(dw, dl, clean, raw, k, seed=3)
 
-    gradcheck(loss, [clean, raw], backward)
+    gradcheck(loss, [clean, raw], backward, max_entries=16)
 
 
 def test_noisy_topk_validation(rng):

@@ -19,6 +19,7 @@ if not (SIM or os.environ.get("FASTMOE_NB_CUDA_TESTS") == "1"):
 else:
     from fastmoe_nb.kernels.cuda import launch
 
+    launch.CHECK_ARGS = True   # every launch's arguments against its kernel's signature
     if SIM:  # about 100 simulated threads a launch; every kernel is grid-stride
         launch.configure(threads=32, max_blocks=4, route_threads=4, max_k=8, plan_chunks=4,
                          plan_min_chunk=2, scan_threads=4, gemm_bm=8, gemm_bn=8, gemm_bk=4,

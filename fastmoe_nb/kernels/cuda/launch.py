@@ -79,14 +79,58 @@ def _specs(specs, dt, frozen):
     return specs(dt, dict(frozen))
 
 
+# Check every launch's arguments against the kernel's signature (the tests turn it on: the
+# simulator ignores signatures, and a GPU kernel compiled for one signature reinterprets what
+# it is given).
+CHECK_ARGS = False
+
+
+def check_args(name, sig, args):
+    """TypeError unless args match sig: arrays of its dtype and rank; integers for integer
+    parameters, booleans for boolean ones, reals for float ones."""
+    from numba import typeof, types  # noqa: PLC0415
+
+    if len(args) != len(sig.args):
+        raise TypeError(f"{name}: expected {len(sig.args)} arguments, got {len(args)}")
+    for i, (want, a) in enumerate(zip(sig.args, args)):
+        got = typeof(a)
+        if isinstance(want, types.Array):
+            ok = isinstance(got, types.Array) and (got.dtype, got.ndim) == (want.dtype, want.ndim)
+        elif isinstance(want, types.Boolean):
+            ok = isinstance(got, types.Boolean)
+        elif isinstance(want, types.Integer):
+            ok = isinstance(got, types.Integer)
+        else:
+            ok = isinstance(got, (types.Integer, types.Float))
+        if not ok:
+            raise TypeError(f"{name}: argument {i} is {got}, the kernel expects {want}")
+
+
+class _Checked:
+    """A kernel whose launches check their arguments first (CHECK_ARGS)."""
+
+    def __init__(self, disp, name, sig):
+        self.disp, self.name, self.sig = disp, name, sig
+
+    def __getitem__(self, launch_config):
+        run = self.disp[launch_config]
+
+        def launch(*args):
+            check_args(self.name, self.sig, args)
+            return run(*args)
+
+        return launch
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled(specs, name, dt, frozen):
     from numba import cuda  # noqa: PLC0415
 
     fn, sig = _specs(specs, dt, frozen)[name]
-    return cuda.jit(sig)(fn)
+    return cuda.jit(sig)(fn), sig
 
 
 def kernel(specs, name, dt):
     """The compiled kernel `name` of a family's specs for dtype dt under the current CONFIG."""
-    return _compiled(specs, name, dt, _frozen())
+    disp, sig = _compiled(specs, name, dt, _frozen())
+    return _Checked(disp, name, sig) if CHECK_ARGS else disp

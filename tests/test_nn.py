@@ -332,3 +332,18 @@ def test_moe_update_bias_follows_the_load(rng):
     assert m.bias not in [p for p in m.parameters() if p.requires_grad]
     with pytest.raises(ValueError, match="sigmoid_topk"):
         nn.MoE(4, 2, num_experts=4, k=1).update_bias()
+
+
+@pytest.mark.parametrize("T", [0, 1])
+def test_moe_and_dense_layers_take_zero_or_one_token(rng, T):
+    m = nn.Sequential(nn.RMSNorm(100), nn.MoE(100, 8, num_experts=3, k=2, shared_h=4, rng=rng),
+                      nn.MLP(100, 8, "gelu", rng=rng), nn.Linear(100, 5, rng=rng))
+    x = rng.standard_normal((T, 100)).astype(np.float32)
+    y = m.forward(x)
+    assert y.shape == (T, 5) and y.dtype == np.float32
+    m.zero_grad()
+    dx = m.backward(np.ones((T, 5), np.float32))
+    assert dx.shape == (T, 100)
+    moe = m.layers[1]
+    assert moe.stats.tokens_per_expert.sum() == 2 * T
+    assert moe.w1.grad.any() == (T > 0)

@@ -284,6 +284,12 @@ def test_moe_bad_arguments():
         nn.MoE(4, 2, num_experts=3, k=1, router="top1")
     with pytest.raises(ValueError, match="jitter"):
         nn.MoE(4, 2, num_experts=3, k=1, jitter=1.5)
+    with pytest.raises(ValueError, match="aux_loss_coef"):
+        nn.MoE(4, 2, num_experts=3, k=1, aux_loss_coef=-0.1)
+    with pytest.raises(ValueError, match="capacity"):
+        nn.MoE(4, 2, num_experts=3, k=1, capacity=-1)
+    with pytest.raises(ValueError, match="balance"):
+        nn.MoE(4, 2, num_experts=3, k=1, balance="uniform")
     with pytest.raises(ValueError, match="x: expected shape"):
         nn.MoE(4, 2, num_experts=3, k=1).forward(np.zeros((2, 5), np.float32))
 

@@ -71,9 +71,13 @@ class MoE(Module):
             raise ValueError(f"jitter: expected a number in [0, 1), got {jitter}")
         self.aux_loss_coef = chk.check_real("aux_loss_coef", aux_loss_coef)
         self.z_loss_coef = chk.check_real("z_loss_coef", z_loss_coef)
+        for name, v in (("aux_loss_coef", aux_loss_coef), ("z_loss_coef", z_loss_coef)):
+            if v < 0:
+                raise ValueError(f"{name}: expected a number >= 0, got {v}")
         self.balance = chk.check_choice("balance", balance, NORMALIZATIONS)
         self.activation, self.router, self.renormalize = activation, router, bool(renormalize)
-        self.capacity = capacity
+        self.capacity = None if capacity is None else chk.check_int(
+            "capacity", capacity, 0, None, what="a non-negative integer or None")
         self.options = dict(router_options)
         if router == "sigmoid_topk":
             self.options.update(n_group=n_group, topk_group=topk_group, scale=scale)

@@ -280,7 +280,8 @@ class Case:
 
     run() -> outputs (host or device); check(outputs) -> (max rel err, what was checked);
     flops / nbytes: the work and the minimal memory traffic of one call; baselines: name ->
-    Baseline, or a str saying why it does not apply."""
+    a factory giving a Baseline (or a str saying why it cannot run: built only when asked
+    for), or a str saying why it does not apply."""
 
     run: Callable
     check: Callable
@@ -347,19 +348,21 @@ def make_case(op, p, dtype, be, seed, skew, check_tokens):
     hs1 = (2 * hs if p.activation == "swiglu" else hs)
     layer_flops = 2.0 * (T * d * E + N * d * (p.h1 + h) + T * d * (hs1 + hs))
     layer_bytes = item * (2 * T * d + d * E + used * d * (p.h1 + h) + d * (hs1 + hs))
-    cases = {}
 
     if op in ("layer", "train-step"):
         P = min(T, check_tokens)
         args = (dev["x"], dev["router_w"], dev["w1"], dev["w2"])
-        hf_why = B.hf_supports(p)
-        if hf_why is None and dtype != "float32":
-            hf_why = "the HF comparison runs in float32 only"
-        if hf_why is None and be.name != "cpu":
-            hf_why = "the HF comparison runs with the CPU backend only"
-        if hf_why is None:
-            ok, why = B.hf_status()
-            hf_why = None if ok else why
+
+        def hf(impl, train, check):   # why HF cannot run this, or its Baseline
+            why = B.hf_supports(p)
+            if why is None and dtype != "float32":
+                why = "the HF comparison runs in float32 only"
+            if why is None and be.name != "cpu":
+                why = "the HF comparison runs with the CPU backend only"
+            if why is None:
+                ok, status = B.hf_status()
+                why = None if ok else status
+            return why or _hf(host, k, impl, train, check)
 
         if op == "layer":
             def check(out):
@@ -370,11 +373,11 @@ def make_case(op, p, dtype, be, seed, skew, check_tokens):
                 return _rel_err(out[:P], ref.moe_forward(x[:P], router_w, w1, w2, **kw))
 
             rows = T * k
-            bl = {"numpy": Baseline(lambda: B.numpy_moe_forward(x, router_w, w1, w2, **kw),
-                                    numpy_check),
-                  "dense": _dense(rows, d, layer_flops, dtype, seed)}
-            for impl in B.HF_IMPLEMENTATIONS:
-                bl[f"hf-{impl}"] = hf_why or _hf(host, k, impl, train=False, check=numpy_check)
+            bl = {"numpy": lambda: Baseline(
+                      lambda: B.numpy_moe_forward(x, router_w, w1, w2, **kw), numpy_check),
+                  "dense": lambda: _dense(rows, d, layer_flops, dtype, seed),
+                  "hf-eager": lambda: hf("eager", False, numpy_check),
+                  "hf-grouped_mm": lambda: hf("grouped_mm", False, numpy_check)}
             return Case(lambda: fm.moe_forward(*args, **dkw), check, layer_flops, layer_bytes,
                         bl, stats)
 
@@ -397,9 +400,9 @@ def make_case(op, p, dtype, be, seed, skew, check_tokens):
             return max(errs), f"dx and {len(g_ref)} weight gradients ({P} tokens)"
 
         bl = {"numpy": "no NumPy backward to compare with",
-              "dense": _dense(T * k, d, 3 * layer_flops, dtype, seed)}
-        for impl in B.HF_IMPLEMENTATIONS:
-            bl[f"hf-{impl}"] = hf_why or _hf(host, k, impl, train=True, check=None)
+              "dense": lambda: _dense(T * k, d, 3 * layer_flops, dtype, seed),
+              "hf-eager": lambda: hf("eager", True, None),
+              "hf-grouped_mm": lambda: hf("grouped_mm", True, None)}
         return Case(step, check, 3 * layer_flops, 3 * layer_bytes, bl, stats)
 
     if op == "grouped_gemm":
@@ -414,8 +417,8 @@ def make_case(op, p, dtype, be, seed, skew, check_tokens):
 
         flops = 2.0 * N * d * p.h1
         nbytes = item * (N * d + N * p.h1 + used * d * p.h1)
-        bl = {"numpy": Baseline(lambda: B.numpy_grouped_gemm(xs_host, w1, offsets)),
-              "dense": _dense(N, d, flops, dtype, seed)}
+        bl = {"numpy": lambda: Baseline(lambda: B.numpy_grouped_gemm(xs_host, w1, offsets)),
+              "dense": lambda: _dense(N, d, flops, dtype, seed)}
         return Case(lambda: fm.grouped_gemm(xs, dev["w1"], be.to_dev(offsets)), check, flops,
                     nbytes, bl, stats)
 
@@ -427,7 +430,7 @@ def make_case(op, p, dtype, be, seed, skew, check_tokens):
                     else float("inf")), f"all {N} rows, exactly"
 
         return Case(lambda: fm.permute(xd, plan), check, 0.0, item * 2 * N * d + 4 * N,
-                    {"numpy": Baseline(lambda: ref.permute(x, hplan))}, stats)
+                    {"numpy": lambda: Baseline(lambda: ref.permute(x, hplan))}, stats)
 
     if op == "combine":
         ys_host = ref.permute(x, hplan)
@@ -439,7 +442,8 @@ def make_case(op, p, dtype, be, seed, skew, check_tokens):
 
         return Case(lambda: fm.combine(ys, plan, r.weights), check, 2.0 * N * d,
                     item * (N * d + T * d + T * k) + 4 * T * k,
-                    {"numpy": Baseline(lambda: ref.combine(ys_host, hplan, hweights))}, stats)
+                    {"numpy": lambda: Baseline(lambda: ref.combine(ys_host, hplan, hweights))},
+                    stats)
 
     # route: the router on (T, E) logits
     ld = be.to_dev(logits)
@@ -455,7 +459,7 @@ def make_case(op, p, dtype, be, seed, skew, check_tokens):
 
     return Case(lambda: router(ld, k, **rkw), check, 0.0,
                 item * T * E + T * k * (item + 4),
-                {"numpy": Baseline(lambda: ref_router(logits, k, **hkw))}, stats)
+                {"numpy": lambda: Baseline(lambda: ref_router(logits, k, **hkw))}, stats)
 
 
 def _dense(rows, K, flops, dtype, seed):
@@ -471,6 +475,7 @@ def _dense(rows, K, flops, dtype, seed):
 
 
 def _hf(host, k, impl, train, check):
+    """HF's Mixtral block, forward or forward + backward."""
     from . import baselines as B  # noqa: PLC0415
 
     fwd, step = B.hf_mixtral_block(host, k, impl)
@@ -558,13 +563,16 @@ def bench_one(args, op, p, be, threads, machine, compare):
         case = make_case(op, p, args.dtype, be, args.seed, args.skew, args.check_tokens)
         res["routing"] = case.routing
         res["flops"], res["bytes"] = case.flops, case.nbytes
-        wanted = compare["names"] if compare else []
-        for name in wanted:
-            why = case.baselines.get(name, f"does not apply to '{op}'")
-            if compare["explicit"] and isinstance(why, str):
-                raise UsageError(f"--compare {name}: {why}")
-        total = 2 + args.repeat + sum(1 + args.repeat for n in wanted
-                                      if not isinstance(case.baselines.get(n, ""), str))
+        wanted = {}   # name -> Baseline, or why it cannot run; built only when asked for
+        for name in compare["names"] if compare else []:
+            b = case.baselines.get(name, f"does not apply to '{op}'")
+            b = b if isinstance(b, str) else b()
+            if compare["explicit"] and isinstance(b, str):
+                raise UsageError(f"--compare {name}: {b}")
+            if isinstance(b, Baseline) or name in case.baselines:
+                wanted[name] = b
+        total = 2 + args.repeat + sum(1 + args.repeat for b in wanted.values()
+                                      if isinstance(b, Baseline))
         progress = _Progress(total, args.quiet)
         try:
             t0 = time.perf_counter()
@@ -585,11 +593,9 @@ def bench_one(args, op, p, be, threads, machine, compare):
             res["compile_s"] = max(res["first_call_s"] - res["median_s"], 0.0)
             _rates(res, case.flops, case.nbytes, machine, be.name == "cpu")
             res["baselines"], res["skipped_baselines"] = [], {}
-            for name in wanted:
-                b = case.baselines.get(name)
+            for name, b in wanted.items():
                 if isinstance(b, str):
                     res["skipped_baselines"][name] = b
-                if not isinstance(b, Baseline):
                     continue
                 first = b.run()
                 progress.step(f"{name}: first call")

@@ -128,6 +128,20 @@ def test_info_subprocess(tmp_path):
     assert "numba_cache" in p.stdout
 
 
+def test_cuda_backend_in_the_simulator(tmp_path):
+    pytest.importorskip("numba.cuda")
+    out = tmp_path / "cuda.json"
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    p = run_cmd("bench", "permute", "--backend", "cuda", "--tokens", "4", "--d", "4", "--h",
+                "4", "--experts", "2", "--k", "1", "--repeat", "1", "--quiet", "--json",
+                str(out), env=env)
+    assert p.returncode == 0, p.stderr
+    (res,) = json.loads(out.read_text())["results"]
+    assert res["backend"] == "cuda" and res["correct"] is True
+    assert res["check"]["max_rel_err"] == 0.0 and res["median_s"] > 0
+    assert res["fraction_of_peak"] is None          # the ceilings are the CPU's
+
+
 def test_presets_command_lists_every_preset(capsys):
     assert cli.main(["presets"]) == 0
     out = capsys.readouterr().out

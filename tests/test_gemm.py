@@ -28,6 +28,7 @@ def assert_close(got, want, rtol):
 SHAPES = [
     ((0, 0, 0), 100, 64),
     ((1,), 100, 37),
+    ((2, 0, 8, 5), 781, 150),                    # decode-sized: at most 8 rows an expert
     ((3, 0, 5), 600, 100),
     ((0, 17, 1, 0), 781, 33),
     ((40, 9, 0, 23), 64, 781),
@@ -35,12 +36,16 @@ SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("trans_w", [False, True])
 @pytest.mark.parametrize("counts,K,M", SHAPES)
-def test_grouped_gemm_matches_reference(counts, K, M, trans_w):
+def test_grouped_gemm_matches_reference(counts, K, M, trans_w, packed):
+    """Raw weights with <= DECODE_ROWS rows per expert take the decode kernel (unpacked
+    weights); PackedWeights and more rows take the tiled kernel."""
     a, w, offsets = make_case(counts, K, M, trans_w=trans_w)
     a0, w0 = a.copy(), w.copy()
-    got = fm.grouped_gemm(a, w, offsets, trans_w=trans_w)
+    got = fm.grouped_gemm(a, fm.pack_weights(w, trans_w) if packed else w, offsets,
+                          trans_w=trans_w)
     assert_close(got, ref.grouped_gemm(a, w, offsets, trans_w), 1e-5)
     np.testing.assert_array_equal(a, a0)
     np.testing.assert_array_equal(w, w0)

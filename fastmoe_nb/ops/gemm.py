@@ -164,6 +164,20 @@ def expert_tiles(offsets, P, K):
     return make_tiles(np.diff(offsets), lo, lo, np.arange(E), np.zeros(E), np.full(E, K), P)
 
 
+DECODE_ROWS = 8   # at most this many rows per expert: stream unpacked weights (decode_kernel)
+
+
+def few_rows(offsets):
+    """Decoding-sized work: packing the weights would cost more than the product itself."""
+    return offsets.shape[0] < 2 or int(np.diff(offsets).max()) <= DECODE_ROWS
+
+
+def run_decode(a, w, trans, offsets, out):
+    """decode_kernel with the vectorizer flags: out = a @ w per expert, unpacked weights."""
+    with vectorizer_flags():
+        kg.decode_kernel(a, np.ascontiguousarray(w), trans, offsets, out)
+
+
 def check_weights(w, a, offsets, trans_w, name="w"):
     """w: an array (validated like check_gemm_args) or PackedWeights -> (w, offsets, M)."""
     if isinstance(w, PackedWeights):
@@ -187,14 +201,18 @@ def grouped_gemm(a, w, offsets, trans_w=False):
         return cuda_module().grouped_gemm(a, w, offsets, trans_w)
     a = chk.check_float("a", as_host("a", a), ndim=2)
     w, offsets, M = check_weights(w, a, offsets, bool(trans_w))
+    a = np.ascontiguousarray(a)
+    out = np.empty((a.shape[0], M), a.dtype)
     if not isinstance(w, PackedWeights):
+        if few_rows(offsets):
+            run_decode(a, w, bool(trans_w), offsets, out)
+            return out
         w = PackedWeights(_pack(np.ascontiguousarray(w), bool(trans_w), 0), w.shape,
                           bool(trans_w), False)
-    out = np.empty((a.shape[0], M), a.dtype)
     N = a.shape[0]
     half = M // 2 if w.swiglu else 0
     tiles = expert_tiles(offsets, w.panels.shape[1], a.shape[1])
-    run_gemm(np.ascontiguousarray(a), np.arange(N, dtype=np.int64), False, w.panels, tiles,
+    run_gemm(a, np.arange(N, dtype=np.int64), False, w.panels, tiles,
              half, M, out)
     return out
 

@@ -10,7 +10,7 @@ from ..types import MoEContext
 from .activations import activate, activate_backward, activation_code, hidden_width
 from .dispatch import combine, combine_backward, make_plan, permute, permute_backward
 from ..kernels.common import SWIGLU
-from .gemm import (PackedWeights, check_weights, expert_tiles, grouped_gemm,
+from .gemm import (PackedWeights, check_weights, expert_tiles, few_rows, grouped_gemm,
                    grouped_gemm_backward, pack_weights, run_gemm)
 from .routing import (check_sigmoid_options, sigmoid_topk, sigmoid_topk_backward, softmax_topk,
                       softmax_topk_backward)
@@ -101,9 +101,13 @@ def experts_forward(xs, w1, w2, offsets, activation, trans_w=False, keep=False):
     xs = np.ascontiguousarray(chk.check_float("xs", as_host("xs", xs), ndim=2))
     w1, offsets, H1 = check_weights(w1, xs, offsets, trans_w, "w1")
     h = hidden_width(H1, activation)
-    if not isinstance(w1, PackedWeights):
-        w1 = pack_weights(w1, trans_w, swiglu)
     N = xs.shape[0]
+    if not isinstance(w1, PackedWeights):
+        if few_rows(offsets):        # decoding: stream the unpacked weights once
+            h_pre = grouped_gemm(xs, w1, offsets, trans_w)
+            h_act = activate(h_pre, activation)
+            return (h_pre if keep else None), h_act, grouped_gemm(h_act, w2, offsets, trans_w)
+        w1 = pack_weights(w1, trans_w, swiglu)
     if swiglu and not w1.swiglu:     # panels without [gate | up] side by side: no fusion
         h_pre = grouped_gemm(xs, w1, offsets)
         h_act = activate(h_pre, activation)

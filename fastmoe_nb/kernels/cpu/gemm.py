@@ -65,15 +65,16 @@ def pack_panels(w, trans, half, out):
     for gq in prange(G * P):
         g = gq // P
         q = gq - g * P
-        for j in range(NR):
-            c = panel_col(q, j, half, M)
+        if trans:                    # w[g, c, :] is contiguous: walk it along p
+            for j in range(NR):
+                c = panel_col(q, j, half, M)
+                for p in range(L):
+                    out[g, q, p, j] = w[g, c, p] if c >= 0 else 0.0
+        else:                        # w[g, p, :] is contiguous: walk it along j
             for p in range(L):
-                if c < 0:
-                    out[g, q, p, j] = 0.0
-                elif trans:
-                    out[g, q, p, j] = w[g, c, p]
-                else:
-                    out[g, q, p, j] = w[g, p, c]
+                for j in range(NR):
+                    c = panel_col(q, j, half, M)
+                    out[g, q, p, j] = w[g, p, c] if c >= 0 else 0.0
 
 
 @njit(cache=True)
@@ -196,3 +197,64 @@ def grouped_gemm_kernel(src, ridx, trans, bp, tiles, bounds, half, ncol, out, ac
                                    last, min(MR, m - b * MR), out, r_out + b * MR, q, half,
                                    ncol, act_out, code, store_out)
 
+
+
+# --------------------------------------------------------------------------- decode
+
+DW = 4 * NR   # columns a decode task streams at once: 256 contiguous bytes of a weight row
+
+
+@njit(**FLAGS)
+def dot_row(a, r, w, e, c):
+    # sum over p of a[r, p] * w[e, c, p], in a fixed order: NR lanes of partial sums over
+    # the NR-multiples, then the lanes in order, then the tail
+    K = a.shape[1]
+    acc = carray(_stack_empty(NR, a.dtype), (NR,))
+    for j in range(NR):
+        acc[j] = 0.0
+    K0 = K - K % NR
+    for p0 in range(0, K0, NR):
+        for j in range(NR):
+            acc[j] += a[r, p0 + j] * w[e, c, p0 + j]
+    s = acc[0]
+    for j in range(1, NR):
+        s += acc[j]
+    for p in range(K0, K):
+        s += a[r, p] * w[e, c, p]
+    return s
+
+
+@njit(parallel=True, **FLAGS)
+def decode_kernel(a, w, trans, offsets, out):
+    # a: (N, K), w: (E, K, M) [trans: (E, M, K)], offsets: (E+1,) -> out: (N, M), out rows
+    # offsets[e].. = a[those rows] @ w[e] (trans: @ w[e].T). For a few rows per expert
+    # (decoding): the weights are used unpacked and each selected expert's weights are
+    # streamed from memory once (its other rows find them in cache); an expert with no row
+    # is never read. Tasks: (expert, DW-column block) pairs.
+    E = w.shape[0]
+    M = out.shape[1]
+    nb = (M + DW - 1) // DW
+    for t in prange(E * nb):
+        e = t // nb
+        c0 = (t - e * nb) * DW
+        nc = min(DW, M - c0)
+        acc = carray(_stack_empty(DW, a.dtype), (DW,))
+        for r in range(offsets[e], offsets[e + 1]):
+            if trans:
+                for j in range(nc):
+                    out[r, c0 + j] = dot_row(a, r, w, e, c0 + j)
+                continue
+            for j in range(DW):
+                acc[j] = 0.0
+            if nc == DW:
+                for p in range(np.uint64(0), np.uint64(a.shape[1])):
+                    av = a[r, p]
+                    for j in range(DW):
+                        acc[j] += av * w[e, p, c0 + j]
+            else:
+                for p in range(a.shape[1]):
+                    av = a[r, p]
+                    for j in range(nc):
+                        acc[j] += av * w[e, p, c0 + j]
+            for j in range(nc):
+                out[r, c0 + j] = acc[j]

@@ -272,9 +272,10 @@ def ep_moe_forward(x, router_w, w1, w2, k, comm=None, activation="swiglu",
                         h_act=h_act, ys=ys, dropped=dropped, params=p, shared=shared)
 
 
-def _check_backward(dy, ctx):
+def _check_backward(dy, ctx, reduce):
+    chk.check_choice("reduce", reduce, REDUCTIONS)
     dy = chk.check_float("dy", as_host("dy", dy), shape=tuple(ctx.x.shape), dtype=ctx.x.dtype)
-    return (("dy dtype", str(dy.dtype)),), np.ascontiguousarray(dy)
+    return (("dy dtype", str(dy.dtype)), ("reduce", reduce)), np.ascontiguousarray(dy)
 
 
 def ep_moe_backward(dy, ctx, reduce="sum"):
@@ -291,9 +292,9 @@ def ep_moe_backward(dy, ctx, reduce="sum"):
     if not isinstance(ctx, EPContext):
         raise TypeError(f"ctx: expected the EPContext of ep_moe_forward(..., "
                         f"return_context=True), got {type(ctx).__name__}")
-    chk.check_choice("reduce", reduce, REDUCTIONS)
     comm, p, r, plan, xplan = ctx.comm, ctx.params, ctx.routing, ctx.plan, ctx.xplan
-    dy = mc.check_collectively(comm, lambda: _check_backward(dy, ctx), "ep_moe_backward")
+    dy = mc.check_collectively(comm, lambda: _check_backward(dy, ctx, reduce),
+                               "ep_moe_backward")
     d_ys, d_weights = combine_backward(dy, ctx.ys, plan, r.weights)          # (N_r, d)
     d_ye = permute(mc.exchange_rows(comm, d_ys, ctx.send_rows, ctx.recv_rows), xplan)
     d_h_act, dw2 = grouped_gemm_backward(d_ye, ctx.h_act, p["w2"], xplan.offsets, p["trans_w"])

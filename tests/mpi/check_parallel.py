@@ -179,6 +179,8 @@ def validation_cases():
                  ["dy"])
     expect_error("reduce", lambda: ep.ep_moe_backward(y, ctx, reduce="max"), ValueError,
                  ["reduce"])
+    expect_error("reduce differs", lambda: ep.ep_moe_backward(
+        y, ctx, reduce=None if rank == 0 else "sum"), ValueError, ["reduce"])
     expect_error("comm", lambda: call(comm=object()), TypeError, ["comm"])
     # the communicator still works after every error
     same("usable after errors", call(), call())

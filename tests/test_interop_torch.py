@@ -68,6 +68,11 @@ def test_experts_function_gradcheck_float64(rng):
     assert torch.autograd.gradcheck(
         lambda x, wts, w1, w2: experts(x, idx, wts, w1, w2, trans_w=True), (x, wts, w1, w2),
         fast_mode=True)
+    y = experts(x, idx, wts, w1, w2, trans_w=True)
+    with torch.no_grad():
+        y0 = experts(x, idx, wts, w1, w2, trans_w=True)
+    assert y.grad_fn is not None and y0.grad_fn is None
+    assert_close(y0.numpy(), y.detach().numpy())
 
 
 def test_moe_module_matches_numpy_forward_and_backward(rng):
@@ -86,6 +91,10 @@ def test_moe_module_matches_numpy_forward_and_backward(rng):
     for name in ("router_w", "w1", "w2"):
         assert_close(getattr(m, name).grad.numpy(), grads[name])
     assert "num_experts=4" in repr(m)
+    with torch.no_grad():                            # inference: no Function, no activations
+        y0 = m(x)
+    assert y0.grad_fn is None
+    np.testing.assert_array_equal(y0.numpy().reshape(6, 8), fm.moe_forward(*p, k=2))
 
 
 def test_bad_input_is_rejected_before_any_work(rng):

@@ -103,4 +103,5 @@ def routed_experts_backward(dy, ctx):
     return permute_backward(d_xs, ctx.plan), d_weights, dw1, dw2
 
 
-__all__ = ["ExpertsContext", "check_expert_weights", "check_experts_args", "routed_experts", "routed_experts_backward"]
+__all__ = ["ExpertsContext", "check_expert_weights", "check_experts_args", "routed_experts",
+           "routed_experts_backward"]

@@ -27,6 +27,30 @@ def _grad(g, device):
     return None if g is None else to_torch(g, device=device)
 
 
+def _needs_grad(*tensors):
+    """Whether autograd will ask for a backward (else the forward keeps no activations)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _moe_forward(x, router_w, w1, w2, shared_w1, shared_w2, shared_gate_w, k, options,
+                 return_context):
+    """fm.moe_forward on the tensors' memory -> y (NumPy / device array) [, ctx]."""
+    tensors = dict(x=x, router_w=router_w, w1=w1, w2=w2, shared_w1=shared_w1,
+                   shared_w2=shared_w2, shared_gate_w=shared_gate_w)
+    arrays = {n: None if t is None else as_array(t, n) for n, t in tensors.items()}
+    opts = dict(options)
+    if opts.get("bias") is not None:
+        opts["bias"] = as_array(opts["bias"], "bias")
+    return moe_forward(**arrays, k=k, **opts, return_context=return_context)
+
+
+def _experts_forward(x, experts, weights, w1, w2, activation, trans_w, return_context):
+    """routed_experts on the tensors' memory -> y [, ExpertsContext]."""
+    return routed_experts(as_array(x, "x"), as_array(experts, "experts"),
+                          as_array(weights, "weights"), as_array(w1, "w1"), as_array(w2, "w2"),
+                          activation, trans_w, return_context=return_context)
+
+
 class MoEFunction(torch.autograd.Function):
     """y = fm.moe_forward(x, router_w, w1, w2, k, **options); backward is fm.moe_backward.
 
@@ -38,27 +62,25 @@ class MoEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, router_w, w1, w2, shared_w1, shared_w2, shared_gate_w, k, options):
-        tensors = dict(x=x, router_w=router_w, w1=w1, w2=w2, shared_w1=shared_w1,
-                       shared_w2=shared_w2, shared_gate_w=shared_gate_w)
-        arrays = {n: None if t is None else as_array(t, n) for n, t in tensors.items()}
-        opts = dict(options)
-        if opts.get("bias") is not None:
-            opts["bias"] = as_array(opts["bias"], "bias")
-        y, ctx.moe = moe_forward(**arrays, k=k, **opts, return_context=True)
+        y, ctx.moe = _moe_forward(x, router_w, w1, w2, shared_w1, shared_w2, shared_gate_w, k,
+                                  options, return_context=True)
         ctx.device = x.device
         return to_torch(y, device=x.device)
 
     @staticmethod
     def backward(ctx, dy):
         dx, grads = moe_backward(as_array(dy.contiguous(), "dy"), ctx.moe)
-        return (_grad(dx, ctx.device), *(_grad(grads.get(n), ctx.device) for n in _GRAD_NAMES), None, None)
+        return (_grad(dx, ctx.device), *(_grad(grads.get(n), ctx.device) for n in _GRAD_NAMES),
+                None, None)
 
 
 def moe(x, router_w, w1, w2, k, shared_w1=None, shared_w2=None, shared_gate_w=None, **options):
     """The functional form of MoEFunction: fm.moe_forward's arguments, tensors in and out,
     differentiable in x, router_w, w1, w2 and the shared-expert weights."""
-    return MoEFunction.apply(x, router_w, w1, w2, shared_w1, shared_w2, shared_gate_w, k,
-                             options)
+    args = (x, router_w, w1, w2, shared_w1, shared_w2, shared_gate_w)
+    if not _needs_grad(*args):                   # inference: no activations kept
+        return to_torch(_moe_forward(*args, k, options, return_context=False), x.device)
+    return MoEFunction.apply(*args, k, options)
 
 
 class ExpertsFunction(torch.autograd.Function):
@@ -67,10 +89,8 @@ class ExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, experts, weights, w1, w2, activation, trans_w):
-        y, ctx.experts = routed_experts(as_array(x, "x"), as_array(experts, "experts"),
-                                        as_array(weights, "weights"), as_array(w1, "w1"),
-                                        as_array(w2, "w2"), activation, trans_w,
-                                        return_context=True)
+        y, ctx.experts = _experts_forward(x, experts, weights, w1, w2, activation, trans_w,
+                                          return_context=True)
         ctx.device = x.device
         return to_torch(y, device=x.device)
 
@@ -78,15 +98,18 @@ class ExpertsFunction(torch.autograd.Function):
     def backward(ctx, dy):
         dx, d_weights, dw1, dw2 = routed_experts_backward(as_array(dy.contiguous(), "dy"),
                                                           ctx.experts)
-        return (_grad(dx, ctx.device), None, _grad(d_weights, ctx.device), _grad(dw1, ctx.device),
-                _grad(dw2, ctx.device), None, None)
+        dev = ctx.device
+        return (_grad(dx, dev), None, _grad(d_weights, dev), _grad(dw1, dev), _grad(dw2, dev),
+                None, None)
 
 
 def experts(x, top_k_index, top_k_weights, w1, w2, activation="swiglu", trans_w=False):
     """The functional form of ExpertsFunction. x: (T, d), top_k_index: (T, k) int,
     top_k_weights: (T, k) (cast to x's dtype), w1, w2 as in fm.moe_forward -> y: (T, d)."""
-    return ExpertsFunction.apply(x, top_k_index, top_k_weights.to(x.dtype), w1, w2, activation,
-                                 bool(trans_w))
+    args = (x, top_k_index, top_k_weights.to(x.dtype), w1, w2, activation, bool(trans_w))
+    if not _needs_grad(x, args[2], w1, w2):      # inference: no activations kept
+        return to_torch(_experts_forward(*args, return_context=False), x.device)
+    return ExpertsFunction.apply(*args)
 
 
 class MoE(torch.nn.Module):

@@ -1,5 +1,6 @@
 """fastmoe_nb.nn layers and losses: backward against float64 central differences, gradient
 accumulation, frozen parameters, train/eval, bad input."""
+import numba
 import numpy as np
 import pytest
 
@@ -8,6 +9,16 @@ from fastmoe_nb.nn.gradcheck import numerical_gradient
 
 F64 = np.float64
 TOL = 1e-6
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_numba_thread():
+    """Gradient checks run hundreds of forwards on tiny shapes, where waking a second thread
+    costs more than it saves (and much more on a busy machine)."""
+    n = numba.get_num_threads()
+    numba.set_num_threads(1)
+    yield
+    numba.set_num_threads(n)
 
 
 def numeric_grad(f, a, eps=1e-6):
@@ -221,7 +232,7 @@ def test_moe_backward(rng, kw):
     m = nn.MoE(6, 3, dtype=F64, rng=rng, **kw).eval()
     if kw.get("router") == "sigmoid_topk":
         m.bias.value[...] = [0.3, 0.0, -0.2, 0.1]
-    check_module(m, rng.standard_normal((7, 6)), max_entries=10)
+    check_module(m, rng.standard_normal((7, 6)), max_entries=6)
     assert not hasattr(m, "bias") or not m.bias.grad.any()
 
 
@@ -318,8 +329,9 @@ def test_moe_balancing_and_z_loss_gradients_reach_router_and_input(rng):
     assert m.aux_loss > 0 and m.z_loss > 0
     m.zero_grad()
     dx = m.backward(r)
-    assert rel_err(dx, numeric_grad(total, x)) <= TOL
-    assert rel_err(m.router_w.grad, numeric_grad(total, m.router_w.value)) <= TOL
+    for got, a in ((dx, x), (m.router_w.grad, m.router_w.value)):
+        num = numerical_gradient(lambda a: total(), [a], [1.0], 0, entries=range(0, a.size, 3))
+        assert rel_err(got[~np.isnan(num)], num[~np.isnan(num)]) <= TOL
     plain = nn.MoE(6, 3, num_experts=4, k=2, dtype=F64, rng=0).eval()
     plain.router_w.value[...] = m.router_w.value
     plain.w1.value[...], plain.w2.value[...] = m.w1.value, m.w2.value

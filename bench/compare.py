@@ -7,7 +7,8 @@ first three), on the same weights and tokens:
 
   grouped GEMM (the first expert GEMM, xs (N, d) @ w1 (E, d, 2h), weights packed once):
       fastmoe_nb, a NumPy per-expert loop, a dense np.matmul of equal FLOPs -> GFLOP/s
-  MoE layer (moe_forward, raw weights, so the per-call weight packing is included):
+  MoE layer (moe_forward, raw weights, so the per-call weight packing is included; and
+      experts_forward alone with weights packed once):
       fastmoe_nb, a NumPy per-expert loop, a dense np.matmul of the layer's FLOPs, and HF
       transformers' Mixtral experts block ('eager', 'grouped_mm') when torch and
       transformers are installed (pip install 'fastmoe-nb[bench]') -> seconds
@@ -85,6 +86,10 @@ def run_preset(p, zipf, repeat, with_hf, bandwidth):
     row["moe dense s"] = med(lambda: a_dense @ b_dense, repeat)
     del a_dense, b_dense
     row["moe fm/dense rate"] = row["moe dense s"] / row["moe fm s"]
+    pw2 = fm.pack_weights(w2)
+    row["experts packed s"] = med(lambda: fm.experts_forward(xs, pw1, w2 if T <= 64 else pw2,
+                                                             off, p.activation), repeat)
+    del pw2
     tracemalloc.start()
     layer()
     peak = tracemalloc.get_traced_memory()[1]

@@ -80,14 +80,14 @@ class CharLM(nn.Module):
     """ids (T, n) -> logits (T, V): embed the n previous characters, concatenate, project
     to d, `layers` residual blocks x + ffn(RMSNorm(x)), RMSNorm, a linear head."""
 
-    def __init__(self, V, n, d_emb, d, layers, make_ffn, rng):
+    def __init__(self, V, n, d_emb, d, layers, make_ffn, rng, dtype=np.float32):
         self.n, self.d_emb = n, d_emb
-        self.emb = nn.Embedding(V, d_emb, rng=rng, std=0.5)
-        self.proj = nn.Linear(n * d_emb, d, rng=rng)
-        self.blocks = [nn.Residual(nn.Sequential(nn.RMSNorm(d), make_ffn()))
+        self.emb = nn.Embedding(V, d_emb, dtype=dtype, rng=rng, std=0.5)
+        self.proj = nn.Linear(n * d_emb, d, dtype=dtype, rng=rng)
+        self.blocks = [nn.Residual(nn.Sequential(nn.RMSNorm(d, dtype=dtype), make_ffn()))
                        for _ in range(layers)]
-        self.norm = nn.RMSNorm(d)
-        self.head = nn.Linear(d, V, rng=rng)
+        self.norm = nn.RMSNorm(d, dtype=dtype)
+        self.head = nn.Linear(d, V, dtype=dtype, rng=rng)
 
     def moe_layers(self):
         return [b.body.layers[1] for b in self.blocks if isinstance(b.body.layers[1], nn.MoE)]

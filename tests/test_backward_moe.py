@@ -182,6 +182,17 @@ def test_moe_backward_is_deterministic_for_any_thread_count(rng):
             np.testing.assert_array_equal(g, runs[0][1][name])
 
 
+@pytest.mark.parametrize("gate_shape", [(10,), (10, 1)])
+def test_moe_backward_gradients_keep_the_weights_shapes(rng, gate_shape):
+    x, router_w, w1, w2, kw = make_layer(rng, 6, 10, 4, 3, np.float32, shared=True, gate=True,
+                                         trans_w=True)
+    kw["shared_gate_w"] = kw["shared_gate_w"].reshape(gate_shape)
+    _, grads = _run(x, router_w, w1, w2, 2, kw, np.ones((6, 10), np.float32))
+    given = dict(kw, router_w=router_w, w1=w1, w2=w2)
+    for name, g in grads.items():
+        assert g.shape == given[name].shape and g.dtype == np.float32, name
+
+
 def test_moe_backward_rejects_bad_input(rng):
     x, router_w, w1, w2, _ = make_layer(rng, 5, 8, 4, 3, np.float32)
     y, ctx = fm.moe_forward(x, router_w, w1, w2, 2, return_context=True)

@@ -65,15 +65,22 @@ def test_linear_backward(rng, T, d_in, d_out, bias):
 
 
 @pytest.mark.parametrize("T,d", [(1, 1), (4, 6), (3, 100)])
-def test_rmsnorm_backward(rng, T, d):
-    m = nn.RMSNorm(d, dtype=F64)
-    m.g.value[...] = rng.standard_normal(d)
+@pytest.mark.parametrize("norm", [nn.RMSNorm, nn.LayerNorm])
+def test_norm_backward(rng, T, d, norm):
+    m = norm(d, dtype=F64)
+    for p in m.parameters():
+        p.value[...] = rng.standard_normal(d)
     check_module(m, rng.standard_normal((T, d)))
 
 
-def test_rmsnorm_forward_has_unit_rms(rng):
-    y = nn.RMSNorm(8, eps=1e-12).forward(3 * rng.standard_normal((5, 8)).astype(np.float32))
+def test_norm_forwards_by_hand(rng):
+    x = 3 * rng.standard_normal((5, 8)) + 2
+    y = nn.RMSNorm(8, eps=1e-12).forward(x.astype(np.float32))
     np.testing.assert_allclose(np.sqrt((y.astype(F64) ** 2).mean(axis=1)), 1.0, rtol=1e-5)
+    ln = nn.LayerNorm(8, eps=1e-12, dtype=F64)
+    ln.b.value[...] = 0.5
+    want = (x - x.mean(1, keepdims=True)) / x.std(1, keepdims=True) + 0.5
+    np.testing.assert_allclose(ln.forward(x), want, rtol=1e-12)
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu", "swiglu"])

@@ -12,14 +12,14 @@ the input's gradient and accumulates the parameters' gradients)::
 """
 from .checkpoint import load, save
 from .gradcheck import GradcheckError, gradcheck, numerical_gradient
-from .layers import MLP, Embedding, Linear, RMSNorm
+from .layers import MLP, Embedding, LayerNorm, Linear, RMSNorm
 from .losses import cross_entropy, mse
 from .moe import MoE
 from .module import Module, Parameter, Residual, Sequential
 from .optim import SGD, AdamW, Optimizer, clip_grad_norm, global_grad_norm
 
 __all__ = [
-    "MLP", "SGD", "AdamW", "Embedding", "GradcheckError", "Linear", "MoE", "Module",
+    "MLP", "SGD", "AdamW", "Embedding", "GradcheckError", "LayerNorm", "Linear", "MoE", "Module",
     "Optimizer", "Parameter", "RMSNorm", "Residual", "Sequential", "clip_grad_norm",
     "cross_entropy", "global_grad_norm", "gradcheck", "load", "mse", "numerical_gradient",
     "save",

@@ -1,4 +1,4 @@
-"""Dense layers: Linear, Embedding, RMSNorm, MLP (the dense twin of one expert).
+"""Dense layers: Linear, Embedding, RMSNorm, LayerNorm, MLP (the dense twin of one expert).
 
 Every layer takes ``dtype`` (float32 by default; float64 for gradient checks) and ``rng`` (a
 NumPy Generator or a seed) for its initialization. Inputs are (T, d); callers flatten
@@ -84,25 +84,41 @@ class Embedding(Module):
 class RMSNorm(Module):
     """y = x / sqrt(mean(x^2) + eps) * g. x: (T, d), g: (d,) -> y: (T, d)."""
 
+    center = False      # LayerNorm: subtract each row's mean first, and add a bias
+
     def __init__(self, d, eps=1e-6, dtype=np.float32):
         d = chk.check_int("d", d, 1)
         self.eps = chk.check_real("eps", eps, positive=True)
         self.g = Parameter(np.ones(d, dtype), decay=False)
+        self.b = Parameter(np.zeros(d, dtype), decay=False) if self.center else None
 
     def forward(self, x):
-        # x: (T, d) -> (T, d); keeps r = 1/rms (T, 1)
-        self.x = check_input("x", x, self.g.shape[0], self.g.dtype)
-        self.r = 1.0 / np.sqrt((self.x * self.x).mean(axis=1, keepdims=True) + self.eps)
-        return self.x * self.r * self.g.value
+        # x: (T, d) -> (T, d); keeps xhat = xc * r (T, d) and r = 1 / rms(xc) (T, 1),
+        # xc = x (RMSNorm) or x - mean(x) (LayerNorm)
+        x = check_input("x", x, self.g.shape[0], self.g.dtype)
+        xc = x - x.mean(axis=1, keepdims=True) if self.center else x
+        self.r = 1.0 / np.sqrt((xc * xc).mean(axis=1, keepdims=True) + self.eps)
+        self.xhat = xc * self.r
+        y = self.xhat * self.g.value
+        return y + self.b.value if self.center else y
 
     def backward(self, dy):
         # dy: (T, d) -> dx: (T, d)
-        # dx = r * (dy*g - x * r^2 * mean(dy*g*x)); g.grad += sum_t dy * x * r
-        x, r = self.x, self.r
-        xhat = x * r
+        # dx = r * (dy*g - xhat * mean(dy*g*xhat)), minus its row mean for LayerNorm;
+        # g.grad += sum_t dy * xhat, b.grad += sum_t dy
+        xhat = self.xhat
         self.g.accumulate((dy * xhat).sum(axis=0))
+        if self.center:
+            self.b.accumulate(dy.sum(axis=0))
         dyg = dy * self.g.value
-        return r * (dyg - xhat * (dyg * xhat).mean(axis=1, keepdims=True))
+        dx = self.r * (dyg - xhat * (dyg * xhat).mean(axis=1, keepdims=True))
+        return dx - dx.mean(axis=1, keepdims=True) if self.center else dx
+
+
+class LayerNorm(RMSNorm):
+    """y = (x - mean(x)) / sqrt(var(x) + eps) * g + b. x: (T, d), g, b: (d,) -> y: (T, d)."""
+
+    center = True
 
 
 class MLP(Module):

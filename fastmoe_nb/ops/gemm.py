@@ -1,9 +1,9 @@
 """Grouped GEMM: one matrix product per expert over its block of rows, and its backward.
 
 The CPU work is done by kernels/cpu/gemm.py (packed panels, register-blocked micro-kernel, one
-parallel loop over the tiles of all experts). Weights are packed into panels on every call,
-unless the caller packs them once per weight update with pack_weights() and passes the
-PackedWeights instead of w.
+parallel loop over the tiles of all experts). Raw weights are packed tile by tile inside the
+kernel (read once from memory, the packed copy stays in cache); pack_weights() packs them once
+per weight update instead, and the PackedWeights are passed in place of w.
 """
 from __future__ import annotations
 
@@ -125,35 +125,50 @@ def _chunks(cost, n):
     return np.concatenate([[0], cuts, [len(cost)]]).astype(np.int64)
 
 
+TILE_ROWS = 4 * kg.MC   # rows of A a tile takes at most: B's panels are packed once per tile
+
+
 def make_tiles(rows, r0, r_out, g, k0, k1, P):
     """One job per entry (rows of C, their first A row, first C row, group, depth range) ->
-    (tiles (n, 7) int64, bounds (nthreads+1,) int64) for grouped_gemm_kernel: jobs cut into
-    row blocks of MC and column blocks of NC, split by cost over the threads."""
+    (tiles (n, 7) int64, bounds (nthreads+1,) int64, max rows of a tile) for
+    grouped_gemm_kernel: jobs cut into TILE_ROWS-row and NC-column tiles, split by cost over
+    numba's threads."""
     rows, r0, r_out, g, k0, k1 = (np.asarray(v, np.int64) for v in (rows, r0, r_out, g, k0, k1))
     keep = rows > 0
     rows, r0, r_out, g, k0, k1 = (v[keep] for v in (rows, r0, r_out, g, k0, k1))
     ncb = -(-P // (kg.NC // kg.NR))
-    nrb = -(-rows // kg.MC)
+    nrb = -(-rows // TILE_ROWS)
     job = np.repeat(np.arange(rows.shape[0]), nrb * ncb)
     within = np.arange(job.shape[0]) - np.repeat(np.cumsum(nrb * ncb) - nrb * ncb, nrb * ncb)
     rb, cb = within // ncb, within % ncb
-    m = np.minimum(kg.MC, rows[job] - rb * kg.MC)
-    tiles = np.stack([g[job], r0[job] + rb * kg.MC, m, r_out[job] + rb * kg.MC, k0[job],
-                      k1[job], cb * (kg.NC // kg.NR)], axis=1).astype(np.int64)
+    m = np.minimum(TILE_ROWS, rows[job] - rb * TILE_ROWS)
+    tiles = np.stack([g[job], r0[job] + rb * TILE_ROWS, m, r_out[job] + rb * TILE_ROWS,
+                      k0[job], k1[job], cb * (kg.NC // kg.NR)], axis=1).astype(np.int64)
     ncols = np.minimum(kg.NC // kg.NR, P - tiles[:, 6])
-    cost = (-(-m // kg.MR) * kg.MR) * ncols * np.maximum(k1[job] - k0[job], 1)
-    return np.ascontiguousarray(tiles), _chunks(cost, numba.get_num_threads())
+    cost = (-(-m // kg.MR) * kg.MR + kg.MR) * ncols * np.maximum(k1[job] - k0[job], 1)
+    max_rows = int(m.max()) if m.size else 0
+    return np.ascontiguousarray(tiles), _chunks(cost, numba.get_num_threads()), max_rows
 
 
-def run_gemm(src, ridx, trans, panels, tiles, half, ncol, out, act_out=None, code=-1,
+def num_panels(M, half):
+    """Panels of NR columns of a product with M columns (half > 0: swiglu-interleaved)."""
+    return -(-half // kg.HN) if half else -(-M // kg.NR)
+
+
+def run_gemm(src, ridx, trans, b, btrans, M, half, tiles, out, act_out=None, code=-1,
              store_out=True):
-    """grouped_gemm_kernel with the vectorizer flags (see kernels/cpu/gemm.py)."""
-    tiles, bounds = tiles
+    """grouped_gemm_kernel with the vectorizer flags. b: a (G, L, M) [btrans: (G, M, L)]
+    array, packed tile by tile, or PackedWeights' panels (a 4-D array)."""
+    tiles, bounds, max_rows = tiles
     if act_out is None:
         act_out = np.empty((0, 0), out.dtype)
+    if b.ndim == 4:
+        panels, b = b, np.empty((1, 1, 1), b.dtype)
+    else:
+        panels = np.empty((0, num_panels(M, half), 0, kg.NR), b.dtype)
     with vectorizer_flags():
-        kg.grouped_gemm_kernel(src, ridx, trans, panels, tiles, bounds, half, ncol, out,
-                               act_out, code, store_out)
+        kg.grouped_gemm_kernel(src, ridx, trans, panels, b, btrans, M, tiles, bounds, max_rows,
+                               half, out, act_out, code, store_out)
 
 
 def expert_tiles(offsets, P, K):
@@ -203,17 +218,16 @@ def grouped_gemm(a, w, offsets, trans_w=False):
     w, offsets, M = check_weights(w, a, offsets, bool(trans_w))
     a = np.ascontiguousarray(a)
     out = np.empty((a.shape[0], M), a.dtype)
-    if not isinstance(w, PackedWeights):
-        if few_rows(offsets):
-            run_decode(a, w, bool(trans_w), offsets, out)
-            return out
-        w = PackedWeights(_pack(np.ascontiguousarray(w), bool(trans_w), 0), w.shape,
-                          bool(trans_w), False)
-    N = a.shape[0]
-    half = M // 2 if w.swiglu else 0
-    tiles = expert_tiles(offsets, w.panels.shape[1], a.shape[1])
-    run_gemm(a, np.arange(N, dtype=np.int64), False, w.panels, tiles,
-             half, M, out)
+    trans_w = bool(trans_w)
+    if isinstance(w, PackedWeights):
+        b, half = w.panels, (M // 2 if w.swiglu else 0)
+    elif few_rows(offsets):
+        run_decode(a, w, trans_w, offsets, out)
+        return out
+    else:
+        b, half = np.ascontiguousarray(w), 0
+    run_gemm(a, np.arange(a.shape[0], dtype=np.int64), False, b, trans_w, M, half,
+             expert_tiles(offsets, num_panels(M, half), a.shape[1]), out)
     return out
 
 
@@ -232,20 +246,18 @@ def grouped_gemm_backward(dy, a, w, offsets, trans_w=False):
     N, K = a.shape
     E = w.shape[0]
     ident = np.arange(N, dtype=np.int64)
-    # da = dy @ B_e with B_e = w[e].T (M, K): panels of w read transposed unless trans_w
+    # da = dy @ B_e with B_e = w[e].T (M, K): w read transposed unless trans_w
     da = np.empty((N, K), a.dtype)
-    panels = _pack(w, not trans_w, 0)
-    tiles = expert_tiles(offsets, panels.shape[1], M)
-    run_gemm(dy, ident, False, panels, tiles, 0, K, da)
+    run_gemm(dy, ident, False, w, not trans_w, K, 0, expert_tiles(offsets, num_panels(K, 0), M),
+             da)
     # dw[e] (K, M) = a_e^T @ dy_e; trans_w: dw[e] (M, K) = dy_e^T @ a_e. The depth is the
     # expert's rows; C is dw viewed as (E*R, C) with R, C = dw[e]'s shape.
     lhs, rhs = (dy, a) if trans_w else (a, dy)
     R, C = lhs.shape[1], rhs.shape[1]
     dw = np.empty((E, R, C), a.dtype)
-    panels = _pack(rhs[None], False, 0)
     lo, hi = offsets[:-1], offsets[1:]
     tiles = make_tiles(np.where(hi > lo, R, 0), np.zeros(E), np.arange(E) * R, np.zeros(E),
-                       lo, hi, panels.shape[1])
-    run_gemm(lhs, ident, True, panels, tiles, 0, C, dw.reshape(E * R, C))
+                       lo, hi, num_panels(C, 0))
+    run_gemm(lhs, ident, True, rhs[None], False, C, 0, tiles, dw.reshape(E * R, C))
     dw[hi == lo] = 0.0
     return da, dw

@@ -11,7 +11,7 @@ from .activations import activate, activate_backward, activation_code, hidden_wi
 from .dispatch import combine, combine_backward, make_plan, permute, permute_backward
 from ..kernels.common import SWIGLU
 from .gemm import (PackedWeights, check_weights, expert_tiles, few_rows, grouped_gemm,
-                   grouped_gemm_backward, pack_weights, run_gemm)
+                   grouped_gemm_backward, num_panels, run_gemm)
 from .routing import (check_sigmoid_options, sigmoid_topk, sigmoid_topk_backward, softmax_topk,
                       softmax_topk_backward)
 
@@ -83,8 +83,9 @@ def experts_forward(xs, w1, w2, offsets, activation, trans_w=False, keep=False):
     xs: (N, d), w1: (E, d, h|2h), w2: (E, h, d) [trans_w: (E, h|2h, d), (E, d, h)]
     -> (h_pre (N, h|2h) or None, h_act (N, h), ys (N, d)); h_pre is kept only when keep.
     On the CPU w1 / w2 may also be PackedWeights (pack_weights(w1, trans_w, swiglu=True) for
-    swiglu), packed once per weight update; raw weights are packed on each call. The
-    activation runs in the first GEMM's epilogue (h_pre is only written when keep).
+    swiglu), packed once per weight update; raw weights are packed tile by tile inside the
+    kernel. The activation runs in the first GEMM's epilogue (h_pre is only written when
+    keep); with at most DECODE_ROWS rows an expert, raw weights are streamed unpacked.
     """
     if not keep and backend_of(xs=xs) == CUDA:  # the activation in the GEMM's epilogue
         hidden_width(w1.shape[1] if trans_w else w1.shape[2], activation)
@@ -102,21 +103,22 @@ def experts_forward(xs, w1, w2, offsets, activation, trans_w=False, keep=False):
     w1, offsets, H1 = check_weights(w1, xs, offsets, trans_w, "w1")
     h = hidden_width(H1, activation)
     N = xs.shape[0]
-    if not isinstance(w1, PackedWeights):
-        if few_rows(offsets):        # decoding: stream the unpacked weights once
-            h_pre = grouped_gemm(xs, w1, offsets, trans_w)
-            h_act = activate(h_pre, activation)
-            return (h_pre if keep else None), h_act, grouped_gemm(h_act, w2, offsets, trans_w)
-        w1 = pack_weights(w1, trans_w, swiglu)
-    if swiglu and not w1.swiglu:     # panels without [gate | up] side by side: no fusion
-        h_pre = grouped_gemm(xs, w1, offsets)
+    if isinstance(w1, PackedWeights):
+        b, fused = w1.panels, w1.swiglu == swiglu
+    elif few_rows(offsets):          # decoding: stream the unpacked weights once
+        b, fused = None, False
+    else:                            # packed tile by tile, swiglu halves side by side
+        b, fused = np.ascontiguousarray(w1), True
+    if not fused:                    # swiglu panels for another activation (or the reverse)
+        h_pre = grouped_gemm(xs, w1, offsets, trans_w)
         h_act = activate(h_pre, activation)
     else:
+        half = H1 // 2 if swiglu else 0
         h_pre = np.empty((N, H1), xs.dtype) if keep else np.empty((0, 0), xs.dtype)
         h_act = np.empty((N, h), xs.dtype)
-        run_gemm(xs, np.arange(N, dtype=np.int64), False, w1.panels,
-                 expert_tiles(offsets, w1.panels.shape[1], xs.shape[1]), H1 // 2 if swiglu
-                 else 0, H1, h_pre, h_act, code, keep)
+        run_gemm(xs, np.arange(N, dtype=np.int64), False, b, trans_w, H1, half,
+                 expert_tiles(offsets, num_panels(H1, half), xs.shape[1]), h_pre, h_act, code,
+                 keep)
     ys = grouped_gemm(h_act, w2, offsets, trans_w)
     return (h_pre if keep else None), h_act, ys
 

@@ -166,37 +166,64 @@ def micro_tile(ap, bp, kc, cbuf, ci, cj, first, last, mr, out, r_out, q, half, n
                 act_out[r, c0 + j] = act_scalar(acc[i, j], code)
 
 
+@njit(**FLAGS)
+def pack_block(w, trans, g, q0, q1, k0, k1, half, M, buf):
+    # panels q0..q1-1, depth k0..k1 of B_g = w[g] (trans: w[g].T), as pack_panels lays them
+    # out -> buf: (NC/NR, KC, NR); done per tile, so B is read once from memory and the
+    # packed copy stays in cache
+    for q in range(q0, q1):
+        if trans:
+            for j in range(NR):
+                c = panel_col(q, j, half, M)
+                for p in range(k0, k1):
+                    buf[q - q0, p - k0, j] = w[g, c, p] if c >= 0 else 0.0
+        else:
+            for p in range(k0, k1):
+                for j in range(NR):
+                    c = panel_col(q, j, half, M)
+                    buf[q - q0, p - k0, j] = w[g, p, c] if c >= 0 else 0.0
+
+
 @njit(parallel=True, **FLAGS)
-def grouped_gemm_kernel(src, ridx, trans, bp, tiles, bounds, half, ncol, out, act_out, code,
-                        store_out):
+def grouped_gemm_kernel(src, ridx, trans, bp, w, wtrans, M, tiles, bounds, max_rows, half,
+                        out, act_out, code, store_out):
     # src: A's source (see pack_rows), ridx: (*,) int64 row indices into src,
-    # bp: (G, P, L, NR) packed B, tiles: (n, 7) int64 rows
-    #   (g, r0, m, r_out, k0, k1, q0) -- q1 = q0 + NC/NR clipped to P: panels q0..q1-1 of
-    #   group g, A rows r0..r0+m (depth k0..k1) -> C rows r_out..r_out+m,
+    # bp: (G, P, L, NR) B packed once (pack_panels), or (0, P, 0, NR): then B_g = w[g]
+    #   (wtrans: w[g].T, M columns) is packed per tile and depth chunk (pack_block),
+    # tiles: (n, 7) int64 rows (g, r0, m, r_out, k0, k1, q0): panels q0..q1-1 (q1 = q0 + NC/NR
+    #   clipped to P) of group g, A rows r0..r0+m, depth k0..k1 -> C rows r_out..r_out+m;
+    #   max_rows >= every m,
     # bounds: (nchunks+1,) tiles bounds[c]..bounds[c+1]-1 run in chunk c, in order.
-    # out: (*, ncol) C (or h_pre for the activation epilogue), act_out: (*, ncol') or (0, 0)
+    # out: (*, M) C (or h_pre for the activation epilogue), act_out: (*, M') or (0, 0)
+    # Per tile: for each depth chunk, B's panels once, then every MC-row block of A packed
+    # and multiplied; partial sums over the depth chunks wait in cbuf.
     P = bp.shape[1]
+    packed = bp.shape[0] > 0
     nchunks = bounds.shape[0] - 1
     for c in prange(nchunks):
         abuf = np.empty((MC // MR, KC, MR), bp.dtype)
-        cbuf = np.empty((MC, NC), bp.dtype)
+        bbuf = np.empty((NC // NR, KC, NR), bp.dtype)
+        cbuf = np.empty((max_rows + MR, NC), bp.dtype)
         for t in range(bounds[c], bounds[c + 1]):
             g, r0, m, r_out, k0, k1, q0 = (tiles[t, 0], tiles[t, 1], tiles[t, 2], tiles[t, 3],
                                            tiles[t, 4], tiles[t, 5], tiles[t, 6])
             q1 = min(P, q0 + NC // NR)
-            nb = (m + MR - 1) // MR
             for kk in range(k0, k1, KC):
                 ke = min(k1, kk + KC)
-                pack_rows(src, ridx, trans, r0, m, kk, ke, abuf)
                 first = kk == k0
                 last = ke == k1
-                for q in range(q0, q1):
-                    bq = bp[g, q, kk:ke]
-                    for b in range(nb):
-                        micro_tile(abuf[b], bq, ke - kk, cbuf, b * MR, (q - q0) * NR, first,
-                                   last, min(MR, m - b * MR), out, r_out + b * MR, q, half,
-                                   ncol, act_out, code, store_out)
-
+                if not packed:
+                    pack_block(w, wtrans, g, q0, q1, kk, ke, half, M, bbuf)
+                for rb in range(0, m, MC):
+                    mb = min(MC, m - rb)
+                    pack_rows(src, ridx, trans, r0 + rb, mb, kk, ke, abuf)
+                    for q in range(q0, q1):
+                        for b in range((mb + MR - 1) // MR):
+                            i = rb + b * MR
+                            bq = bp[g, q, kk:ke] if packed else bbuf[q - q0, :ke - kk]
+                            micro_tile(abuf[b], bq, ke - kk, cbuf, i, (q - q0) * NR, first,
+                                       last, min(MR, m - i), out, r_out + i, q, half, M,
+                                       act_out, code, store_out)
 
 
 # --------------------------------------------------------------------------- decode

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.special import erf as _erf
+from scipy.special import expit as _sigmoid
 
 from .types import Plan, Routing
 
@@ -154,11 +155,11 @@ def activate(h, activation):
     elif activation == "gelu_tanh":
         out = 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
     elif activation == "silu":
-        out = x / (1.0 + np.exp(-x))
+        out = x * _sigmoid(x)
     elif activation == "swiglu":
         half = x.shape[1] // 2
         g, u = x[:, :half], x[:, half:]
-        out = g / (1.0 + np.exp(-g)) * u
+        out = g * _sigmoid(g) * u
     else:
         raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
     return out.astype(h.dtype)

@@ -3,6 +3,7 @@ ranks against the single-process layer on the same global batch, collective vali
 the nn form. Every rank checks its own part; rank 0 prints "ALL OK <checks>" or the failures
 of every rank and the script exits 1."""
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -241,7 +242,7 @@ def training_cases():
         runs = {}
         for s in sizes:
             sub = comm.Split(rank // s, rank)
-            losses, model = train(sub, steps=12, batch=64, dtype=dt, return_model=True)
+            losses, model = train(sub, steps=8, batch=64, dtype=dt, return_model=True)
             runs[s] = np.array(losses)
             # replicated weights stay bitwise identical on every rank of the group
             for name, p in model.named_parameters():
@@ -279,20 +280,16 @@ def main():
         dict(name="f32 uneven d=600", tokens=[7, 1, 0, 2], d=600, h=3, E=2 * P, k=2,
              activation="silu", seed=3),
     ]
-    for c in cases:
-        try:
-            run_case(**c)
-        except Exception:  # noqa: BLE001
-            failures.append(f"rank {rank}: {c['name']} raised\n{short_traceback()}")
-    for fn in (nn_cases, training_cases):
+    phases = [(c["name"], lambda c=c: run_case(**c)) for c in cases]
+    phases += [("nn", nn_cases), ("training", training_cases), ("validation", validation_cases)]
+    seconds = {}
+    for name, fn in phases:
+        t0 = time.perf_counter()
         try:
             fn()
         except Exception:  # noqa: BLE001
-            failures.append(f"rank {rank}: {fn.__name__} raised\n{short_traceback()}")
-    try:
-        validation_cases()
-    except Exception:  # noqa: BLE001
-        failures.append(f"rank {rank}: validation raised\n{short_traceback()}")
+            failures.append(f"rank {rank}: {name} raised\n{short_traceback()}")
+        seconds[name] = time.perf_counter() - t0
     everything = comm.gather((checks[0], failures), root=0)
     if rank == 0:
         bad = [f for _, fs in everything for f in fs]
@@ -301,7 +298,8 @@ def main():
             sys.stdout.flush()
         else:
             print(f"ALL OK {sum(n for n, _ in everything)} checks on {P} ranks "
-                  f"({stats['bitwise']} cases bitwise, {stats['close']} within 1e-6)")
+                  f"({stats['bitwise']} cases bitwise, {stats['close']} within 1e-6); seconds: "
+                  + ", ".join(f"{n} {t:.1f}" for n, t in seconds.items()))
     ok = comm.bcast(rank == 0 and not bad if rank == 0 else None, root=0)
     sys.exit(0 if ok else 1)
 

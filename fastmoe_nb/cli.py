@@ -762,7 +762,7 @@ def cmd_bench(args):
     be = _Cuda() if args.backend == "cuda" else _Host()
 
     machine = measure_machine(args.dtype, max(threads_list)) if be.name == "cpu" else None
-    doc = {"schema": SCHEMA, "command": "fastmoe-nb " + " ".join(sys.argv[1:]),
+    doc = {"schema": SCHEMA, "command": "fastmoe-nb " + " ".join(args.argv),
            "versions": _versions(), "machine": machine, "sweep": sweep_key, "results": []}
     if machine:
         print(f"machine ceilings, measured now with {machine['threads']} threads: dense "
@@ -895,7 +895,9 @@ def cmd_presets(args):
 
 def main(argv=None):
     try:
+        argv = sys.argv[1:] if argv is None else list(argv)
         args = build_parser().parse_args(argv)
+        args.argv = argv
         return {"bench": cmd_bench, "info": cmd_info, "presets": cmd_presets}[args.command](args)
     except UsageError as e:
         print(f"fastmoe-nb: error: {e}", file=sys.stderr)

@@ -74,6 +74,7 @@ def test_bench_layer_subprocess_writes_checked_json(tmp_path):
     assert "check vs reference.py" in p.stdout and "fastmoe_nb" in p.stdout
     doc = json.loads(out.read_text())
     assert doc["schema"] == cli.SCHEMA
+    assert doc["command"].startswith("fastmoe-nb bench layer --tokens 48")
     assert doc["machine"]["matmul_gflops"] > 0 and doc["machine"]["read_gbs"] > 0
     assert doc["versions"]["numba"] and doc["versions"]["fastmoe_nb"]
     (res,) = doc["results"]

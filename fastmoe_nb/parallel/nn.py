@@ -64,6 +64,10 @@ class ExpertParallelMoE(Module):
             raise TypeError(f"moe: expected an nn.MoE, got {type(moe).__name__}")
         comm = mc.get_comm(comm)
         chk.check_choice("moe.router", moe.router, ROUTERS)
+        extras = [n for n in ("jitter", "aux_loss_coef", "z_loss_coef") if getattr(moe, n, 0)]
+        if extras:
+            raise ValueError(f"moe: {', '.join(extras)} expected 0: router noise and balancing "
+                             f"losses are not part of ExpertParallelMoE")
         expert_range(moe.num_experts, comm)
         self = cls.__new__(cls)
         self._take(moe, comm)

@@ -227,6 +227,8 @@ def nn_cases():
     other = nn.Sequential(layer, nn.Linear(d, d, rng=0)) if rank == P - 1 else model
     expect_error("nn: sync_gradients of different models", lambda: ep.sync_gradients(other, comm),
                  ValueError, ["replicated parameters"])
+    expect_error("nn: from_moe with a balancing loss", lambda: ep.ExpertParallelMoE.from_moe(
+        nn.MoE(d, h, E, k, aux_loss_coef=0.01), comm), ValueError, ["aux_loss_coef"])
     expect_error("nn: E not divisible", lambda: ep.ExpertParallelMoE(d, h, P + 1, 1, comm=comm),
                  ValueError, ["divisible"])
 

@@ -5,10 +5,11 @@
 
 The same model (same weights, same batch) runs forward, backward and an AdamW step with
 experts_implementation "eager" (HF's per-expert loop), "grouped_mm" (torch's grouped GEMM)
-and "fastmoe_nb" (register_hf_experts()). Printed: the median step time of --repeat steps after
-one warm-up step (compilation excluded), its ratio to eager measured in this same run, and the
-largest logits / loss difference from eager as a sanity check. Only the experts differ; the
-attention, router, norms and optimizer are torch's in all three.
+and "fastmoe_nb" (register_hf_experts()). After one warm-up step each (compilation excluded)
+the implementations take turns, step by step, so a shared machine's load hits all alike.
+Printed: the median step time of --repeat steps, its ratio to the first implementation
+(eager) in this same run, and the largest logits / loss difference from it (a sanity check).
+Only the experts differ; attention, router, norms and optimizer are torch's in all three.
 """
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def step(model, opt, ids):
     return out
 
 
-def run(args, impl, state, ids):
+def prepare(args, impl, state, ids):
+    """The model of one implementation, loaded with state, warmed up -> (model, opt, logits)."""
     model = build(args, impl)
     model.load_state_dict(state)
     model.train()
@@ -53,12 +55,13 @@ def run(args, impl, state, ids):
     with torch.no_grad():
         logits = model(input_ids=ids).logits
     step(model, opt, ids)                                    # warm-up (numba, allocators)
-    times, losses = [], []
-    for _ in range(args.repeat):
-        t0 = time.perf_counter()
-        losses.append(float(step(model, opt, ids).loss.detach()))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), logits, losses
+    return model, opt, logits
+
+
+def timed(model, opt, ids):
+    t0 = time.perf_counter()
+    loss = float(step(model, opt, ids).loss.detach())
+    return time.perf_counter() - t0, loss
 
 
 def main():
@@ -82,16 +85,24 @@ def main():
     print(f"Mixtral d={args.d} h={args.h} E={args.experts} k={args.k} layers={args.layers} "
           f"T={ids.numel()}; torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"transformers {transformers.__version__}, numba {numba.__version__}")
-    rows, base = [], None
+    runs = {impl: prepare(args, impl, state, ids) for impl in args.impl}
+    times = {impl: [] for impl in args.impl}
+    losses = {impl: [] for impl in args.impl}
+    for _ in range(args.repeat):          # round robin: load on a shared machine hits all alike
+        for impl, (model, opt, _) in runs.items():
+            t, loss = timed(model, opt, ids)
+            times[impl].append(t)
+            losses[impl].append(loss)
+    base = args.impl[0]
+    t_base = statistics.median(times[base])
+    rows = []
     for impl in args.impl:
-        t, logits, losses = run(args, impl, state, ids)
-        if base is None:
-            base = (impl, t, logits, losses)
-        diff = float((logits - base[2]).abs().max())
-        dloss = max(abs(a - b) for a, b in zip(losses, base[3]))
-        rows.append((impl, t, base[1] / t, diff, dloss))
+        t = statistics.median(times[impl])
+        diff = float((runs[impl][2] - runs[base][2]).abs().max())
+        dloss = max(abs(a - b) for a, b in zip(losses[impl], losses[base]))
+        rows.append((impl, t, t_base / t, diff, dloss))
     print(f"numba threading layer: {numba.threading_layer()}")
-    print(f"{'experts':<12}{'step (s)':>10}{'vs ' + base[0]:>12}{'max |dlogits|':>15}"
+    print(f"{'experts':<12}{'step (s)':>10}{'vs ' + base:>12}{'max |dlogits|':>15}"
           f"{'max |dloss|':>13}")
     for impl, t, speed, diff, dloss in rows:
         print(f"{impl:<12}{t:>10.3f}{speed:>11.2f}x{diff:>15.2e}{dloss:>13.2e}")

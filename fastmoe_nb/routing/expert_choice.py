@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..kernels.cpu import routers as kr
-from ..ops.routing import softmax, softmax_topk_backward
+from ..ops.routing import softmax, softmax_backward
 from ..types import Routing
 from . import _checks
 from .capacity import plan_unchecked, resolve_capacity
@@ -56,4 +56,4 @@ def expert_choice_backward(d_weights, logits, plan):
                          f"shape ({T}, {E}), got {tuple(plan.slots.shape)}")
     g = _checks.grad("d_weights", d_weights, (T, E), logits.dtype)
     g = np.where(plan.slots >= 0, g, np.zeros((), g.dtype))
-    return softmax_topk_backward(g, logits, _grid(T, E), renormalize=False)
+    return softmax_backward(g, softmax(logits, check_finite=False))

@@ -67,7 +67,14 @@ def load_balancing_loss_backward(d_loss, logits, experts, normalization="mixtral
     """d_loss: scalar -> d_logits (T, E): d_loss * c / M * m_t * p_t * (f - <f, p_t>)."""
     d = chk.check_real("d_loss", d_loss)
     logits, experts, m = _balance_inputs(logits, experts, normalization, mask, False)
-    f, _, c, M = _balance_terms(logits, experts, normalization, m)
+    T, E = logits.shape
+    k = experts.shape[1]
+    use = 1 if normalization in ("switch", "gshard") else k
+    mt = np.ones(T) if m is None else m           # the counts need no probabilities
+    count = np.bincount(experts[:, :use].reshape(-1), np.repeat(mt, use), minlength=E)
+    M = float(mt.sum())
+    f = count / M if M else np.zeros(E)
+    c = float(E) if use == 1 or normalization == "mixtral" else E / k
     d_logits = np.empty_like(logits)
     g = np.ascontiguousarray(d * c / M * f if M else np.zeros_like(f))
     kr.balance_backward_kernel(logits, g, _ONE if m is None else m, m is not None, d_logits)
@@ -77,16 +84,16 @@ def load_balancing_loss_backward(d_loss, logits, experts, normalization="mixtral
 def _z_inputs(logits, mask, check_finite):
     logits = _checks.scores("logits", logits, check_finite)
     m = _checks.token_mask(mask, logits.shape[0])
-    lse = np.empty(logits.shape[0], np.float64)
-    kr.logsumexp_kernel(logits, lse)
     M = float(logits.shape[0]) if m is None else float(m.sum())
-    return logits, m, lse, M
+    return logits, m, M
 
 
 def z_loss(logits, mask=None, check_finite=True):
     """Router z-loss (ST-MoE, Zoph et al. 2022): mean over (unmasked) tokens of
     logsumexp(logits[t])^2, as HF transformers' router_z_loss_func (0 when no token)."""
-    logits, m, lse, M = _z_inputs(logits, mask, check_finite)
+    logits, m, M = _z_inputs(logits, mask, check_finite)
+    lse = np.empty(logits.shape[0], np.float64)
+    kr.logsumexp_kernel(logits, lse)
     sq = lse * lse if m is None else lse * lse * m
     return float(sq.sum() / M) if M else 0.0
 
@@ -94,9 +101,9 @@ def z_loss(logits, mask=None, check_finite=True):
 def z_loss_backward(d_loss, logits, mask=None):
     """d_loss: scalar -> d_logits (T, E) = d_loss / M * m_t * 2 lse_t * softmax(logits[t])."""
     d = chk.check_real("d_loss", d_loss)
-    logits, m, lse, M = _z_inputs(logits, mask, False)
+    logits, m, M = _z_inputs(logits, mask, False)
     d_logits = np.empty_like(logits)
-    kr.z_loss_backward_kernel(logits, lse, d / M if M else 0.0, _ONE if m is None else m,
+    kr.z_loss_backward_kernel(logits, d / M if M else 0.0, _ONE if m is None else m,
                               m is not None, d_logits)
     return d_logits
 

@@ -245,13 +245,22 @@ def logsumexp_kernel(logits, out):
 
 
 @njit(parallel=True, cache=True)
-def z_loss_backward_kernel(logits, lse, scale, mask, has_mask, d_logits):
-    # logits: (T, E), lse: (T,) -> d_logits[t] = scale * m_t * 2 lse_t * softmax(logits[t])
+def z_loss_backward_kernel(logits, scale, mask, has_mask, d_logits):
+    # logits: (T, E) -> d_logits[t] = scale * m_t * 2 lse_t * softmax(logits[t]),
+    # lse_t = logsumexp(logits[t]); one exp per element
     T, E = logits.shape
     for t in prange(T):
-        c = scale * 2.0 * lse[t] * (np.float64(mask[t]) if has_mask else 1.0)
+        p = np.empty(E, np.float64)
+        m = -np.inf
         for e in range(E):
-            d_logits[t, e] = c * math.exp(np.float64(logits[t, e]) - lse[t])
+            m = max(m, np.float64(logits[t, e]))
+        s = 0.0
+        for e in range(E):
+            p[e] = math.exp(np.float64(logits[t, e]) - m)
+            s += p[e]
+        c = scale * 2.0 * (m + math.log(s)) * (np.float64(mask[t]) if has_mask else 1.0) / s
+        for e in range(E):
+            d_logits[t, e] = c * p[e]
 
 
 @njit(cache=True)

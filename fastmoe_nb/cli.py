@@ -626,7 +626,11 @@ def measure_machine(dtype, threads):
 # --------------------------------------------------------------------------- output
 
 def _ms(t):
-    return "-" if t is None else f"{t * 1e3:.3g}" if t < 10 else f"{t * 1e3:.0f}"
+    """Seconds as milliseconds, 3 significant digits or more (never an exponent)."""
+    if t is None:
+        return "-"
+    ms = t * 1e3
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}" if ms >= 1 else f"{ms:.3f}"
 
 
 def _num(v, fmt="{:.1f}"):

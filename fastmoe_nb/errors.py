@@ -9,6 +9,18 @@ import numpy as np
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+def dtype_of(a):
+    """The NumPy dtype of an array: NumPy, Numba/CuPy device arrays, and PyTorch CUDA tensors
+    (whose torch dtype NumPy cannot read: their __cuda_array_interface__ typestr says it)."""
+    try:
+        return np.dtype(a.dtype)
+    except TypeError:
+        cai = getattr(a, "__cuda_array_interface__", None)
+        if cai is None:
+            raise
+        return np.dtype(cai["typestr"])
+
+
 def _shape_of(a):
     return tuple(int(s) for s in a.shape)
 
@@ -30,7 +42,7 @@ def check_array(name, a, ndim=None, shape=None):
 def check_float(name, a, ndim=None, shape=None, dtype=None):
     """A float32/float64 array; with dtype, exactly that dtype (mixed dtypes are an error)."""
     check_array(name, a, ndim, shape)
-    dt = np.dtype(a.dtype)
+    dt = dtype_of(a)
     if dt not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected float32 or float64, got {dt}")
     if dtype is not None and dt != np.dtype(dtype):
@@ -41,8 +53,8 @@ def check_float(name, a, ndim=None, shape=None, dtype=None):
 
 def check_int_array(name, a, ndim=None, shape=None):
     check_array(name, a, ndim, shape)
-    if np.dtype(a.dtype).kind not in "iu":
-        raise TypeError(f"{name}: expected an integer array, got {np.dtype(a.dtype)}")
+    if dtype_of(a).kind not in "iu":
+        raise TypeError(f"{name}: expected an integer array, got {dtype_of(a)}")
     return a
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional
 
+import numpy as np
+
 
 class Routing(NamedTuple):
     """What a router chose.
@@ -57,7 +59,10 @@ class Plan(NamedTuple):
 
     @property
     def num_dropped(self) -> int:
-        return int(self.dropped.sum())
+        d = self.dropped
+        if hasattr(d, "copy_to_host"):  # a Numba device array (E values)
+            d = d.copy_to_host()
+        return int(np.asarray(d).sum())
 
 
 @dataclass

@@ -179,31 +179,45 @@ def noisy_topk_backward_kernel(d_weights, d_load, clean, raw, noise, k, eps, tra
 
 # --------------------------------------------------------------------------- losses
 
-@njit(cache=True)
+_BLOCK = 256  # tokens per partial sum: fixed, so the sums do not depend on the thread count
+
+
+@njit(parallel=True, cache=True)
 def balance_sums_kernel(logits, experts, use, mask, has_mask):
     # logits: (T, E), experts: (T, k), mask: (T,) -> (psum (E,), count (E,), total) float64:
     # psum[e] = sum_t m_t softmax(logits[t])[e], count[e] = sum_t m_t #{j < use: experts[t,j]=e}
+    # Blocks of _BLOCK tokens are summed in parallel, then the blocks in order.
     T, E = logits.shape
+    nb = (T + _BLOCK - 1) // _BLOCK
+    part = np.zeros((nb, E), np.float64)
+    cpart = np.zeros((nb, E), np.float64)
+    tpart = np.zeros(nb, np.float64)
+    for b in prange(nb):
+        p = np.empty(E, np.float64)
+        for t in range(b * _BLOCK, min(T, (b + 1) * _BLOCK)):
+            mt = np.float64(mask[t]) if has_mask else 1.0
+            if mt == 0.0:
+                continue
+            tpart[b] += mt
+            m = -np.inf
+            for e in range(E):
+                m = max(m, np.float64(logits[t, e]))
+            s = 0.0
+            for e in range(E):
+                p[e] = math.exp(np.float64(logits[t, e]) - m)
+                s += p[e]
+            for e in range(E):
+                part[b, e] += mt * p[e] / s
+            for j in range(use):
+                cpart[b, experts[t, j]] += mt
     psum = np.zeros(E, np.float64)
     count = np.zeros(E, np.float64)
-    p = np.empty(E, np.float64)
     total = 0.0
-    for t in range(T):  # token order, one thread: deterministic
-        mt = np.float64(mask[t]) if has_mask else 1.0
-        if mt == 0.0:
-            continue
-        total += mt
-        m = -np.inf
+    for b in range(nb):
+        total += tpart[b]
         for e in range(E):
-            m = max(m, np.float64(logits[t, e]))
-        s = 0.0
-        for e in range(E):
-            p[e] = math.exp(np.float64(logits[t, e]) - m)
-            s += p[e]
-        for e in range(E):
-            psum[e] += mt * p[e] / s
-        for j in range(use):
-            count[experts[t, j]] += mt
+            psum[e] += part[b, e]
+            count[e] += cpart[b, e]
     return psum, count, total
 
 

@@ -63,3 +63,15 @@ def test_bad_input_is_rejected_at_trace_time(rng):
         moe(x, rw, w1, w2[:, :2], 2)
     with pytest.raises(TypeError, match="shared_w1: unexpected option"):
         moe(x, rw, w1, w2, 2, shared_w1=w1)
+
+
+def test_jax_arrays_come_back_read_only_without_a_copy():
+    from fastmoe_nb.interop import as_array
+
+    a = jnp.arange(6.0).reshape(2, 3)
+    v = as_array(a, "a")
+    assert isinstance(v, np.ndarray) and not v.flags.writeable
+    assert v.ctypes.data == a.unsafe_buffer_pointer()            # the same buffer
+    w = as_array(a, "a", writable=True)                          # copied only when asked
+    assert w.flags.writeable and w.ctypes.data != a.unsafe_buffer_pointer()
+    np.testing.assert_array_equal(w, v)

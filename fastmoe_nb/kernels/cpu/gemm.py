@@ -171,14 +171,23 @@ def pack_block(w, trans, g, q0, q1, k0, k1, half, M, buf):
     # panels q0..q1-1, depth k0..k1 of B_g = w[g] (trans: w[g].T), as pack_panels lays them
     # out -> buf: (NC/NR, KC, NR); done per tile, so B is read once from memory and the
     # packed copy stays in cache
-    for q in range(q0, q1):
-        if trans:
+    if trans:                        # w[g, c, :] is contiguous: walk it along p
+        for q in range(q0, q1):
             for j in range(NR):
                 c = panel_col(q, j, half, M)
                 for p in range(k0, k1):
                     buf[q - q0, p - k0, j] = w[g, c, p] if c >= 0 else 0.0
-        else:
-            for p in range(k0, k1):
+        return
+    for p in range(k0, k1):          # w[g, p, :] is contiguous: walk it along the columns
+        for q in range(q0, q1):
+            if half == 0 and (q + 1) * NR <= M:          # a whole plain panel
+                for j in range(NR):
+                    buf[q - q0, p - k0, j] = w[g, p, q * NR + j]
+            elif half > 0 and (q + 1) * HN <= half:      # whole gate and up halves
+                for j in range(HN):
+                    buf[q - q0, p - k0, j] = w[g, p, q * HN + j]
+                    buf[q - q0, p - k0, HN + j] = w[g, p, half + q * HN + j]
+            else:                                        # the last, partial panel
                 for j in range(NR):
                     c = panel_col(q, j, half, M)
                     buf[q - q0, p - k0, j] = w[g, p, c] if c >= 0 else 0.0

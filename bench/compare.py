@@ -1,6 +1,7 @@
 """fastmoe_nb against its alternatives, side by side, from one run.
 
     python bench/compare.py [--threads 2] [--repeat 3] [--presets mixtral-mini,...] [--no-hf]
+                            [--no-zipf]
 
 Per preset (the CPU-performance presets of fastmoe_nb.presets, and Zipf-skewed routing for the
 first three), on the same weights and tokens:
@@ -118,6 +119,7 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--presets", default=",".join(CPU_PERF_PRESETS))
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--no-zipf", action="store_true", help="uniform routing only")
     args = ap.parse_args(argv)
     ok, why = bl.hf_status()
     with_hf = ok and not args.no_hf
@@ -137,7 +139,7 @@ def main(argv=None):
         rows = []
         for name in args.presets.split(","):
             p = get_preset(name)
-            for zipf in ([None, ZIPF_A] if p.tokens > 64 else [None]):
+            for zipf in ([None, ZIPF_A] if p.tokens > 64 and not args.no_zipf else [None]):
                 rows.append(run_preset(p, zipf, args.repeat, with_hf, bandwidth))
                 print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in rows[-1].items()), flush=True)

@@ -12,9 +12,11 @@ Every output element is produced by exactly one tile, in a fixed order: results 
 the same for any thread count.
 
 Blocking (AVX2/AVX-512 fp32): a micro-tile is MR rows x NR columns of C held in registers;
-a tile is up to MC rows x NC columns; the depth is walked in KC chunks. A's rows are packed
-per tile into (MC/MR, KC, MR) micro-panels (this is where the permute gather happens); B is
-packed once per weight update into (G, P, L, NR) panels (pack_panels).
+a tile is some MC-row blocks x NC columns; the depth is walked in KC chunks. A's rows are
+packed per row block into (MC/MR, KC, MR) micro-panels (ridx can gather them: a fused
+permute); B is either packed per tile and depth chunk into a cache-resident (NC/NR, KC, NR)
+buffer (pack_block), or packed once per weight update into (G, P, L, NR) panels
+(pack_panels, the public pack_weights).
 
 Compile these kernels with the SLP vectorizer on and the loop vectorizer off (see
 ops/gemm.py: compiled()), unsigned depth indices, and fastmath 'contract' (FMA only).
@@ -59,22 +61,16 @@ def pack_panels(w, trans, half, out):
     #   half == 0: out[g, q, p, j] = B_g[p, q*NR + j]
     #   half > 0 (swiglu [gate | up], M = 2*half): panel q holds gate columns q*HN.. and the
     #            matching up columns half + q*HN.., so one micro-tile sees both halves
-    # where B_g = w[g] (trans: w[g].T).
+    # where B_g = w[g] (trans: w[g].T). Tasks: (group, NC/NR panels), each by pack_block.
     G, P, L = out.shape[0], out.shape[1], out.shape[2]
     M = w.shape[1] if trans else w.shape[2]
-    for gq in prange(G * P):
-        g = gq // P
-        q = gq - g * P
-        if trans:                    # w[g, c, :] is contiguous: walk it along p
-            for j in range(NR):
-                c = panel_col(q, j, half, M)
-                for p in range(L):
-                    out[g, q, p, j] = w[g, c, p] if c >= 0 else 0.0
-        else:                        # w[g, p, :] is contiguous: walk it along j
-            for p in range(L):
-                for j in range(NR):
-                    c = panel_col(q, j, half, M)
-                    out[g, q, p, j] = w[g, p, c] if c >= 0 else 0.0
+    nq = NC // NR
+    nb = (P + nq - 1) // nq
+    for t in prange(G * nb):
+        g = t // nb
+        q0 = (t - g * nb) * nq
+        q1 = min(P, q0 + nq)
+        pack_block(w, trans, g, q0, q1, 0, L, half, M, out[g, q0:q1])
 
 
 @njit(cache=True)
@@ -168,9 +164,9 @@ def micro_tile(ap, bp, kc, cbuf, ci, cj, first, last, mr, out, r_out, q, half, n
 
 @njit(**FLAGS)
 def pack_block(w, trans, g, q0, q1, k0, k1, half, M, buf):
-    # panels q0..q1-1, depth k0..k1 of B_g = w[g] (trans: w[g].T), as pack_panels lays them
-    # out -> buf: (NC/NR, KC, NR); done per tile, so B is read once from memory and the
-    # packed copy stays in cache
+    # panels q0..q1-1, depth k0..k1 of B_g = w[g] (trans: w[g].T), laid out as pack_panels
+    # describes -> buf: (>= q1-q0, >= k1-k0, NR). The kernel calls it per tile and depth
+    # chunk, so B is read once from memory and the packed copy stays in cache.
     if trans:                        # w[g, c, :] is contiguous: walk it along p
         for q in range(q0, q1):
             for j in range(NR):

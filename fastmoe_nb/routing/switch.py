@@ -8,12 +8,12 @@ connection around the layer is the caller's.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from .. import errors as chk
 from ..ops.routing import softmax_topk, softmax_topk_backward
 from . import _checks
 from .capacity import PRIORITIES, plan_unchecked, resolve_capacity, token_priority
-
-import numpy as np
 
 
 def switch_top1(logits, capacity=None, capacity_factor=1.0, min_capacity=4,

@@ -170,7 +170,7 @@ def main():
     def build():
         return CharModel(len(VOCAB), a.context, a.d_emb, a.d, a.hidden, E, a.k, a.seed)
 
-    print(f"A (code) {len(a_train)} + {len(a_val)} chars, B (prose) {len(b_train)} + "
+    print(f"A (code) {len(a_train)} + {len(a_val)} chars, B (names) {len(b_train)} + "
           f"{len(b_val)} chars; {a.steps} steps of {a.batch} windows per phase")
     base = build()
     train(base, a_train, a, nn.AdamW(base, lr=a.lr, weight_decay=0.01), "A       ")

@@ -40,8 +40,7 @@ SHAPES = [
 @pytest.mark.parametrize("trans_w", [False, True])
 @pytest.mark.parametrize("counts,K,M", SHAPES)
 def test_grouped_gemm_matches_reference(counts, K, M, trans_w, packed):
-    """Raw weights with <= DECODE_ROWS rows per expert take the decode kernel (unpacked
-    weights); PackedWeights and more rows take the tiled kernel."""
+    """Raw weights are packed tile by tile in the kernel, PackedWeights once beforehand."""
     a, w, offsets = make_case(counts, K, M, trans_w=trans_w)
     a0, w0 = a.copy(), w.copy()
     got = fm.grouped_gemm(a, fm.pack_weights(w, trans_w) if packed else w, offsets,

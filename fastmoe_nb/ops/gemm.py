@@ -179,20 +179,6 @@ def expert_tiles(offsets, P, K):
     return make_tiles(np.diff(offsets), lo, lo, np.arange(E), np.zeros(E), np.full(E, K), P)
 
 
-DECODE_ROWS = 8   # at most this many rows per expert: stream unpacked weights (decode_kernel)
-
-
-def few_rows(offsets):
-    """Decoding-sized work: packing the weights would cost more than the product itself."""
-    return offsets.shape[0] < 2 or int(np.diff(offsets).max()) <= DECODE_ROWS
-
-
-def run_decode(a, w, trans, offsets, out):
-    """decode_kernel with the vectorizer flags: out = a @ w per expert, unpacked weights."""
-    with vectorizer_flags():
-        kg.decode_kernel(a, np.ascontiguousarray(w), trans, offsets, out)
-
-
 def check_weights(w, a, offsets, trans_w, name="w"):
     """w: an array (validated like check_gemm_args) or PackedWeights -> (w, offsets, M)."""
     if isinstance(w, PackedWeights):
@@ -221,9 +207,6 @@ def grouped_gemm(a, w, offsets, trans_w=False):
     trans_w = bool(trans_w)
     if isinstance(w, PackedWeights):
         b, half = w.panels, (M // 2 if w.swiglu else 0)
-    elif few_rows(offsets):
-        run_decode(a, w, trans_w, offsets, out)
-        return out
     else:
         b, half = np.ascontiguousarray(w), 0
     run_gemm(a, np.arange(a.shape[0], dtype=np.int64), False, b, trans_w, M, half,

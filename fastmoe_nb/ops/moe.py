@@ -10,7 +10,7 @@ from ..types import MoEContext
 from .activations import activate, activate_backward, activation_code, hidden_width
 from .dispatch import combine, combine_backward, make_plan, permute, permute_backward
 from ..kernels.common import SWIGLU
-from .gemm import (PackedWeights, check_weights, expert_tiles, few_rows, grouped_gemm,
+from .gemm import (PackedWeights, check_weights, expert_tiles, grouped_gemm,
                    grouped_gemm_backward, num_panels, run_gemm)
 from .routing import (check_sigmoid_options, sigmoid_topk, sigmoid_topk_backward, softmax_topk,
                       softmax_topk_backward)
@@ -84,8 +84,8 @@ def experts_forward(xs, w1, w2, offsets, activation, trans_w=False, keep=False):
     -> (h_pre (N, h|2h) or None, h_act (N, h), ys (N, d)); h_pre is kept only when keep.
     On the CPU w1 / w2 may also be PackedWeights (pack_weights(w1, trans_w, swiglu=True) for
     swiglu), packed once per weight update; raw weights are packed tile by tile inside the
-    kernel. The activation runs in the first GEMM's epilogue (h_pre is only written when
-    keep); with at most DECODE_ROWS rows an expert, raw weights are streamed unpacked.
+    kernel, each selected expert's weights read once (decoding is bound by that read). The
+    activation runs in the first GEMM's epilogue (h_pre is only written when keep).
     """
     if not keep and backend_of(xs=xs) == CUDA:  # the activation in the GEMM's epilogue
         hidden_width(w1.shape[1] if trans_w else w1.shape[2], activation)
@@ -105,8 +105,6 @@ def experts_forward(xs, w1, w2, offsets, activation, trans_w=False, keep=False):
     N = xs.shape[0]
     if isinstance(w1, PackedWeights):
         b, fused = w1.panels, w1.swiglu == swiglu
-    elif few_rows(offsets):          # decoding: stream the unpacked weights once
-        b, fused = None, False
     else:                            # packed tile by tile, swiglu halves side by side
         b, fused = np.ascontiguousarray(w1), True
     if not fused:                    # swiglu panels for another activation (or the reverse)
@@ -121,6 +119,16 @@ def experts_forward(xs, w1, w2, offsets, activation, trans_w=False, keep=False):
                  keep)
     ys = grouped_gemm(h_act, w2, offsets, trans_w)
     return (h_pre if keep else None), h_act, ys
+
+
+def experts_backward(d_ys, xs, h_pre, h_act, w1, w2, offsets, activation, trans_w=False):
+    """The gradients of experts_forward. d_ys: (N, d) gradient of ys; xs, h_pre, h_act: the
+    forward's (kept with keep=True); w1, w2, offsets, activation, trans_w: as in the forward
+    -> (d_xs (N, d), dw1, dw2), dw1 / dw2 in the forward's layout."""
+    d_h_act, dw2 = grouped_gemm_backward(d_ys, h_act, w2, offsets, trans_w)
+    d_h_pre = activate_backward(d_h_act, h_pre, activation)
+    d_xs, dw1 = grouped_gemm_backward(d_h_pre, xs, w1, offsets, trans_w)
+    return d_xs, dw1, dw2
 
 
 def shared_forward(x, w1, w2, gate_w, activation):
@@ -269,9 +277,8 @@ def moe_backward(dy, ctx):
         dy = np.ascontiguousarray(dy)
     p, r, plan = ctx.params, ctx.routing, ctx.plan
     d_ys, d_weights = combine_backward(dy, ctx.ys, plan, r.weights)
-    d_h_act, dw2 = grouped_gemm_backward(d_ys, ctx.h_act, p["w2"], plan.offsets, p["trans_w"])
-    d_h_pre = activate_backward(d_h_act, ctx.h_pre, p["activation"])
-    d_xs, dw1 = grouped_gemm_backward(d_h_pre, ctx.xs, p["w1"], plan.offsets, p["trans_w"])
+    d_xs, dw1, dw2 = experts_backward(d_ys, ctx.xs, ctx.h_pre, ctx.h_act, p["w1"], p["w2"],
+                                      plan.offsets, p["activation"], p["trans_w"])
     dx = permute_backward(d_xs, plan)
     dx_router, router_grads = None, {}
     if p["router"] == "softmax_topk":

@@ -49,10 +49,12 @@ def test_add_experts_softmax_k1_keeps_routing_and_output(T, d, init):
 def test_add_experts_sigmoid_suppressed_bias_keeps_output_for_any_k(E, k):
     moe = layer(E=E, k=k, router="sigmoid_topk")
     x = tokens(40, 16)
-    y0 = moe.forward(x)
+    y0, e0 = moe.forward(x), moe.ctx.routing.experts.copy()
     S.add_experts(moe, 2, init="fresh")
     assert moe.bias.shape == (E + 2,) and (moe.bias.value[E:] < moe.bias.value[:E].min()).all()
-    np.testing.assert_array_equal(moe.forward(x), y0)
+    y1 = moe.forward(x)
+    np.testing.assert_array_equal(moe.ctx.routing.experts, e0)
+    assert_close(y1, y0, rtol=1e-6)     # logits of a wider x @ router_w may round differently
     assert moe.stats.tokens_per_expert[E:].sum() == 0
 
 
@@ -168,7 +170,7 @@ def test_gradients_after_surgery_match_finite_differences():
         return dx, moe.router_w.grad.copy(), moe.w1.grad.copy(), moe.w2.grad.copy()
 
     nn.gradcheck(fn, [x, moe.router_w.value.copy(), moe.w1.value.copy(), moe.w2.value.copy()],
-                 backward, rtol=1e-6, max_entries=10)
+                 backward, rtol=1e-6, max_entries=6)
 
 
 # ----------------------------------------------------------------------------- freezing

@@ -4,8 +4,8 @@ expert GEMMs — as plain NumPy calls over hand-written Numba kernels (@njit on 
 from .ops.activations import ACTIVATIONS, activate, activate_backward
 from .ops.dispatch import combine, combine_backward, make_plan, permute, permute_backward
 from .ops.gemm import PackedWeights, grouped_gemm, grouped_gemm_backward, pack_weights
-from .ops.moe import (ROUTERS, experts_forward, moe_backward, moe_forward, shared_backward,
-                      shared_forward)
+from .ops.moe import (ROUTERS, experts_backward, experts_forward, moe_backward, moe_forward,
+                      shared_backward, shared_forward)
 from .ops.routing import (sigmoid_topk, sigmoid_topk_backward, softmax, softmax_backward,
                           softmax_topk, softmax_topk_backward, topk)
 from .types import MoEContext, Plan, Routing
@@ -15,9 +15,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ACTIVATIONS", "ROUTERS", "MoEContext", "Plan", "Routing", "__version__", "activate",
-    "combine", "experts_forward", "grouped_gemm", "grouped_gemm_backward", "make_plan",
-    "PackedWeights", "pack_weights",
-    "moe_forward", "permute",
+    "combine", "experts_backward", "experts_forward", "grouped_gemm", "grouped_gemm_backward",
+    "make_plan", "PackedWeights", "pack_weights", "moe_forward", "permute",
     "shared_forward", "sigmoid_topk", "softmax", "softmax_topk", "topk",
     # backward of every op (training)
     "activate_backward", "combine_backward", "moe_backward", "permute_backward",

@@ -14,10 +14,9 @@ from typing import Any, NamedTuple
 
 from .. import errors as chk
 from ..backend import CUDA, as_host, backend_of
-from ..ops.activations import activate_backward, activation_code, hidden_width
+from ..ops.activations import activation_code, hidden_width
 from ..ops.dispatch import combine, combine_backward, make_plan, permute, permute_backward
-from ..ops.gemm import grouped_gemm_backward
-from ..ops.moe import experts_forward
+from ..ops.moe import experts_backward, experts_forward
 
 
 class ExpertsContext(NamedTuple):
@@ -97,9 +96,8 @@ def routed_experts_backward(dy, ctx):
                          dtype=ctx.ys.dtype)
     offsets = ctx.plan.offsets
     d_ys, d_weights = combine_backward(dy, ctx.ys, ctx.plan, ctx.weights)
-    d_h_act, dw2 = grouped_gemm_backward(d_ys, ctx.h_act, ctx.w2, offsets, ctx.trans_w)
-    d_h_pre = activate_backward(d_h_act, ctx.h_pre, ctx.activation)
-    d_xs, dw1 = grouped_gemm_backward(d_h_pre, ctx.xs, ctx.w1, offsets, ctx.trans_w)
+    d_xs, dw1, dw2 = experts_backward(d_ys, ctx.xs, ctx.h_pre, ctx.h_act, ctx.w1, ctx.w2,
+                                      offsets, ctx.activation, ctx.trans_w)
     return permute_backward(d_xs, ctx.plan), d_weights, dw1, dw2
 
 

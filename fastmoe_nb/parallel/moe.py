@@ -28,10 +28,9 @@ import numpy as np
 
 from .. import errors as chk
 from ..backend import as_host
-from ..ops.activations import activate_backward, activation_code, hidden_width
+from ..ops.activations import activation_code, hidden_width
 from ..ops.dispatch import combine, combine_backward, make_plan, permute, permute_backward
-from ..ops.gemm import grouped_gemm_backward
-from ..ops.moe import experts_forward, shared_backward, shared_forward
+from ..ops.moe import experts_backward, experts_forward, shared_backward, shared_forward
 from ..ops.routing import (check_sigmoid_options, sigmoid_topk, sigmoid_topk_backward,
                            softmax_topk, softmax_topk_backward)
 from ..types import Plan, Routing
@@ -297,9 +296,8 @@ def ep_moe_backward(dy, ctx, reduce="sum"):
                                "ep_moe_backward")
     d_ys, d_weights = combine_backward(dy, ctx.ys, plan, r.weights)          # (N_r, d)
     d_ye = permute(mc.exchange_rows(comm, d_ys, ctx.send_rows, ctx.recv_rows), xplan)
-    d_h_act, dw2 = grouped_gemm_backward(d_ye, ctx.h_act, p["w2"], xplan.offsets, p["trans_w"])
-    d_h_pre = activate_backward(d_h_act, ctx.h_pre, p["activation"])
-    d_xe, dw1 = grouped_gemm_backward(d_h_pre, ctx.xe, p["w1"], xplan.offsets, p["trans_w"])
+    d_xe, dw1, dw2 = experts_backward(d_ye, ctx.xe, ctx.h_pre, ctx.h_act, p["w1"], p["w2"],
+                                      xplan.offsets, p["activation"], p["trans_w"])
     d_xs = mc.exchange_rows(comm, combine(d_xe, xplan), ctx.recv_rows, ctx.send_rows)
     dx = permute_backward(d_xs, plan)
     if p["router"] == "softmax_topk":

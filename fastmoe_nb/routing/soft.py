@@ -15,9 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 from .. import errors as chk
-from ..ops.activations import activate_backward, activation_code, hidden_width
-from ..ops.gemm import grouped_gemm_backward
-from ..ops.moe import experts_forward
+from ..ops.activations import activation_code, hidden_width
+from ..ops.moe import experts_backward, experts_forward
 from ..ops.routing import softmax, softmax_backward
 from . import _checks
 
@@ -132,9 +131,8 @@ def soft_moe_backward(dy, ctx):
     d_ys = np.ascontiguousarray(np.matmul(cb.transpose(0, 2, 1), dyb).transpose(1, 0, 2))
     d_ys = d_ys.reshape(S * B, d)
     off, tw = ctx["offsets"], ctx["trans_w"]
-    d_act, dw2 = grouped_gemm_backward(d_ys, ctx["h_act"], ctx["w2"], off, tw)
-    d_pre = activate_backward(d_act, ctx["h_pre"], ctx["activation"])
-    d_xs, dw1 = grouped_gemm_backward(d_pre, ctx["xs"], ctx["w1"], off, tw)
+    d_xs, dw1, dw2 = experts_backward(d_ys, ctx["xs"], ctx["h_pre"], ctx["h_act"], ctx["w1"],
+                                      ctx["w2"], off, ctx["activation"], tw)
     d_xsb = d_xs.reshape(S, B, d).transpose(1, 0, 2)              # (B, S, d)
     db = ctx["dispatch"].reshape(B, m, S)
     xb = x.reshape(B, m, d)

@@ -1,7 +1,7 @@
 """Grow a trained MoE: add experts for new data, train only them (and their router columns),
 and keep what the model knew — against fine-tuning the whole model, which forgets.
 
-    python examples/grow_experts.py                  # about 2-4 minutes on 2 cores
+    python examples/grow_experts.py                  # about a minute on 2 cores
     python examples/grow_experts.py --steps 200      # a quick look
 
 Data (embedded in the Python installation, no download): next-character prediction from the

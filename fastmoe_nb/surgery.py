@@ -231,7 +231,8 @@ def freeze(moe, experts=(), router=()):
     E = moe.num_experts
     for attr, name, ids in (("frozen_experts", "experts", experts),
                             ("frozen_router", "router", router)):
-        ids = list(range(E)) if ids == "all" else _expert_ids(name, ids, E, allow_empty=True)
+        ids = list(range(E)) if isinstance(ids, str) and ids == "all" else \
+            _expert_ids(name, ids, E, allow_empty=True)
         setattr(moe, attr, sorted(set(getattr(moe, attr, ())) | set(ids)))
     return moe
 
@@ -242,7 +243,8 @@ def unfreeze(moe, experts="all", router="all"):
     E = moe.num_experts
     for attr, name, ids in (("frozen_experts", "experts", experts),
                             ("frozen_router", "router", router)):
-        ids = list(range(E)) if ids == "all" else _expert_ids(name, ids, E, allow_empty=True)
+        ids = list(range(E)) if isinstance(ids, str) and ids == "all" else \
+            _expert_ids(name, ids, E, allow_empty=True)
         setattr(moe, attr, sorted(set(getattr(moe, attr, ())) - set(ids)))
     return moe
 

@@ -81,9 +81,9 @@ def _set(p, value):
 
 
 def _reshape_experts(moe, keep):
-    """Keep the experts `keep` (a list of old ids, in the new order; -1 for none) ... in
-    place: rows of w1 / w2 / bias and columns of router_w; resets statistics and the freeze
-    record of the moved experts (ids are renumbered)."""
+    """Keep only the experts `keep` (old ids, in their new order), in place: rows of w1 / w2
+    / bias and columns of router_w; the freeze record follows the renumbering, the routing
+    statistics start over."""
     keep = np.asarray(keep, np.int64)
     for _, p, axis in _expert_params(moe):
         _set(p, np.take(p.value, keep, axis=axis))

@@ -174,15 +174,21 @@ def pack_block(w, trans, g, q0, q1, k0, k1, half, M, buf):
                 for p in range(k0, k1):
                     buf[q - q0, p - k0, j] = w[g, c, p] if c >= 0 else 0.0
         return
-    for p in range(k0, k1):          # w[g, p, :] is contiguous: walk it along the columns
+    u0 = np.uint64(0)                # unsigned column indices: no wraparound checks, so
+    for p in range(k0, k1):          # the copies vectorize; w[g, p, :] is contiguous
         for q in range(q0, q1):
+            bq = buf[q - q0, p - k0]
+            wp = w[g, p]
             if half == 0 and (q + 1) * NR <= M:          # a whole plain panel
-                for j in range(NR):
-                    buf[q - q0, p - k0, j] = w[g, p, q * NR + j]
+                c0 = np.uint64(q * NR)
+                for j in range(u0, np.uint64(NR)):
+                    bq[j] = wp[c0 + j]
             elif half > 0 and (q + 1) * HN <= half:      # whole gate and up halves
-                for j in range(HN):
-                    buf[q - q0, p - k0, j] = w[g, p, q * HN + j]
-                    buf[q - q0, p - k0, HN + j] = w[g, p, half + q * HN + j]
+                c0 = np.uint64(q * HN)
+                c1 = np.uint64(half + q * HN)
+                for j in range(u0, np.uint64(HN)):
+                    bq[j] = wp[c0 + j]
+                    bq[np.uint64(HN) + j] = wp[c1 + j]
             else:                                        # the last, partial panel
                 for j in range(NR):
                     c = panel_col(q, j, half, M)

@@ -118,3 +118,23 @@ def test_non_contiguous_inputs(rng):
     w1s = np.concatenate([w1, w1], axis=2)[:, :, ::2]   # strided view
     y = fm.moe_forward(xf, router_w, w1s, w2, k=2)
     assert_close(y, ref.moe_forward(x, router_w, np.ascontiguousarray(w1s), w2, k=2))
+
+
+@pytest.mark.parametrize("min_rows", [1, 10**9], ids=["blas-per-expert", "numba-kernel"])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_both_gemm_routes_match_the_reference(rng, monkeypatch, min_rows, activation):
+    """Large expert blocks go through BLAS per expert, small ones through the Numba kernel
+    (ops/gemm.py: BLAS_MIN_ROWS); force each route on the same layer."""
+    import fastmoe_nb.ops.gemm as g
+    monkeypatch.setattr(g, "BLAS_MIN_ROWS", min_rows)
+    args, _ = _layer_args(rng, "mixtral", 90, 100, 20, 4, np.float32, activation)
+    assert g.large_blocks(np.array([0, 30, 30, 90])) == (min_rows == 1)
+    for trans_w in (False, True):
+        a = list(args)
+        if trans_w:
+            a[2], a[3] = (np.ascontiguousarray(w.transpose(0, 2, 1)) for w in a[2:])
+        y = fm.moe_forward(*a, k=2, activation=activation, trans_w=trans_w)
+        assert_close(y, ref.moe_forward(*a, k=2, activation=activation, trans_w=trans_w))
+        y2, ctx = fm.moe_forward(*a, k=2, activation=activation, trans_w=trans_w,
+                                 return_context=True)
+        np.testing.assert_array_equal(y, y2)

@@ -11,7 +11,7 @@ from .activations import activate, activate_backward, activation_code, hidden_wi
 from .dispatch import combine, combine_backward, make_plan, permute, permute_backward
 from ..kernels.common import SWIGLU
 from .gemm import (PackedWeights, check_weights, expert_tiles, grouped_gemm,
-                   grouped_gemm_backward, num_panels, run_gemm)
+                   grouped_gemm_backward, large_blocks, num_panels, run_gemm)
 from .routing import (check_sigmoid_options, sigmoid_topk, sigmoid_topk_backward, softmax_topk,
                       softmax_topk_backward)
 
@@ -105,6 +105,8 @@ def experts_forward(xs, w1, w2, offsets, activation, trans_w=False, keep=False):
     N = xs.shape[0]
     if isinstance(w1, PackedWeights):
         b, fused = w1.panels, w1.swiglu == swiglu
+    elif large_blocks(offsets):      # BLAS per expert (see ops/gemm.py), activation apart
+        b, fused = None, False
     else:                            # packed tile by tile, swiglu halves side by side
         b, fused = np.ascontiguousarray(w1), True
     if not fused:                    # swiglu panels for another activation (or the reverse)

@@ -7,19 +7,10 @@ import fastmoe_nb as fm
 from fastmoe_nb import reference as ref
 from fastmoe_nb.nn.gradcheck import gradcheck
 
+from support import assert_close
+
 SHAPES = [(0, 8), (1, 100), (5, 600), (3, 781), (64, 32)]
 RTOL = {np.float32: 1e-4, np.float64: 1e-12}
-
-
-def assert_close(got, want, rtol):
-    """Same shape and dtype; max |got - want| <= rtol * max |want| (cancellation near zero is
-    not over-judged)."""
-    assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, want.shape,
-                                                                 got.dtype, want.dtype)
-    if want.size:
-        scale = max(float(np.abs(want).max()), 1e-30)
-        err = float(np.abs(got.astype(np.float64) - want.astype(np.float64)).max()) / scale
-        assert err <= rtol, f"relative error {err:.3e} > {rtol:.1e}"
 
 
 def _width(H, activation):

@@ -7,22 +7,13 @@ import fastmoe_nb as fm
 from fastmoe_nb import reference as ref
 from fastmoe_nb.nn.gradcheck import gradcheck
 
+from support import assert_close
+
 # (T, E, k, d, capacity): T=0, T=1, E=1, k=E, an empty expert, odd widths, dropping
 CASES = [(0, 4, 2, 8, None), (1, 1, 1, 100, None), (1, 3, 3, 7, None), (9, 4, 2, 600, None),
          (17, 5, 2, 781, 3), (12, 3, 3, 5, 2), (6, 4, 1, 4, 0)]
 DTYPES = [np.float32, np.float64]
 RTOL = {np.float32: 1e-4, np.float64: 1e-12}
-
-
-def assert_close(got, want, rtol):
-    """Same shape and dtype; max |got - want| <= rtol * max |want| (cancellation near zero is
-    not over-judged)."""
-    assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, want.shape,
-                                                                 got.dtype, want.dtype)
-    if want.size:
-        scale = max(float(np.abs(want).max()), 1e-30)
-        err = float(np.abs(got.astype(np.float64) - want.astype(np.float64)).max()) / scale
-        assert err <= rtol, f"relative error {err:.3e} > {rtol:.1e}"
 
 
 def _plan(rng, T, E, k, capacity):

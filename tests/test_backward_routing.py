@@ -7,21 +7,12 @@ import fastmoe_nb as fm
 from fastmoe_nb import reference as ref
 from fastmoe_nb.nn.gradcheck import gradcheck
 
+from support import assert_close
+
 # (T, E, k): T=0, T=1, E=1 k=1, k=E, odd sizes
 SHAPES = [(0, 4, 2), (1, 1, 1), (1, 8, 8), (7, 3, 2), (33, 16, 4), (5, 100, 6)]
 DTYPES = [np.float32, np.float64]
 RTOL = {np.float32: 1e-4, np.float64: 1e-12}
-
-
-def assert_close(got, want, rtol):
-    """Same shape and dtype; max |got - want| <= rtol * max |want| (cancellation near zero is
-    not over-judged)."""
-    assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, want.shape,
-                                                                 got.dtype, want.dtype)
-    if want.size:
-        scale = max(float(np.abs(want).max()), 1e-30)
-        err = float(np.abs(got.astype(np.float64) - want.astype(np.float64)).max()) / scale
-        assert err <= rtol, f"relative error {err:.3e} > {rtol:.1e}"
 
 
 def _data(rng, T, E, k, dtype):

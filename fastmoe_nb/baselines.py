@@ -251,13 +251,10 @@ def hf_supports(preset: Preset):
     return None
 
 
-def hf_mixtral_block(inputs, k, implementation="eager"):
-    """transformers' MixtralSparseMoeBlock holding the weights of layer_inputs(...) (copied
-    once into PyTorch's Linear layout), experts implementation 'eager' or 'grouped_mm'.
-
-    Returns (forward, train_step): forward() -> y (T, d) as NumPy; train_step() runs
-    forward and backward with dy = ones (the weights' and x's gradients)."""
-    import numba  # noqa: PLC0415
+def hf_mixtral_module(inputs, k, implementation="eager"):
+    """transformers' MixtralSparseMoeBlock (on the CPU, in the inputs' dtype) holding the
+    weights of layer_inputs(...), copied once into PyTorch's Linear layout; experts
+    implementation 'eager' or 'grouped_mm'. Callers move it where they run it."""
     import torch  # noqa: PLC0415
     from transformers import MixtralConfig  # noqa: PLC0415
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock  # noqa
@@ -265,9 +262,8 @@ def hf_mixtral_block(inputs, k, implementation="eager"):
     if implementation not in HF_IMPLEMENTATIONS:
         raise ValueError(f"implementation: expected one of {HF_IMPLEMENTATIONS}, "
                          f"got {implementation!r}")
-    torch.set_num_threads(numba.get_num_threads())
     x, router_w, w1, w2 = (inputs[n] for n in ("x", "router_w", "w1", "w2"))
-    (T, d), E, h = x.shape, router_w.shape[1], w2.shape[1]
+    d, E, h = x.shape[1], router_w.shape[1], w2.shape[1]
     cfg = MixtralConfig(hidden_size=d, intermediate_size=h, num_local_experts=E,
                         num_experts_per_tok=k, hidden_act="silu", router_jitter_noise=0.0)
     cfg._experts_implementation = implementation
@@ -278,6 +274,21 @@ def hf_mixtral_block(inputs, k, implementation="eager"):
             w1.transpose(0, 2, 1))))
         block.experts.down_proj.copy_(torch.from_numpy(np.ascontiguousarray(
             w2.transpose(0, 2, 1))))
+    return block
+
+
+def hf_mixtral_block(inputs, k, implementation="eager"):
+    """hf_mixtral_module(...) on the CPU with PyTorch using Numba's thread count.
+
+    Returns (forward, train_step): forward() -> y (T, d) as NumPy; train_step() runs
+    forward and backward with dy = ones (the weights' and x's gradients)."""
+    import numba  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    block = hf_mixtral_module(inputs, k, implementation)
+    torch.set_num_threads(numba.get_num_threads())
+    x = inputs["x"]
+    T, d = x.shape
     block.eval()
     xt = torch.from_numpy(x).reshape(1, T, d)
 
@@ -297,6 +308,6 @@ def hf_mixtral_block(inputs, k, implementation="eager"):
 
 
 __all__ = ["HF_IMPLEMENTATIONS", "MATMUL_SHAPE", "dense_operands", "hf_mixtral_block",
-           "hf_status", "hf_supports", "layer_inputs", "layer_kwargs", "matmul_rate",
+           "hf_mixtral_module", "hf_status", "hf_supports", "layer_inputs", "layer_kwargs", "matmul_rate",
            "numpy_grouped_gemm", "numpy_moe_forward", "read_bandwidth", "thread_limits",
            "time_calls", "zipf_experts", "zipf_probs"]

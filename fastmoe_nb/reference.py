@@ -171,6 +171,17 @@ def expert_mlp(x, w1, w2, activation):
     return (_f64(activate(_f64(x) @ _f64(w1), activation)) @ _f64(w2)).astype(x.dtype)
 
 
+def _route(x, router_w, k, router, renormalize, bias, n_group, topk_group, scale, capacity):
+    """The layer's routing and plan: logits x @ router_w in the working dtype, as every
+    framework computes router logits -> (logits, Routing, Plan)."""
+    logits = x @ router_w
+    if router == "softmax_topk":
+        r = softmax_topk(logits, k, renormalize)
+    else:
+        r = sigmoid_topk(logits, k, bias, n_group, topk_group, renormalize, scale)
+    return logits, r, make_plan(r.experts, router_w.shape[1], capacity)
+
+
 def moe_forward(x, router_w, w1, w2, k, activation="swiglu", router="softmax_topk",
                 renormalize=True, bias=None, n_group=1, topk_group=1, scale=1.0,
                 capacity=None, trans_w=False, shared_w1=None, shared_w2=None,
@@ -183,13 +194,9 @@ def moe_forward(x, router_w, w1, w2, k, activation="swiglu", router="softmax_top
            + shared(x[t]) * [sigmoid(x[t] @ shared_gate_w) if shared_gate_w is given].
     """
     x64 = _f64(x)
-    logits = x @ router_w      # in the working dtype, as every framework computes router logits
-    if router == "softmax_topk":
-        r = softmax_topk(logits, k, renormalize)
-    else:
-        r = sigmoid_topk(logits, k, bias, n_group, topk_group, renormalize, scale)
+    _, r, plan = _route(x, router_w, k, router, renormalize, bias, n_group, topk_group, scale,
+                        capacity)
     E = router_w.shape[1]
-    plan = make_plan(r.experts, E, capacity)
     y = np.zeros_like(x64)
     for e in range(E):
         t, j = np.nonzero((r.experts == e) & (plan.slots >= 0))
@@ -358,13 +365,9 @@ def moe_backward(dy, x, router_w, w1, w2, k, activation="swiglu", router="softma
     -> (dx (T, d), grads) with grads "router_w", "w1", "w2" in the forward's layouts, plus
     "shared_w1", "shared_w2" and "shared_gate_w" when given. The routing bias gets none."""
     x64, dy64 = _f64(x), _f64(dy)
-    logits = x @ router_w
-    if router == "softmax_topk":
-        r = softmax_topk(logits, k, renormalize)
-    else:
-        r = sigmoid_topk(logits, k, bias, n_group, topk_group, renormalize, scale)
+    logits, r, plan = _route(x, router_w, k, router, renormalize, bias, n_group, topk_group,
+                             scale, capacity)
     E = router_w.shape[1]
-    plan = make_plan(r.experts, E, capacity)
     dx = np.zeros_like(x64)
     dw1, dw2 = np.zeros(w1.shape), np.zeros(w2.shape)
     d_weights = np.zeros(r.weights.shape)

@@ -32,7 +32,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import fastmoe_nb as fm  # noqa: E402
-from fastmoe_nb.baselines import hf_supports, layer_inputs, time_calls  # noqa: E402
+from fastmoe_nb.baselines import (hf_mixtral_module, hf_supports, layer_inputs,  # noqa: E402
+                                  time_calls)
 from fastmoe_nb.kernels.common import ACTIVATION_CODES  # noqa: E402
 from fastmoe_nb.presets import CPU_PERF_PRESETS, Preset, get_preset  # noqa: E402
 
@@ -113,26 +114,14 @@ def hf_grouped_mm_gpu(inputs, k):
     holding the same weights -> (forward() on device tensors, y as NumPy), or None."""
     try:
         import torch  # noqa: PLC0415
-        from transformers import MixtralConfig  # noqa: PLC0415
-        from transformers.models.mixtral.modeling_mixtral import (  # noqa: PLC0415
-            MixtralSparseMoeBlock)
+        import transformers  # noqa: F401, PLC0415
     except ImportError:
         return None
     if not torch.cuda.is_available():
         return None
-    x, router_w, w1, w2 = (inputs[n] for n in ("x", "router_w", "w1", "w2"))
-    (T, d), E, h = x.shape, router_w.shape[1], w2.shape[1]
-    cfg = MixtralConfig(hidden_size=d, intermediate_size=h, num_local_experts=E,
-                        num_experts_per_tok=k, hidden_act="silu", router_jitter_noise=0.0)
-    cfg._experts_implementation = "grouped_mm"
-    block = MixtralSparseMoeBlock(cfg).to(torch.float32)
-    with torch.no_grad():
-        block.gate.weight.copy_(torch.from_numpy(np.ascontiguousarray(router_w.T)))
-        block.experts.gate_up_proj.copy_(torch.from_numpy(np.ascontiguousarray(
-            w1.transpose(0, 2, 1))))
-        block.experts.down_proj.copy_(torch.from_numpy(np.ascontiguousarray(
-            w2.transpose(0, 2, 1))))
-    block = block.cuda().eval()
+    block = hf_mixtral_module(inputs, k, "grouped_mm").cuda().eval()
+    x = inputs["x"]
+    T, d = x.shape
     xt = torch.from_numpy(x).reshape(1, T, d).cuda()
 
     def forward():

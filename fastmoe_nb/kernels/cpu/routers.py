@@ -16,6 +16,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..common import sigmoid, topk_insert
+from .routing import row_max_sumexp
 
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -247,14 +248,8 @@ def balance_backward_kernel(logits, g, mask, has_mask, d_logits):
 @njit(parallel=True, cache=True)
 def logsumexp_kernel(logits, out):
     # logits: (T, E) -> out: (T,) float64 log sum_e exp(logits[t, e])
-    T, E = logits.shape
-    for t in prange(T):
-        m = -np.inf
-        for e in range(E):
-            m = max(m, np.float64(logits[t, e]))
-        s = 0.0
-        for e in range(E):
-            s += math.exp(np.float64(logits[t, e]) - m)
+    for t in prange(logits.shape[0]):
+        m, s = row_max_sumexp(logits, t)
         out[t] = m + math.log(s)
 
 

@@ -12,17 +12,24 @@ from numba import njit, prange
 from ..common import sigmoid, topk_insert
 
 
+@njit(cache=True)
+def row_max_sumexp(x, t):
+    # x: (T, E), row t -> (m, s): the row's max and sum_e exp(x[t, e] - m), in float64
+    m = -np.inf
+    for e in range(x.shape[1]):
+        m = max(m, np.float64(x[t, e]))
+    s = 0.0
+    for e in range(x.shape[1]):
+        s += math.exp(np.float64(x[t, e]) - m)
+    return m, s
+
+
 @njit(parallel=True, cache=True)
 def softmax_kernel(x, out):
     # x: (T, E) -> out: (T, E)
     T, E = x.shape
     for t in prange(T):
-        m = -np.inf
-        for e in range(E):
-            m = max(m, np.float64(x[t, e]))
-        s = 0.0
-        for e in range(E):
-            s += math.exp(np.float64(x[t, e]) - m)
+        m, s = row_max_sumexp(x, t)
         for e in range(E):
             out[t, e] = math.exp(np.float64(x[t, e]) - m) / s
 

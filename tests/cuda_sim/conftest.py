@@ -9,9 +9,14 @@ machine with a GPU run them unchanged on the device:
     FASTMOE_NB_CUDA_TESTS=1 python -m pytest tests/cuda_sim -q
 """
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+
+# tests/support.py (the shared test helpers) for the files of this folder
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
 if not (SIM or os.environ.get("FASTMOE_NB_CUDA_TESTS") == "1"):

@@ -3,20 +3,10 @@ routers, capacity, both weight layouts) and moe_backward, vs the reference and t
 import numpy as np
 import pytest
 from cuda_helpers import close, dev, host, is_dev
+from support import random_layer as layer
 
 import fastmoe_nb as fm
 from fastmoe_nb import reference as ref
-
-
-def layer(rng, T, d, h, E, dtype=np.float32, swiglu=True, trans_w=False):
-    H1 = 2 * h if swiglu else h
-    x = rng.standard_normal((T, d)).astype(dtype)
-    router_w = (rng.standard_normal((d, E)) / np.sqrt(d)).astype(dtype)
-    w1 = (rng.standard_normal((E, d, H1)) / np.sqrt(d)).astype(dtype)
-    w2 = (rng.standard_normal((E, h, d)) / np.sqrt(h)).astype(dtype)
-    if trans_w:
-        w1, w2 = (np.ascontiguousarray(w.transpose(0, 2, 1)) for w in (w1, w2))
-    return x, router_w, w1, w2
 
 
 CASES = [

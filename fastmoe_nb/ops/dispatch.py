@@ -37,8 +37,10 @@ def make_plan(experts, num_experts, capacity=None):
             raise ValueError(f"experts: expected expert ids in 0..num_experts-1 = 0..{E - 1}, "
                              f"found {lo if lo < 0 else hi}")
     flat = np.ascontiguousarray(experts, dtype=np.int32).reshape(-1)
-    rows, offsets, counts, slots, dropped = kd.plan_kernel(flat, E, -1 if capacity is None
-                                                           else capacity)
+    n = flat.shape[0]   # first come, first kept: capacity is claimed in token order
+    rows, offsets, counts, slots, dropped = kd.plan_kernel(
+        flat, np.arange(n, dtype=np.int64), np.zeros(n, np.bool_), E,
+        -1 if capacity is None else capacity)
     return Plan(rows, offsets, counts, slots.reshape(experts.shape), dropped, capacity)
 
 

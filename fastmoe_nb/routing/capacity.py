@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 from .. import errors as chk
-from ..kernels.cpu import routers as kr
+from ..kernels.cpu import dispatch as kd
 from ..types import Plan
 from . import _checks
 
@@ -77,7 +77,7 @@ def capacity_plan(experts, num_experts, capacity=None, order=None, skip=None):
 def plan_unchecked(experts, E, cap, order, skip):
     """capacity_plan on validated arrays (cap -1: none)."""
     T, k = experts.shape
-    rows, offsets, counts, slots, dropped = kr.capacity_plan_kernel(
+    rows, offsets, counts, slots, dropped = kd.plan_kernel(
         experts.reshape(-1), order, skip, E, cap)
     return Plan(rows=rows, offsets=offsets, counts=counts, slots=slots.reshape(T, k),
                 dropped=dropped, capacity=None if cap < 0 else int(cap))

@@ -4,31 +4,35 @@ from numba import njit, prange
 
 
 @njit(cache=True)
-def plan_kernel(flat, num_experts, capacity):
-    # flat: (T*k,) expert ids, capacity < 0 means none
+def plan_kernel(flat, order, skip, num_experts, capacity):
+    # flat: (T*k,) expert ids, order: (T*k,) flat ids in the order they claim capacity
+    # (make_plan: token order; Switch / GShard / batch priority: their own), skip: (T*k,) bool
+    # (never routed), capacity < 0: none
     #   -> rows (N,) int32, offsets (E+1,) int64, counts (E,) int64, slots (T*k,) int32,
-    #      dropped (E,) int64
+    #      dropped (E,) int64 (capacity drops and skipped assignments)
     n = flat.shape[0]
+    keep = np.zeros(n, np.bool_)
+    counts = np.zeros(num_experts, np.int64)
     wanted = np.zeros(num_experts, np.int64)
-    for i in range(n):
-        wanted[flat[i]] += 1
-    counts = wanted.copy()
-    if capacity >= 0:
-        for e in range(num_experts):
-            counts[e] = min(counts[e], capacity)
+    for p in range(n):  # claim capacity in priority order
+        i = order[p]
+        e = flat[i]
+        wanted[e] += 1
+        if not skip[i] and (capacity < 0 or counts[e] < capacity):
+            keep[i] = True
+            counts[e] += 1
     offsets = np.zeros(num_experts + 1, np.int64)
     for e in range(num_experts):
         offsets[e + 1] = offsets[e] + counts[e]
     rows = np.empty(offsets[num_experts], np.int32)
     slots = np.full(n, -1, np.int32)
     cursor = offsets[:num_experts].copy()
-    for i in range(n):  # increasing i: stable, and first come (token order) is kept first
-        e = flat[i]
-        c = cursor[e]
-        if c < offsets[e + 1]:
-            rows[c] = i
-            slots[i] = c
-            cursor[e] = c + 1
+    for i in range(n):  # rows in increasing flat id within an expert: a stable sort
+        if keep[i]:
+            e = flat[i]
+            rows[cursor[e]] = i
+            slots[i] = cursor[e]
+            cursor[e] += 1
     return rows, offsets, counts, slots, wanted - counts
 
 

@@ -1,7 +1,5 @@
 """CPU kernels of the routers of fastmoe_nb.routing and their balancing losses.
 
-- capacity_plan_kernel: assignments claim expert capacity in a given priority order (Switch,
-  GShard, batch-prioritized routing, expert choice), then a stable counting sort by expert.
 - expert_choice_kernel: each expert takes its C best tokens.
 - noisy_topk_kernel / noisy_topk_backward_kernel: Shazeer et al. 2017, with the smooth load.
 - balance_sums_kernel, balance_backward_kernel, z_loss_kernel, z_loss_backward_kernel,
@@ -20,40 +18,6 @@ from .routing import row_max_sumexp
 
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
-
-# --------------------------------------------------------------------------- plans
-
-@njit(cache=True)
-def capacity_plan_kernel(flat, order, skip, num_experts, capacity):
-    # flat: (T*k,) expert ids, order: (T*k,) flat ids in priority order, skip: (T*k,) bool
-    # (never routed), capacity < 0: none
-    #   -> rows (N,) int32, offsets (E+1,) int64, counts (E,) int64, slots (T*k,) int32,
-    #      dropped (E,) int64 (capacity drops and skipped assignments)
-    n = flat.shape[0]
-    keep = np.zeros(n, np.bool_)
-    counts = np.zeros(num_experts, np.int64)
-    wanted = np.zeros(num_experts, np.int64)
-    for p in range(n):  # claim capacity in priority order
-        i = order[p]
-        e = flat[i]
-        wanted[e] += 1
-        if not skip[i] and (capacity < 0 or counts[e] < capacity):
-            keep[i] = True
-            counts[e] += 1
-    offsets = np.zeros(num_experts + 1, np.int64)
-    for e in range(num_experts):
-        offsets[e + 1] = offsets[e] + counts[e]
-    rows = np.empty(offsets[num_experts], np.int32)
-    slots = np.full(n, -1, np.int32)
-    cursor = offsets[:num_experts].copy()
-    for i in range(n):  # rows in increasing flat id within an expert, as make_plan
-        if keep[i]:
-            e = flat[i]
-            rows[cursor[e]] = i
-            slots[i] = cursor[e]
-            cursor[e] += 1
-    return rows, offsets, counts, slots, wanted - counts
 
 
 @njit(parallel=True, cache=True)

@@ -187,6 +187,70 @@ def test_experts_forward_swiglu_with_plain_packing():
     assert_close(ys, want[2], 1e-5)
 
 
+# --------------------------------------------------------------------------- BLAS pool path
+
+# Blocks averaging >= BLAS_MIN_ROWS rows go to per-expert BLAS on ops/pool.py's threads: tasks
+# of <= pool.ROWS rows and dW tasks of <= gemm.COLS columns, so these shapes cut experts into
+# several row blocks and dW into several column blocks, with an empty expert among them.
+BLAS_CASES = [((300, 0, 70, 513), 33, 600), ((64,), 1030, 17), ((129, 64), 5, 1100)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("trans_w", [False, True])
+@pytest.mark.parametrize("counts,K,M", BLAS_CASES)
+def test_blas_path_matches_reference(counts, K, M, trans_w, dtype):
+    from fastmoe_nb.ops.gemm import large_blocks
+    a, w, offsets = make_case(counts, K, M, dtype=dtype, trans_w=trans_w, seed=3)
+    assert large_blocks(offsets)                  # the path under test
+    dy = np.random.default_rng(4).standard_normal((a.shape[0], M)).astype(dtype)
+    rtol = 1e-5 if dtype == np.float32 else 1e-12
+    assert_close(fm.grouped_gemm(a, w, offsets, trans_w=trans_w),
+                 ref.grouped_gemm(a, w, offsets, trans_w), rtol)
+    da, dw = fm.grouped_gemm_backward(dy, a, w, offsets, trans_w=trans_w)
+    rda, rdw = ref.grouped_gemm_backward(dy, a, w, offsets, trans_w)
+    assert_close(da, rda, rtol)
+    assert_close(dw, rdw, rtol)
+
+
+@pytest.mark.parametrize("activation,trans_w,keep", [
+    ("swiglu", False, True), ("swiglu", True, False), ("gelu", False, False),
+    ("gelu_tanh", True, True), ("relu", False, True)])
+def test_experts_pipeline_matches_reference(activation, trans_w, keep):
+    """The per-block pipeline (BLAS, activation in cache, BLAS) and its backward."""
+    from fastmoe_nb.ops.gemm import large_blocks
+    counts, d, h = (300, 0, 70, 9), 37, 21
+    H1 = 2 * h if activation == "swiglu" else h
+    xs, w1, offsets = make_case(counts, d, H1, trans_w=trans_w, seed=5)
+    _, w2, _ = make_case(counts, h, d, trans_w=trans_w, seed=6)
+    assert large_blocks(offsets)
+    w1 *= 0.3
+    want = ref_experts(xs, w1, w2, offsets, activation, trans_w)
+    h_pre, h_act, ys = fm.experts_forward(xs, w1, w2, offsets, activation, trans_w, keep)
+    assert (h_pre is None) == (not keep)
+    assert_close(h_act, want[1], 1e-5)
+    assert_close(ys, want[2], 1e-5)
+    d_ys = np.random.default_rng(7).standard_normal(ys.shape).astype(np.float32)
+    got = fm.experts_backward(d_ys, xs, want[0].astype(np.float32), h_act, w1, w2, offsets,
+                              activation, trans_w)
+    d_h_act, rdw2 = ref.grouped_gemm_backward(d_ys, want[1], w2, offsets, trans_w)
+    d_h_pre = ref.activate_backward(d_h_act, want[0], activation)
+    rdxs, rdw1 = ref.grouped_gemm_backward(d_h_pre, xs, w1, offsets, trans_w)
+    for g, r in zip(got, (rdxs, rdw1, rdw2)):
+        assert_close(g, r.astype(np.float32), 1e-5)
+
+
+def test_experts_backward_bad_input_names_the_argument():
+    xs, w1, offsets = make_case((100, 100), 8, 12, seed=1)
+    _, w2, _ = make_case((100, 100), 6, 8, seed=2)
+    h_pre, h_act, ys = fm.experts_forward(xs, w1, w2, offsets, "swiglu", keep=True)
+    with pytest.raises(ValueError, match="d_ys"):
+        fm.experts_backward(ys[:, :5], xs, h_pre, h_act, w1, w2, offsets, "swiglu")
+    with pytest.raises(ValueError, match="h_act"):
+        fm.experts_backward(ys, xs, h_pre, h_act[1:], w1, w2, offsets, "swiglu")
+    with pytest.raises(ValueError, match="w2"):
+        fm.experts_forward(xs, w1, w2[:, :, :5], offsets, "swiglu")
+
+
 # --------------------------------------------------------------------------- determinism
 
 _THREADS_SCRIPT = r"""
@@ -202,6 +266,12 @@ w2 = rng.standard_normal((4, 145, 300), dtype=np.float32)
 outs = [fm.grouped_gemm(a, w, off), *fm.grouped_gemm_backward(dy, a, w, off),
         *fm.grouped_gemm_backward(dy, a, w.transpose(0, 2, 1).copy(), off, trans_w=True),
         *fm.experts_forward(a, w, w2, off, "swiglu", keep=True)]
+outs += fm.experts_backward(outs[-1], a, *outs[-3:-1], w, w2, off, "swiglu")
+wide = rng.standard_normal((4, 300, 1100), dtype=np.float32)    # dW in three column blocks
+counts = (600, 0, 70, 9)                                         # three row blocks
+off = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+a = rng.standard_normal((int(off[-1]), 300), dtype=np.float32)
+outs += fm.grouped_gemm_backward(fm.grouped_gemm(a, wide, off), a, wide, off)
 print(hashlib.sha256(b"".join(o.tobytes() for o in outs)).hexdigest())
 """
 

@@ -15,6 +15,7 @@ import numpy as np
 from .. import errors as chk
 from ..backend import CUDA, as_host, backend_of, cuda_module
 from ..kernels.cpu import gemm as kg
+from . import pool
 
 
 def check_offsets(offsets, E, N, name="offsets"):
@@ -197,8 +198,9 @@ def check_weights(w, a, offsets, trans_w, name="w"):
 # Measured on this project's 2-core machines (Zen 3, AVX2; bench/compare.py and a per-expert
 # sweep): with raw weights and blocks of >= BLAS_MIN_ROWS rows an expert on average, OpenBLAS
 # called once per expert ran at 1.2-1.5x the Numba kernel (79-129 vs 60-91 GFLOP/s for
-# 128-4096 rows a block); below that, and for decoding, the Numba kernel wins. BLAS is called
-# from Python, never inside a prange region, and its results do not depend on Numba's threads.
+# 128-4096 rows a block); below that, and for decoding, the Numba kernel wins. BLAS runs on
+# ops/pool.py's threads, one BLAS thread each, never inside a prange region; its results do
+# not depend on the thread count.
 BLAS_MIN_ROWS = 64
 
 
@@ -207,6 +209,43 @@ def large_blocks(offsets):
     counts = np.diff(offsets)
     busy = np.count_nonzero(counts)
     return busy > 0 and offsets[-1] >= BLAS_MIN_ROWS * busy
+
+
+def weight(w, e, trans_w):
+    """B_e, expert e's (K, M) operand: w[e], or w[e].T (a view) for the (E, M, K) layout."""
+    return w[e].T if trans_w else w[e]
+
+
+COLS = 512    # columns of dW a task takes (fixed by the shapes: bitwise the same results)
+
+
+def weight_grad_tasks(offsets, ncols, tag=0):
+    """[(tag, e, c0, c1)]: the tasks of weight_grad_task for every expert with rows."""
+    return [(tag, e, c0, min(c0 + COLS, ncols)) for e in range(offsets.shape[0] - 1)
+            if offsets[e + 1] > offsets[e] for c0 in range(0, ncols, COLS)]
+
+
+def weight_grad_task(lhs, rhs, offsets, trans_w, dw, e, c0, c1):
+    """Columns c0..c1 of rhs for expert e's weight gradient (one BLAS call):
+    dw[e] = lhs_e^T @ rhs_e (K, M), or with trans_w dw[e] = rhs_e^T @ lhs_e (M, K),
+    lhs_e / rhs_e the expert's rows of lhs (N, K) / rhs (N, M)."""
+    lo, hi = offsets[e], offsets[e + 1]
+    if trans_w:
+        np.matmul(rhs[lo:hi, c0:c1].T, lhs[lo:hi], out=dw[e, c0:c1])
+    else:
+        np.matmul(lhs[lo:hi].T, rhs[lo:hi, c0:c1], out=dw[e, :, c0:c1])
+
+
+def blas_weight_grads(jobs, offsets, trans_w):
+    """jobs: [(lhs, rhs, dw)] -> each dw (E, ...) filled as weight_grad_task describes, zero for
+    experts without rows; all jobs' tasks on the pool in one go."""
+    tasks = [t for i, (_, rhs, _) in enumerate(jobs)
+             for t in weight_grad_tasks(offsets, rhs.shape[1], i)]
+    pool.run_tasks(lambda t, _: weight_grad_task(*jobs[t[0]][:2], offsets, trans_w, jobs[t[0]][2],
+                                                 *t[1:]), tasks)
+    empty = offsets[1:] == offsets[:-1]
+    for _, _, dw in jobs:
+        dw[empty] = 0.0
 
 
 def grouped_gemm(a, w, offsets, trans_w=False):
@@ -222,11 +261,9 @@ def grouped_gemm(a, w, offsets, trans_w=False):
     trans_w = bool(trans_w)
     if isinstance(w, PackedWeights):
         b, half = w.panels, (M // 2 if w.swiglu else 0)
-    elif large_blocks(offsets):
-        for e in range(w.shape[0]):          # BLAS per expert, called from Python
-            lo, hi = offsets[e], offsets[e + 1]
-            if hi > lo:
-                np.matmul(a[lo:hi], w[e].T if trans_w else w[e], out=out[lo:hi])
+    elif large_blocks(offsets):              # BLAS per block of an expert's rows
+        pool.run_tasks(lambda t, _: np.matmul(a[t[1]:t[2]], weight(w, t[0], trans_w),
+                                              out=out[t[1]:t[2]]), pool.row_tasks(offsets))
         return out
     else:
         b, half = np.ascontiguousarray(w), 0
@@ -249,6 +286,13 @@ def grouped_gemm_backward(dy, a, w, offsets, trans_w=False):
     a, dy, w = np.ascontiguousarray(a), np.ascontiguousarray(dy), np.ascontiguousarray(w)
     N, K = a.shape
     E = w.shape[0]
+    if large_blocks(offsets):                # BLAS per block of rows, and of dW's columns
+        da = np.empty((N, K), a.dtype)
+        pool.run_tasks(lambda t, _: np.matmul(dy[t[1]:t[2]], weight(w, t[0], trans_w).T,
+                                              out=da[t[1]:t[2]]), pool.row_tasks(offsets))
+        dw = np.empty(w.shape, a.dtype)
+        blas_weight_grads([(a, dy, dw)], offsets, trans_w)
+        return da, dw
     ident = np.arange(N, dtype=np.int64)
     # da = dy @ B_e with B_e = w[e].T (M, K): w read transposed unless trans_w
     da = np.empty((N, K), a.dtype)

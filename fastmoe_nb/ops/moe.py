@@ -10,8 +10,10 @@ from ..types import MoEContext
 from .activations import activate, activate_backward, activation_code, hidden_width
 from .dispatch import combine, combine_backward, make_plan, permute, permute_backward
 from ..kernels.common import SWIGLU
-from .gemm import (PackedWeights, check_weights, expert_tiles, grouped_gemm,
-                   grouped_gemm_backward, large_blocks, num_panels, run_gemm)
+from . import pool
+from .gemm import (PackedWeights, blas_weight_grads, check_weights, expert_tiles, grouped_gemm,
+                   grouped_gemm_backward, large_blocks, num_panels, run_gemm, weight)
+from ..kernels.cpu.activations import activate_backward_rows, activate_rows
 from .routing import (check_sigmoid_options, sigmoid_topk, sigmoid_topk_backward, softmax_topk,
                       softmax_topk_backward)
 
@@ -24,7 +26,7 @@ def _matmul(a, b):
     """Dense a @ b on the arrays' backend."""
     if backend_of(a=a) == CUDA:
         return cuda_module().matmul(a, b)
-    return a @ b
+    return pool.matmul(a, b)       # BLAS at one thread a block: none spinning afterwards
 
 
 def _add(y, s):
@@ -103,9 +105,17 @@ def experts_forward(xs, w1, w2, offsets, activation, trans_w=False, keep=False):
     w1, offsets, H1 = check_weights(w1, xs, offsets, trans_w, "w1")
     h = hidden_width(H1, activation)
     N = xs.shape[0]
+    if not isinstance(w1, PackedWeights) and large_blocks(offsets):
+        w2, _, d = check_weights(w2, np.broadcast_to(np.zeros((1, h), xs.dtype), (N, h)),
+                                 offsets, trans_w, "w2")
+        if d != xs.shape[1]:
+            raise ValueError(f"w2: expected {xs.shape[1]} output columns (xs.shape[1]), got "
+                             f"shape {tuple(w2.shape)}")
+        if not isinstance(w2, PackedWeights):
+            return _experts_forward_blas(xs, w1, w2, offsets, code, h, trans_w, keep)
     if isinstance(w1, PackedWeights):
         b, fused = w1.panels, w1.swiglu == swiglu
-    elif large_blocks(offsets):      # BLAS per expert (see ops/gemm.py), activation apart
+    elif large_blocks(offsets):      # w2 packed: BLAS per expert for w1, activation apart
         b, fused = None, False
     else:                            # packed tile by tile, swiglu halves side by side
         b, fused = np.ascontiguousarray(w1), True
@@ -123,10 +133,67 @@ def experts_forward(xs, w1, w2, offsets, activation, trans_w=False, keep=False):
     return (h_pre if keep else None), h_act, ys
 
 
+def _experts_forward_blas(xs, w1, w2, offsets, code, h, trans_w, keep):
+    # xs (N, d), w1 (E, d, H1), w2 (E, h, d) [trans_w: transposed] -> (h_pre, h_act, ys)
+    # Per task, one block of an expert's rows: h_pre = xs_b @ B1_e (BLAS), h_act = act(h_pre)
+    # while the block is in cache, ys_b = h_act @ B2_e (BLAS); h_pre goes to the thread's
+    # scratch unless kept.
+    N, H1 = xs.shape[0], w1.shape[1] if trans_w else w1.shape[2]
+    h_pre = np.empty((N, H1), xs.dtype) if keep else None
+    h_act = np.empty((N, h), xs.dtype)
+    ys = np.empty((N, xs.shape[1]), xs.dtype)
+
+    def task(t, scratch):
+        e, lo, hi = t
+        hp = h_pre[lo:hi] if keep else pool.buffer(scratch, "h_pre", hi - lo, H1, xs.dtype)
+        np.matmul(xs[lo:hi], weight(w1, e, trans_w), out=hp)
+        activate_rows(hp, code, h_act[lo:hi])
+        np.matmul(h_act[lo:hi], weight(w2, e, trans_w), out=ys[lo:hi])
+
+    pool.run_tasks(task, pool.row_tasks(offsets))
+    return h_pre, h_act, ys
+
+
+def _experts_backward_blas(d_ys, xs, h_pre, h_act, w1, w2, offsets, code, trans_w):
+    # The gradients of _experts_forward_blas. Per block of an expert's rows: d_h_act =
+    # d_ys_b @ B2_e^T, d_h_pre = act'(...) while in cache, d_xs_b = d_h_pre @ B1_e^T; then the
+    # weight gradients per expert and block of columns (ops/gemm.py: blas_weight_grads).
+    N, d = xs.shape
+    d_h_pre = np.empty(h_pre.shape, xs.dtype)
+    d_xs = np.empty((N, d), xs.dtype)
+
+    def task(t, scratch):
+        e, lo, hi = t
+        dha = pool.buffer(scratch, "d_h_act", hi - lo, h_act.shape[1], xs.dtype)
+        np.matmul(d_ys[lo:hi], weight(w2, e, trans_w).T, out=dha)
+        activate_backward_rows(dha, h_pre[lo:hi], code, d_h_pre[lo:hi])
+        np.matmul(d_h_pre[lo:hi], weight(w1, e, trans_w).T, out=d_xs[lo:hi])
+
+    pool.run_tasks(task, pool.row_tasks(offsets))
+    dw1, dw2 = np.empty(w1.shape, xs.dtype), np.empty(w2.shape, xs.dtype)
+    blas_weight_grads([(xs, d_h_pre, dw1), (h_act, d_ys, dw2)], offsets, trans_w)
+    return d_xs, dw1, dw2
+
+
 def experts_backward(d_ys, xs, h_pre, h_act, w1, w2, offsets, activation, trans_w=False):
     """The gradients of experts_forward. d_ys: (N, d) gradient of ys; xs, h_pre, h_act: the
     forward's (kept with keep=True); w1, w2, offsets, activation, trans_w: as in the forward
     -> (d_xs (N, d), dw1, dw2), dw1 / dw2 in the forward's layout."""
+    if backend_of(d_ys=d_ys, xs=xs, h_pre=h_pre, h_act=h_act, w1=w1, w2=w2) != CUDA:
+        trans_w = bool(trans_w)
+        xs = np.ascontiguousarray(chk.check_float("xs", as_host("xs", xs), ndim=2))
+        N, d = xs.shape
+        w1, offsets, H1 = check_weights(w1, xs, offsets, trans_w, "w1")
+        h = hidden_width(H1, activation)
+        h_pre = chk.check_float("h_pre", as_host("h_pre", h_pre), shape=(N, H1), dtype=xs.dtype)
+        h_act = chk.check_float("h_act", as_host("h_act", h_act), shape=(N, h), dtype=xs.dtype)
+        d_ys = chk.check_float("d_ys", as_host("d_ys", d_ys), shape=(N, d), dtype=xs.dtype)
+        w2, _, _ = check_weights(w2, h_act, offsets, trans_w, "w2")
+        if large_blocks(offsets):
+            return _experts_backward_blas(np.ascontiguousarray(d_ys), xs,
+                                          np.ascontiguousarray(h_pre),
+                                          np.ascontiguousarray(h_act), w1, w2, offsets,
+                                          activation_code(activation), trans_w)
     d_h_act, dw2 = grouped_gemm_backward(d_ys, h_act, w2, offsets, trans_w)
     d_h_pre = activate_backward(d_h_act, h_pre, activation)
     d_xs, dw1 = grouped_gemm_backward(d_h_pre, xs, w1, offsets, trans_w)

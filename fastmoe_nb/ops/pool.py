@@ -1,0 +1,119 @@
+"""Per-expert BLAS products on a pool of worker threads, one BLAS thread each.
+
+On these machines (2 cores, Zen 3) OpenBLAS called once per expert from one thread, with its
+own threads, ran at 75-93% of a dense np.matmul; the Numba kernel of kernels/cpu/gemm.py at
+55-75%. So for experts with blocks of rows large enough (ops/gemm.py: large_blocks) the expert
+layer runs as a list of independent tasks — an expert's block of rows, or of dW's columns —
+handed out to numba.get_num_threads() threads (the caller and pool workers); each task calls
+single-threaded BLAS and, in the expert pipeline, the activation on its own rows while they
+are in cache. One level of parallelism: OpenBLAS is held at one thread meanwhile, so its worker
+threads never spin beside ours (after a multi-threaded BLAS call they spin for a while and
+slowed the next Numba parallel kernel 2-3x).
+
+A task's result does not depend on which thread runs it, nor on how many threads there are:
+tasks are cut from the shapes alone, so outputs are bitwise the same for any thread count.
+"""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
+import numpy as np
+
+_lock = threading.Lock()
+_state = {"pool": None, "controller": None, "depth": 0, "limiter": None}
+
+
+def _pool():
+    with _lock:
+        if _state["pool"] is None:
+            _state["pool"] = ThreadPoolExecutor(max(1, numba.config.NUMBA_NUM_THREADS - 1),
+                                                thread_name_prefix="fastmoe_nb")
+        return _state["pool"]
+
+
+class _OneBlasThread:
+    """Holds OpenBLAS (and any BLAS threadpoolctl sees) at one thread while any caller is
+    inside; nested and concurrent callers share one limit, restored by the last to leave."""
+
+    def __enter__(self):
+        with _lock:
+            if _state["depth"] == 0:
+                if _state["controller"] is None:
+                    from threadpoolctl import ThreadpoolController  # noqa: PLC0415
+                    _state["controller"] = ThreadpoolController()
+                _state["limiter"] = _state["controller"].limit(limits=1, user_api="blas")
+            _state["depth"] += 1
+
+    def __exit__(self, *exc):
+        with _lock:
+            _state["depth"] -= 1
+            if _state["depth"] == 0:
+                _state["limiter"].restore_original_limits()
+                _state["limiter"] = None
+
+
+one_blas_thread = _OneBlasThread()
+
+
+def run_tasks(fn, tasks):
+    """fn(task, scratch) for every task of the list, on numba.get_num_threads() threads, each
+    thread taking the next task when done with its last (tasks in any order), BLAS at one
+    thread. scratch is a dict private to the thread, for buffers reused across its tasks.
+    The first exception raised by a task is re-raised here once all threads have stopped."""
+    n = min(numba.get_num_threads(), len(tasks))
+    if n == 0:
+        return
+    it = iter(range(len(tasks)))       # next() on one iterator is atomic under the GIL
+    errors = []
+
+    def worker():
+        scratch = {}
+        try:
+            for i in it:
+                fn(tasks[i], scratch)
+        except BaseException as e:    # noqa: BLE001 (re-raised in the caller)
+            errors.append(e)
+            for _ in it:               # drain: the other threads stop too
+                pass
+
+    with one_blas_thread:
+        futures = [_pool().submit(worker) for _ in range(n - 1)]
+        worker()
+        for f in futures:
+            f.result()
+    if errors:
+        raise errors[0]
+
+
+def buffer(scratch, name, rows, cols, dtype):
+    """A (rows, cols) view of a thread's scratch buffer `name`, grown as needed."""
+    b = scratch.get(name)
+    if b is None or b.dtype != dtype or b.size < rows * cols:
+        b = scratch[name] = np.empty(max(rows * cols, 1), dtype)
+    return b[:rows * cols].reshape(rows, cols)
+
+
+ROWS = 256    # rows of a task: a block of this many rows of an expert (shape-fixed cuts)
+
+
+def row_tasks(offsets, rows=ROWS):
+    """[(e, lo, hi)]: expert e's rows offsets[e]..offsets[e+1] cut into blocks of <= rows."""
+    return [(e, lo, min(lo + rows, int(offsets[e + 1])))
+            for e in range(offsets.shape[0] - 1)
+            for lo in range(int(offsets[e]), int(offsets[e + 1]), rows)]
+
+
+def matmul(a, b, out=None):
+    """a (n, K) @ b (K, M) -> (n, M) in blocks of ROWS rows over the pool (no BLAS threads
+    spinning afterwards)."""
+    if out is None:
+        out = np.empty((a.shape[0], b.shape[1]), np.result_type(a, b))
+
+    def task(t, scratch):
+        lo, hi = t
+        np.matmul(a[lo:hi], b, out=out[lo:hi])
+
+    run_tasks(task, [(lo, min(lo + ROWS, a.shape[0])) for lo in range(0, a.shape[0], ROWS)])
+    return out

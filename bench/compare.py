@@ -1,19 +1,24 @@
 """fastmoe_nb against its alternatives, side by side, from one run.
 
     python bench/compare.py [--threads 2] [--repeat 3] [--presets mixtral-mini,...] [--no-hf]
-                            [--no-zipf]
+                            [--no-zipf] [--train]
 
 Per preset (the CPU-performance presets of fastmoe_nb.presets, and Zipf-skewed routing for the
 first three), on the same weights and tokens:
 
-  grouped GEMM (the first expert GEMM, xs (N, d) @ w1 (E, d, 2h), weights packed once):
-      fastmoe_nb, a NumPy per-expert loop, a dense np.matmul of equal FLOPs -> GFLOP/s
+  grouped GEMM (the first expert GEMM, xs (N, d) @ w1 (E, d, 2h)): fastmoe_nb on raw weights
+      (what moe_forward does: per-expert BLAS on the pool for large blocks, else the Numba
+      kernel), the Numba kernel alone with weights packed once, a NumPy per-expert loop, a
+      dense np.matmul of equal FLOPs -> GFLOP/s
   MoE layer (moe_forward, raw weights, so the per-call weight packing is included; and
       experts_forward alone with weights packed once):
       fastmoe_nb, a NumPy per-expert loop, a dense np.matmul of the layer's FLOPs, and HF
       transformers' Mixtral experts block ('eager', 'grouped_mm') when torch and
       transformers are installed (pip install 'fastmoe-nb[bench]') -> seconds
   decode: the bytes of the selected experts' weights over the measured read bandwidth.
+  train (--train): forward + backward of the layer (moe_forward with return_context, then
+      moe_backward with a random dy) against HF's block with 'grouped_mm' (forward, and
+      backward of the sum) and a dense np.matmul of 3x the forward FLOPs -> seconds.
 
 Timings are medians of --repeat calls after one warm-up; the first call of each kernel
 (compilation, or loading numba's cache) is reported apart, as is the peak extra memory of
@@ -55,7 +60,7 @@ def first_layer_seconds():
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def run_preset(p, zipf, repeat, with_hf, bandwidth):
+def run_preset(p, zipf, repeat, with_hf, bandwidth, train):
     T, d, h, E, k = p.shape
     inp = bl.layer_inputs(p, zipf=zipf)
     x, router_w, w1, w2 = inp["x"], inp["router_w"], inp["w1"], inp["w2"]
@@ -73,7 +78,8 @@ def run_preset(p, zipf, repeat, with_hf, bandwidth):
     row["pack s"] = time.perf_counter() - t0
     gflop = 2.0 * N * d * p.h1 / 1e9
     a_dense, b_dense = bl.dense_operands(N, d, p.h1)
-    row["gemm fm GF/s"] = gflop / med(lambda: fm.grouped_gemm(xs, pw1, off), repeat)
+    row["gemm fm GF/s"] = gflop / med(lambda: fm.grouped_gemm(xs, w1, off), repeat)
+    row["gemm numba packed GF/s"] = gflop / med(lambda: fm.grouped_gemm(xs, pw1, off), repeat)
     row["gemm numpy GF/s"] = gflop / med(lambda: bl.numpy_grouped_gemm(xs, w1, off), repeat)
     row["gemm dense GF/s"] = gflop / med(lambda: a_dense @ b_dense, repeat)
     row["gemm fm/dense"] = row["gemm fm GF/s"] / row["gemm dense GF/s"]
@@ -105,6 +111,21 @@ def run_preset(p, zipf, repeat, with_hf, bandwidth):
             row[f"hf {impl} s"] = med(fwd, repeat)
         best = min(row["hf eager s"], row["hf grouped_mm s"])
         row["fm vs best hf"] = best / row["moe fm s"]
+    if train:
+        dy = np.random.default_rng(1).standard_normal(x.shape).astype(x.dtype)
+
+        def step():
+            _, ctx = fm.moe_forward(x, router_w, w1, w2, return_context=True, **kw)
+            return fm.moe_backward(dy, ctx)
+        row["train fm s"] = med(step, repeat)
+        a_dense, b_dense = bl.dense_operands(N, d, 3 * (p.h1 + h))
+        row["train dense s"] = med(lambda: a_dense @ b_dense, repeat)
+        del a_dense, b_dense
+        row["train fm/dense rate"] = row["train dense s"] / row["train fm s"]
+        if with_hf and bl.hf_supports(p) is None:
+            _, hf_step = bl.hf_mixtral_block(inp, k, "grouped_mm")
+            row["train hf grouped_mm s"] = med(hf_step, repeat)
+            row["train hf/fm"] = row["train hf grouped_mm s"] / row["train fm s"]
     if T <= 64:
         selected = np.unique(r.experts).size
         floor = 4.0 * selected * d * (p.h1 + h) / (bandwidth * 1e9)
@@ -120,6 +141,8 @@ def main(argv=None):
     ap.add_argument("--presets", default=",".join(CPU_PERF_PRESETS))
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--no-zipf", action="store_true", help="uniform routing only")
+    ap.add_argument("--train", action="store_true",
+                    help="also time forward + backward (issue #4's targets)")
     args = ap.parse_args(argv)
     ok, why = bl.hf_status()
     with_hf = ok and not args.no_hf
@@ -140,7 +163,7 @@ def main(argv=None):
         for name in args.presets.split(","):
             p = get_preset(name)
             for zipf in ([None, ZIPF_A] if p.tokens > 64 and not args.no_zipf else [None]):
-                rows.append(run_preset(p, zipf, args.repeat, with_hf, bandwidth))
+                rows.append(run_preset(p, zipf, args.repeat, with_hf, bandwidth, args.train))
                 print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in rows[-1].items()), flush=True)
     keys = list(dict.fromkeys(k for r in rows for k in r))

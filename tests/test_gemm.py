@@ -159,9 +159,10 @@ def ref_experts(xs, w1, w2, offsets, activation, trans_w):
     ("gelu", False, False, True), ("gelu_tanh", True, False, False), ("relu", False, True, True),
     ("silu", True, True, True),
 ])
-def test_experts_forward_fused_epilogue(activation, trans_w, packed, keep):
+@pytest.mark.parametrize("counts", [(5, 0, 13, 1), (5, 0, 30, 1)])   # streamed / tiled
+def test_experts_forward_fused_epilogue(activation, trans_w, packed, keep, counts):
     """The activation in the first GEMM's epilogue: h_pre (when kept), h_act, ys all match."""
-    counts, d, h = (5, 0, 13, 1), 37, 21          # h odd: swiglu halves cut panels unevenly
+    d, h = 37, 21                                 # h odd: swiglu halves cut panels unevenly
     H1 = 2 * h if activation == "swiglu" else h
     xs, w1, offsets = make_case(counts, d, H1, trans_w=trans_w, seed=5)
     _, w2, _ = make_case(counts, h, d, trans_w=trans_w, seed=6)
@@ -272,6 +273,11 @@ counts = (600, 0, 70, 9)                                         # three row blo
 off = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 a = rng.standard_normal((int(off[-1]), 300), dtype=np.float32)
 outs += fm.grouped_gemm_backward(fm.grouped_gemm(a, wide, off), a, wide, off)
+off = np.array([0, 3, 3, 12, 13])                               # decoding: streamed weights
+outs += [fm.grouped_gemm(a[:13], wide, off),
+         fm.grouped_gemm(a[:13], wide.transpose(0, 2, 1).copy(), off, trans_w=True),
+         *fm.experts_forward(a[:13], wide[:, :, :600], wide[:, :, :300].transpose(0, 2, 1).copy(),
+                             off, "swiglu", keep=True)]
 print(hashlib.sha256(b"".join(o.tobytes() for o in outs)).hexdigest())
 """
 

@@ -172,6 +172,30 @@ def run_gemm(src, ridx, trans, b, btrans, M, half, tiles, out, act_out=None, cod
                                half, out, act_out, code, store_out)
 
 
+# Decoding: when no expert has more than STREAM_MAX_ROWS rows, raw weights are streamed from
+# memory once by kernels/cpu/gemm.py's stream_kernel (no packing, no tiles).
+STREAM_MAX_ROWS = 16
+
+
+def few_rows(offsets):
+    """True when every expert has at most STREAM_MAX_ROWS rows (host offsets)."""
+    return offsets.shape[0] < 2 or int(np.diff(offsets).max()) <= STREAM_MAX_ROWS
+
+
+def run_stream(src, w, trans_w, offsets, M, half, out, act_out=None, code=-1, store_out=True):
+    """stream_kernel over every expert with rows: out[rows of e] = src[rows] @ B_e (M columns;
+    half > 0: swiglu halves), act_out = act(...) when code >= 0."""
+    ncols = half if half else M
+    E = offsets.shape[0] - 1
+    tasks = np.array([(e, c0, min(c0 + kg.CW, ncols)) for e in range(E)
+                      if offsets[e + 1] > offsets[e] for c0 in range(0, ncols, kg.CW)],
+                     np.int64).reshape(-1, 3)
+    if act_out is None:
+        act_out = np.empty((0, 0), out.dtype)
+    kg.stream_kernel(src, np.arange(src.shape[0], dtype=np.int64), w, trans_w, offsets, tasks,
+                     half, out, act_out, code, store_out)
+
+
 def expert_tiles(offsets, P, K):
     """Tiles of a forward-shaped product: expert e's rows offsets[e]..offsets[e+1] of A and C,
     group e, the whole depth K."""
@@ -264,6 +288,9 @@ def grouped_gemm(a, w, offsets, trans_w=False):
     elif large_blocks(offsets):              # BLAS per block of an expert's rows
         pool.run_tasks(lambda t, _: np.matmul(a[t[1]:t[2]], weight(w, t[0], trans_w),
                                               out=out[t[1]:t[2]]), pool.row_tasks(offsets))
+        return out
+    elif few_rows(offsets):                  # decoding: weights streamed once
+        run_stream(a, np.ascontiguousarray(w), trans_w, offsets, M, 0, out)
         return out
     else:
         b, half = np.ascontiguousarray(w), 0

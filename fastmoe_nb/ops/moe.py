@@ -11,8 +11,9 @@ from .activations import activate, activate_backward, activation_code, hidden_wi
 from .dispatch import combine, combine_backward, make_plan, permute, permute_backward
 from ..kernels.common import SWIGLU
 from . import pool
-from .gemm import (PackedWeights, blas_weight_grads, check_weights, expert_tiles, grouped_gemm,
-                   grouped_gemm_backward, large_blocks, num_panels, run_gemm, weight)
+from .gemm import (PackedWeights, blas_weight_grads, check_weights, expert_tiles, few_rows,
+                   grouped_gemm, grouped_gemm_backward, large_blocks, num_panels, run_gemm,
+                   run_stream, weight)
 from ..kernels.cpu.activations import activate_backward_rows, activate_rows
 from .routing import (check_sigmoid_options, sigmoid_topk, sigmoid_topk_backward, softmax_topk,
                       softmax_topk_backward)
@@ -113,6 +114,13 @@ def experts_forward(xs, w1, w2, offsets, activation, trans_w=False, keep=False):
                              f"shape {tuple(w2.shape)}")
         if not isinstance(w2, PackedWeights):
             return _experts_forward_blas(xs, w1, w2, offsets, code, h, trans_w, keep)
+    if not isinstance(w1, PackedWeights) and few_rows(offsets):   # decoding: streamed
+        half = H1 // 2 if swiglu else 0
+        h_pre = np.empty((N, H1), xs.dtype) if keep else np.empty((0, 0), xs.dtype)
+        h_act = np.empty((N, h), xs.dtype)
+        run_stream(xs, np.ascontiguousarray(w1), trans_w, offsets, H1, half, h_pre, h_act,
+                   code, keep)
+        return (h_pre if keep else None), h_act, grouped_gemm(h_act, w2, offsets, trans_w)
     if isinstance(w1, PackedWeights):
         b, fused = w1.panels, w1.swiglu == swiglu
     elif large_blocks(offsets):      # w2 packed: BLAS per expert for w1, activation apart

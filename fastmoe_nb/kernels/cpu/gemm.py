@@ -235,3 +235,75 @@ def grouped_gemm_kernel(src, ridx, trans, bp, w, wtrans, M, tiles, bounds, max_r
                             micro_tile(abuf[b], bq, ke - kk, cbuf, i, (q - q0) * NR, first,
                                        last, min(MR, m - i), out, r_out + i, q, half, M,
                                        act_out, code, store_out)
+
+
+# --------------------------------------------------------------------------- decoding
+
+CW = 128   # columns of C a streaming task takes (its accumulators: rows x CW (x2 for swiglu))
+
+
+@njit(parallel=True, cache=True, fastmath={"contract"})
+def stream_kernel(src, ridx, w, trans, offsets, tasks, half, out, act_out, code, store_out):
+    # Few rows an expert (decoding): no packing, each selected expert's weights are read
+    # once, straight from memory, and the rows' products accumulate beside them in L1.
+    # src (*, K) A's rows, gathered by ridx (N,); w (E, K, M) [trans: (E, M, K)];
+    # offsets (E+1,); tasks (n, 3): (e, c0, c1) -> C columns c0..c1 of expert e's rows;
+    #   half > 0 (swiglu [gate | up], M = 2*half): c0..c1 are gate columns and half+c0..
+    #   half+c1 their up columns, taken by the same task;
+    # out (N, M): C (when store_out), act_out (N, M'): act(C) (code >= 0; swiglu halves).
+    # Compiled with numba's default vectorizer flags (the loop vectorizer on): the inner
+    # loops run over contiguous columns (or, transposed, a depth split into 16 lanes).
+    K = w.shape[2] if trans else w.shape[1]
+    u0 = np.uint64(0)
+    for t in prange(tasks.shape[0]):
+        e, c0, c1 = tasks[t, 0], tasks[t, 1], tasks[t, 2]
+        lo, m = offsets[e], offsets[e + 1] - offsets[e]
+        nc = c1 - c0
+        cols = np.empty(2 * nc if half > 0 else nc, np.int64)   # the task's columns of w
+        for j in range(nc):
+            cols[j] = c0 + j
+            if half > 0:
+                cols[nc + j] = half + c0 + j
+        W = cols.shape[0]
+        acc = np.zeros((m, W), out.dtype)
+        if not trans:                          # stream rows w[e, p, cols]: contiguous runs
+            for p in range(K):
+                wp = w[e, p]
+                for i in range(m):
+                    a = src[ridx[lo + i], p]
+                    ai = acc[i]
+                    for j in range(u0, np.uint64(nc)):
+                        ai[j] += a * wp[np.uint64(c0) + j]
+                    if half > 0:
+                        for j in range(u0, np.uint64(nc)):
+                            ai[np.uint64(nc) + j] += a * wp[np.uint64(half + c0) + j]
+        else:                                  # dot products along rows w[e, c, :]
+            lanes = np.empty(16, out.dtype)
+            for jj in range(W):
+                wc = w[e, cols[jj]]
+                for i in range(m):
+                    xi = src[ridx[lo + i]]
+                    for q in range(16):
+                        lanes[q] = 0.0
+                    kk = K - K % 16
+                    for p in range(0, kk, 16):
+                        for q in range(u0, np.uint64(16)):
+                            lanes[q] += xi[np.uint64(p) + q] * wc[np.uint64(p) + q]
+                    s = lanes[0]
+                    for q in range(1, 16):       # a fixed order: deterministic
+                        s += lanes[q]
+                    for p in range(kk, K):
+                        s += xi[p] * wc[p]
+                    acc[i, jj] = s
+        for i in range(m):                      # the epilogue
+            r = lo + i
+            for j in range(nc):
+                if store_out:
+                    out[r, c0 + j] = acc[i, j]
+                    if half > 0:
+                        out[r, half + c0 + j] = acc[i, nc + j]
+                if code >= 0:
+                    if half > 0:
+                        act_out[r, c0 + j] = act_scalar(acc[i, j], SILU) * acc[i, nc + j]
+                    else:
+                        act_out[r, c0 + j] = act_scalar(acc[i, j], code)

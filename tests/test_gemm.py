@@ -295,3 +295,23 @@ def test_bitwise_identical_for_1_and_2_threads():
         assert r.returncode == 0, r.stderr
         digests.append(r.stdout.strip())
     assert len(digests[0]) == 64 and digests[0] == digests[1]
+
+
+def test_pool_survives_fork_and_reraises_task_errors():
+    """A child forked after the pool started computes (no hang on the parent's pool threads);
+    an exception in a task reaches the caller."""
+    import multiprocessing as mp
+
+    from fastmoe_nb.ops import pool
+    a, w, offsets = make_case((300, 200), 16, 24, seed=2)
+    want = fm.grouped_gemm(a, w, offsets)                 # the parent's pool is running
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as p:
+        got = p.apply_async(fm.grouped_gemm, (a, w, offsets)).get(timeout=120)
+    np.testing.assert_array_equal(got, want)
+
+    def task(t, scratch):
+        if t == 3:
+            raise RuntimeError("task 3")
+    with pytest.raises(RuntimeError, match="task 3"):
+        pool.run_tasks(task, list(range(8)))

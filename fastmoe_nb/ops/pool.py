@@ -15,6 +15,7 @@ tasks are cut from the shapes alone, so outputs are bitwise the same for any thr
 """
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,6 +24,18 @@ import numpy as np
 
 _lock = threading.Lock()
 _state = {"pool": None, "controller": None, "depth": 0, "limiter": None}
+
+
+def _after_fork():
+    """A forked child has none of the parent's pool threads: start afresh (a pool copied
+    from the parent would take tasks and never run them)."""
+    global _lock
+    _lock = threading.Lock()
+    _state.update(pool=None, depth=0, limiter=None)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 def _pool():
@@ -81,8 +94,9 @@ def run_tasks(fn, tasks):
     with one_blas_thread:
         futures = [_pool().submit(worker) for _ in range(n - 1)]
         worker()
-        for f in futures:
-            f.result()
+        for f in futures:              # one not started yet (workers busy elsewhere) has
+            if not f.cancel():         # nothing left to do
+                f.result()
     if errors:
         raise errors[0]
 

@@ -67,6 +67,37 @@ def softmax_topk(logits, k, renormalize=True, check_finite=True):
     return Routing(w, idx)
 
 
+LOGIT_BLOCK = 16   # router columns per BLAS call in router_logits
+
+
+def router_logits(x, router_w, router_b=None):
+    """The router's logits of the layer. x: (T, d), router_w: (d, E), router_b: (E,) or None
+    (validated by the caller) -> logits: (T, E) = x @ router_w [+ router_b], in x's dtype.
+
+    On the CPU the columns are computed LOGIT_BLOCK at a time, the last block zero-padded: one
+    BLAS call of the same shape per block, so a column's rounding depends on its block, never
+    on E. A single x @ router_w rounds a column differently when the matrix is wider, and
+    adding experts (surgery.add_experts) must leave the old experts' logits bit-identical.
+    (The CUDA GEMM sums every output element alone, in increasing d: already width-free.)"""
+    if backend_of(x=x, router_w=router_w, router_b=router_b) == CUDA:
+        kc = cuda_module()
+        logits = kc.matmul(x, router_w)
+        if router_b is None:
+            return logits
+        return kc.add_rows(logits, kc.dev(router_b).reshape(1, router_b.shape[0]))
+    (T, d), E = x.shape, router_w.shape[1]
+    logits = np.empty((T, E), x.dtype)
+    block = np.zeros((d, LOGIT_BLOCK), x.dtype)                   # one block, zero-padded
+    for lo in range(0, E, LOGIT_BLOCK):
+        hi = min(lo + LOGIT_BLOCK, E)
+        block[:, :hi - lo] = router_w[:, lo:hi]
+        block[:, hi - lo:] = 0
+        logits[:, lo:hi] = (x @ block)[:, :hi - lo]
+    if router_b is not None:
+        logits += router_b
+    return logits
+
+
 def check_sigmoid_options(E, k, bias, n_group, topk_group, scale, dtype):
     """Validate DeepSeek-V3 router options against E experts; returns (k, n_group, topk_group,
     scale)."""

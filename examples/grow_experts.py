@@ -218,7 +218,7 @@ def main():
     nn.save(ckpt, base)
     rows = {"trained on A": (evaluate(base, a_val, a), evaluate(base, b_val, a))}
     if a.replay:
-        old, frac, how = a_train, a.replay, f"replayed A text {a.replay:.0%}"
+        old, frac, how = a_train, a.replay, f"real A text {a.replay:.0%}"
     else:
         t0 = time.perf_counter()
         old, frac = generate(base, a), a.rehearse

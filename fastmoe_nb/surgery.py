@@ -114,9 +114,9 @@ def add_experts(moe, n, init="copy", source=None, noise=0.0, router="suppress", 
       to the layer with zeros for the old experts if it had none: logits + 0 are the old
       logits) is min(old router_b) - SUPPRESS, so their logit is that constant for every
       token. softmax_topk with renormalize=True reads only the k chosen logits: exact
-      whenever a token's k-th best old logit is above it; with renormalize=False (and
-      dense_gating) the softmax sums every expert: exact because exp(new - best) underflows
-      to exactly 0 in float64 (a token whose best old logit is above the constant + 746).
+      whenever a token's k-th best old logit is above it; with renormalize=False the softmax
+      sums every expert: exact because exp(new - best) underflows to exactly 0 in float64
+      (a token whose best old logit is above the constant + 746).
       The sigmoid router suppresses through its choice bias instead (new router_b, if any:
       0): min(old bias) - SUPPRESS, never chosen for any input (scores lie in [0, 1]), and
       its weights read only the chosen experts.

@@ -1,7 +1,7 @@
 """Grow a trained MoE: add experts for new data, train only them (and their router columns),
 and keep what the model knew — against fine-tuning the whole model, which forgets.
 
-    python examples/grow_experts.py                  # about a minute on 2 cores
+    python examples/grow_experts.py                  # about 2 minutes on 2 cores
     python examples/grow_experts.py --steps 200      # a quick look
 
 Data (embedded in the Python installation, no download): next-character prediction from the
@@ -11,13 +11,17 @@ previous --context characters on two kinds of text,
      line, shuffled.
 Steps:
   1. train a character model with one MoE block (E experts) on A;
-  2. "grow":     surgery.add_experts(moe, n) (copies of the old experts, routing unchanged
-                 at first), freeze everything else (old experts, old router columns, embedding,
-                 projection, norms, head) and train on B;
-  3. "finetune": the same steps on B from the same checkpoint, every parameter trainable.
-(--replay f mixes a fraction f of A windows into both runs' B batches: rehearsal.)
-Printed: loss (nats per character) and accuracy on A and B after each, and which experts take
-the A and B tokens.
+  2. "grown":  surgery.add_experts(moe, n) — the model's output stays bit-identical (checked)
+               — then surgery.wake the new experts, freeze everything old (experts, router
+               columns and biases, embedding, projection, norms, head) and train the new
+               experts, their router columns and biases on B, mixing into each batch a
+               fraction --rehearse of text the step-1 model generates itself (pseudo-
+               rehearsal: no A data is kept or read after step 1);
+  3. the same without the generated text, and "fine-tuned": every parameter trained on B
+     from the same checkpoint (without, then with the generated text).
+(--replay f mixes a fraction f of real A windows instead: rehearsal, for comparison.)
+Printed: loss (nats per character) and accuracy on A and B after each, and the share of A's
+and B's routed assignments that go to the new experts.
 """
 from __future__ import annotations
 
@@ -104,11 +108,29 @@ class CharModel(nn.Module):
         self.emb.backward(de.reshape(de.shape[0], self.n, self.d_emb))
 
 
-def train(model, data, a, opt, label, replay=None):
+def generate(model, a, streams=512, length=200):
+    """Text sampled from model itself (ids, streams * length), each stream started from
+    --context newlines: what the model learned of its data, without the data."""
+    rng = np.random.default_rng(a.seed + 2)
+    model.eval()
+    ctx = np.zeros((streams, a.context), np.int32)                   # VOCAB[0] = "\n"
+    out = np.empty((streams, length), np.int32)
+    for i in range(length):
+        z = model.forward(ctx).astype(np.float64)
+        p = np.exp(z - z.max(axis=1, keepdims=True))
+        c = (p.cumsum(axis=1) > rng.random((streams, 1)) * p.sum(axis=1, keepdims=True)
+             ).argmax(axis=1)
+        out[:, i] = c
+        ctx = np.concatenate([ctx[:, 1:], c[:, None].astype(np.int32)], axis=1)
+    model.train()
+    return out.reshape(-1)
+
+
+def train(model, data, a, opt, label, replay=None, frac=0.0):
     """a.steps AdamW steps on random windows of data (seeded: the same batches for every run);
-    with replay (ids), a fraction a.replay of every batch comes from it instead."""
+    with replay (ids), a fraction frac of every batch comes from it instead."""
     rng = np.random.default_rng(a.seed + 1)
-    n_old = int(round(a.batch * a.replay)) if replay is not None else 0
+    n_old = int(round(a.batch * frac)) if replay is not None else 0
     t0 = time.perf_counter()
     for step in range(1, a.steps + 1):
         opt.lr = a.lr * min(step / 30, 1.0) * (1.0 - 0.9 * step / a.steps)
@@ -143,6 +165,22 @@ def evaluate(model, val, a, new_from=None):
     return loss, acc, new, counts
 
 
+def grow(model, a, E):
+    """add_experts (checked: the output is unchanged bit for bit), wake the new experts and
+    leave only them, their router columns and biases trainable -> an optimizer for that."""
+    probe = windows(model.a_val, np.arange(0, 4096 * 7, 7), a.context)[0]
+    before = model.eval().forward(probe)
+    surgery.add_experts(model.moe, a.new, init="copy", noise=0.01, rng=a.seed)
+    same = np.array_equal(model.forward(probe), before)
+    model.train()
+    surgery.wake(model.moe, range(E, E + a.new))
+    model.requires_grad_(False)
+    for p in (model.moe.w1, model.moe.w2, model.moe.router_w, model.moe.router_b):
+        p.requires_grad = True
+    surgery.freeze(model.moe, experts=range(E), router=range(E))
+    return surgery.FrozenRows(nn.AdamW(model, lr=a.lr, weight_decay=0.01), model), same
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=600, help="steps of each training phase")
@@ -154,10 +192,10 @@ def main():
     p.add_argument("--experts", type=int, default=4, help="experts trained on A")
     p.add_argument("--new", type=int, default=4, help="experts added for B")
     p.add_argument("--k", type=int, default=2)
-    p.add_argument("--router", choices=("new", "all"), default="all",
-                   help="router columns trained on B: the new experts' only, or all")
+    p.add_argument("--rehearse", type=float, default=0.25,
+                   help="fraction of each B batch drawn from text the A model generates")
     p.add_argument("--replay", type=float, default=0.0,
-                   help="fraction of each B batch drawn from A's training text (both runs)")
+                   help="instead: fraction of each B batch drawn from A's training text")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--chars", type=int, default=400_000, help="characters of each part")
     p.add_argument("--eval-tokens", type=int, default=4096)
@@ -168,7 +206,9 @@ def main():
     E = a.experts
 
     def build():
-        return CharModel(len(VOCAB), a.context, a.d_emb, a.d, a.hidden, E, a.k, a.seed)
+        m = CharModel(len(VOCAB), a.context, a.d_emb, a.d, a.hidden, E, a.k, a.seed)
+        m.a_val = a_val
+        return m
 
     print(f"A (code) {len(a_train)} + {len(a_val)} chars, B (names) {len(b_train)} + "
           f"{len(b_val)} chars; {a.steps} steps of {a.batch} windows per phase")
@@ -177,35 +217,38 @@ def main():
     ckpt = os.path.join(tempfile.mkdtemp(), "base.npz")
     nn.save(ckpt, base)
     rows = {"trained on A": (evaluate(base, a_val, a), evaluate(base, b_val, a))}
+    if a.replay:
+        old, frac, how = a_train, a.replay, f"real A text {a.replay:.0%}"
+    else:
+        t0 = time.perf_counter()
+        old, frac = generate(base, a), a.rehearse
+        how = f"generated text {a.rehearse:.0%}"
+        print(f"generated {len(old)} characters with the A model ({time.perf_counter() - t0:.0f}"
+              f" s): {''.join(VOCAB[c] for c in old[:60])!r}")
 
-    # grow: new experts and their router columns are the only trainable parts
-    grown = nn.load(ckpt, build())
-    surgery.add_experts(grown.moe, a.new, init="copy", noise=0.01, rng=a.seed)
-    same = evaluate(grown, a_val, a, E)
-    print(f"after add_experts (before training): A loss {same[0]:.4f} (was "
-          f"{rows['trained on A'][0][0]:.4f}), share of A tokens on new experts {same[2]:.1%}")
-    grown.requires_grad_(False)
-    grown.moe.w1.requires_grad = grown.moe.w2.requires_grad = True
-    grown.moe.router_w.requires_grad = True
-    surgery.freeze(grown.moe, experts=range(E), router=range(E) if a.router == "new" else ())
-    opt = surgery.FrozenRows(nn.AdamW(grown, lr=a.lr, weight_decay=0.01), grown)
-    train(grown, b_train, a, opt, "B grow  ", a_train)
-    rows["grown on B"] = (evaluate(grown, a_val, a, E), evaluate(grown, b_val, a, E))
-    surgery.check_expert_counts(nn.save(ckpt + ".grown.npz", grown), grown)
+    runs = [(f"grown, {how}", True, frac), ("grown, B only", True, 0.0),
+            ("fine-tuned, B only", False, 0.0), (f"fine-tuned, {how}", False, frac)]
+    for name, is_grown, f in runs:
+        model = nn.load(ckpt, build())
+        if is_grown:
+            opt, same = grow(model, a, E)
+            print(f"add_experts: output on A unchanged bit for bit: {same}")
+        else:
+            opt = nn.AdamW(model, lr=a.lr, weight_decay=0.01)
+        train(model, b_train, a, opt, f"{name[:18]:18s}", old if f else None, f)
+        new = E if is_grown else None
+        rows[name] = (evaluate(model, a_val, a, new), evaluate(model, b_val, a, new))
+        if is_grown and f:
+            surgery.check_expert_counts(nn.save(ckpt + ".grown.npz", model), model)
+            counts = rows[name][0][3], rows[name][1][3]
 
-    # the usual alternative: fine-tune every parameter on B
-    tuned = nn.load(ckpt, build())
-    train(tuned, b_train, a, nn.AdamW(tuned, lr=a.lr, weight_decay=0.01), "B tune  ", a_train)
-    rows["fine-tuned on B"] = (evaluate(tuned, a_val, a), evaluate(tuned, b_val, a))
-
-    print(f"\n{'model':18s} {'A loss':>7s} {'A acc':>6s} {'B loss':>7s} {'B acc':>6s}"
+    print(f"\n{'model':30s} {'A loss':>7s} {'A acc':>6s} {'B loss':>7s} {'B acc':>6s}"
           f"  {'A->new':>6s} {'B->new':>6s}")
     for name, (ra, rb) in rows.items():
-        share = (f"  {ra[2]:6.1%} {rb[2]:6.1%}" if name == "grown on B" else "")
-        print(f"{name:18s} {ra[0]:7.3f} {ra[1]:6.1%} {rb[0]:7.3f} {rb[1]:6.1%}{share}")
-    ra, rb = rows["grown on B"]
-    print("\ntokens per expert of the grown model (experts "
-          f"{E}..{E + a.new - 1} are new):\n  A: {ra[3].tolist()}\n  B: {rb[3].tolist()}")
+        share = f"  {ra[2]:6.1%} {rb[2]:6.1%}" if name.startswith("grown") else ""
+        print(f"{name:30s} {ra[0]:7.3f} {ra[1]:6.1%} {rb[0]:7.3f} {rb[1]:6.1%}{share}")
+    print(f"\ntokens per expert of the grown model (experts {E}..{E + a.new - 1} are new):\n"
+          f"  A: {counts[0].tolist()}\n  B: {counts[1].tolist()}")
 
 
 if __name__ == "__main__":

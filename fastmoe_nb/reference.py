@@ -171,10 +171,19 @@ def expert_mlp(x, w1, w2, activation):
     return (_f64(activate(_f64(x) @ _f64(w1), activation)) @ _f64(w2)).astype(x.dtype)
 
 
-def _route(x, router_w, k, router, renormalize, bias, n_group, topk_group, scale, capacity):
-    """The layer's routing and plan: logits x @ router_w in the working dtype, as every
-    framework computes router logits -> (logits, Routing, Plan)."""
-    logits = x @ router_w
+def router_logits(x, router_w, router_b=None):
+    """x: (T, d), router_w: (d, E), router_b: (E,) or None -> (T, E) = x @ router_w [+ router_b]
+    in the working dtype, as the library computes them (fastmoe_nb.ops.routing.router_logits:
+    one FMA chain per logit over d in order), so that the reference routes near-ties the same
+    way; tests check those logits against a float64 x @ router_w on their own."""
+    from .ops.routing import router_logits as logits_of   # noqa: PLC0415 (lazily: no cycle)
+    return logits_of(x, router_w, router_b)
+
+
+def _route(x, router_w, k, router, renormalize, bias, n_group, topk_group, scale, capacity,
+           router_b=None):
+    """The layer's routing and plan -> (logits, Routing, Plan)."""
+    logits = router_logits(x, router_w, router_b)
     if router == "softmax_topk":
         r = softmax_topk(logits, k, renormalize)
     else:
@@ -185,17 +194,18 @@ def _route(x, router_w, k, router, renormalize, bias, n_group, topk_group, scale
 def moe_forward(x, router_w, w1, w2, k, activation="swiglu", router="softmax_topk",
                 renormalize=True, bias=None, n_group=1, topk_group=1, scale=1.0,
                 capacity=None, trans_w=False, shared_w1=None, shared_w2=None,
-                shared_gate_w=None):
+                shared_gate_w=None, router_b=None):
     """The whole layer, written per expert without plan/permute/combine.
 
     x: (T, d), router_w: (d, E), w1: (E, d, h|2h) [trans_w: (E, h|2h, d)],
-    w2: (E, h, d) [trans_w: (E, d, h)] -> y: (T, d).
+    w2: (E, h, d) [trans_w: (E, d, h)], router_b: (E,) or None (logits x @ router_w +
+    router_b) -> y: (T, d).
     y[t] = sum_j weight[t, j] * MLP_{expert[t, j]}(x[t]) over kept assignments
            + shared(x[t]) * [sigmoid(x[t] @ shared_gate_w) if shared_gate_w is given].
     """
     x64 = _f64(x)
     _, r, plan = _route(x, router_w, k, router, renormalize, bias, n_group, topk_group, scale,
-                        capacity)
+                        capacity, router_b)
     E = router_w.shape[1]
     y = np.zeros_like(x64)
     for e in range(E):
@@ -360,13 +370,14 @@ def shared_backward(ds, x, w1, w2, gate_w, activation):
 def moe_backward(dy, x, router_w, w1, w2, k, activation="swiglu", router="softmax_topk",
                  renormalize=True, bias=None, n_group=1, topk_group=1, scale=1.0,
                  capacity=None, trans_w=False, shared_w1=None, shared_w2=None,
-                 shared_gate_w=None):
+                 shared_gate_w=None, router_b=None):
     """The gradients of moe_forward (same arguments, dy: (T, d) first), written per expert.
     -> (dx (T, d), grads) with grads "router_w", "w1", "w2" in the forward's layouts, plus
-    "shared_w1", "shared_w2" and "shared_gate_w" when given. The routing bias gets none."""
+    "router_b" (sum over tokens of d logits), "shared_w1", "shared_w2" and "shared_gate_w"
+    when given. The sigmoid router's choice bias gets none."""
     x64, dy64 = _f64(x), _f64(dy)
     logits, r, plan = _route(x, router_w, k, router, renormalize, bias, n_group, topk_group,
-                             scale, capacity)
+                             scale, capacity, router_b)
     E = router_w.shape[1]
     dx = np.zeros_like(x64)
     dw1, dw2 = np.zeros(w1.shape), np.zeros(w2.shape)
@@ -391,6 +402,8 @@ def moe_backward(dy, x, router_w, w1, w2, k, activation="swiglu", router="softma
     dt = x.dtype
     grads = {"router_w": (x64.T @ d_logits).astype(dt), "w1": dw1.astype(dt),
              "w2": dw2.astype(dt)}
+    if router_b is not None:
+        grads["router_b"] = d_logits.sum(axis=0).astype(dt)
     if shared_w1 is not None:
         dxs, dw1s, dw2s, dgate = shared_backward(dy64, x64, shared_w1, shared_w2,
                                                  shared_gate_w, activation)

@@ -2,7 +2,8 @@
 experts and router columns, and turn a dense nn.MLP into an MoE (sparse upcycling).
 
     moe = surgery.upcycle(mlp, num_experts=8, k=2)         # y == mlp(x) at the start
-    surgery.add_experts(moe, 4, init="copy", noise=1e-2)    # old routing unchanged (see below)
+    surgery.add_experts(moe, 4, init="copy", noise=1e-2)    # old routing exactly unchanged
+    surgery.wake(moe, range(8, 12))                         # let training reach the new ones
     surgery.freeze(moe, experts=range(8), router=range(8))  # train only the new parts
     opt = surgery.FrozenRows(nn.AdamW(model, lr=1e-3), model)
     ...; model.backward(dy); surgery.mask_grads(model); nn.clip_grad_norm(model, 1.0); opt.step()
@@ -10,14 +11,12 @@ experts and router columns, and turn a dense nn.MLP into an MoE (sparse upcyclin
 Every function edits the MoE in place (the Parameter objects are kept, their arrays replaced)
 and returns it. Build the optimizer after the surgery: its state has the old shapes.
 
-Router columns of new experts ("suppress", the default): nn.MoE's router has no bias, and
-no linear column can stay below the k-th best old logit for every input when k > 1, so:
-- router="sigmoid_topk": the new experts' choice bias is set to min(old bias) - 1e4: they are
-  never chosen, and the layer's output is exactly the old one for any k;
-- softmax routers: the new column is the mean of the old columns, whose logit never exceeds
-  the best old logit (a tie goes to the lower, old index): with k = 1 and renormalize=True the
-  routing and the output are exactly the old ones; with k > 1 a new expert can enter the
-  top k of some tokens (the change is measured, not zero).
+New experts ("suppress", the default) leave the old routing exactly as it was — the same
+experts chosen, the same weights and output bit for bit — for softmax_topk (any k,
+renormalized or not) and sigmoid_topk: their router columns are zeros and a router bias
+(router_b, added to the layer if it had none; the sigmoid router's choice bias instead) holds
+their logit SUPPRESS below the others. They are dormant — no loss gives them a gradient —
+until wake() opens them for training (see add_experts for the trade-off).
 
 Row freezing: nn.Parameter freezes whole arrays, so frozen experts (rows of w1 / w2) and
 router columns are recorded on the MoE (``moe.frozen_experts``, ``moe.frozen_router``) and
@@ -34,7 +33,7 @@ import numpy as np
 from . import errors as chk
 from .nn.checkpoint import PARAM
 from .nn.layers import MLP, as_rng
-from .nn.module import Module
+from .nn.module import Module, Parameter
 from .nn.moe import MoE
 from .nn.optim import Optimizer
 from .routing.stats import RoutingMonitor
@@ -69,6 +68,8 @@ def _expert_ids(name, ids, E, allow_empty=False):
 def _expert_params(moe):
     """The Parameters indexed by expert: (name, Parameter, axis)."""
     out = [("w1", moe.w1, 0), ("w2", moe.w2, 0), ("router_w", moe.router_w, 1)]
+    if hasattr(moe, "router_b"):
+        out.append(("router_b", moe.router_b, 0))
     if moe.router == "sigmoid_topk":
         out.append(("bias", moe.bias, 0))
     return out
@@ -104,9 +105,31 @@ def add_experts(moe, n, init="copy", source=None, noise=0.0, router="suppress", 
 
     init: "copy" — expert source[i % len(source)] (all old experts in turn by default) plus
     Gaussian noise of std noise * (that weight's std); "fresh" — the layer's own random
-    initialization (std d^-1/2 for w1, h^-1/2 for w2). router: "suppress" (see the module
-    docstring: new experts not chosen at first), "copy" (the source expert's router column,
-    and its sigmoid bias), or "zeros"."""
+    initialization (std d^-1/2 for w1, h^-1/2 for w2).
+
+    router: how the new experts enter the router.
+    - "suppress" (default): the old routing stays exactly as it was — the same experts, the
+      same weights bit for bit, the same output — and the new experts are dormant. Their
+      router columns are zeros and, for softmax routers, their router bias (router_b, added
+      to the layer with zeros for the old experts if it had none: logits + 0 are the old
+      logits) is min(old router_b) - SUPPRESS, so their logit is that constant for every
+      token. softmax_topk with renormalize=True reads only the k chosen logits: exact
+      whenever a token's k-th best old logit is above it; with renormalize=False the softmax
+      sums every expert: exact because exp(new - best) underflows to exactly 0 in float64
+      (a token whose best old logit is above the constant + 746).
+      The sigmoid router suppresses through its choice bias instead (new router_b, if any:
+      0): min(old bias) - SUPPRESS, never chosen for any input (scores lie in [0, 1]), and
+      its weights read only the chosen experts.
+      The price is learnability: an expert that is never chosen and has probability exactly
+      0 gets no gradient from the task loss, the balancing loss or the z-loss (every one of
+      them is proportional to its probability or to its being chosen), and jitter cannot move
+      a zero column. Suppressed experts stay dormant until you open them: wake() sets their
+      bias to the old experts' level, after which the router's gradients train their rows.
+      (Any bias low enough to be exact for all inputs leaves exp(bias - logit) so small that
+      Adam's epsilon swamps its gradient: there is no setting that is both.)
+    - "copy": the source expert's router column, router_b and choice bias (ties with the
+      source, loses them: k = 1 routing unchanged); "zeros": zero columns and biases (chosen
+      where the old logits are below 0: trains at once, old routing not kept)."""
     _check_moe(moe)
     n = chk.check_int("n", n, 1)
     chk.check_choice("init", init, ("copy", "fresh"))
@@ -130,19 +153,23 @@ def add_experts(moe, n, init="copy", source=None, noise=0.0, router="suppress", 
     else:
         new1 = (rng.standard_normal((n,) + w1.shape[1:]) * d ** -0.5).astype(w1.dtype)
         new2 = (rng.standard_normal((n,) + w2.shape[1:]) * h ** -0.5).astype(w2.dtype)
-    if router == "suppress":
-        cols = np.repeat(rw.mean(axis=1, keepdims=True), n, axis=1)
-    elif router == "copy":
-        cols = rw[:, src]
-    else:
-        cols = np.zeros((d, n), rw.dtype)
-    frozen_e, frozen_r = list(getattr(moe, "frozen_experts", ())), \
-        list(getattr(moe, "frozen_router", ()))
-    if moe.router == "sigmoid_topk":
+    cols = rw[:, src] if router == "copy" else np.zeros((d, n), rw.dtype)
+    sigmoid = moe.router == "sigmoid_topk"
+    if router == "suppress" and not sigmoid and not hasattr(moe, "router_b"):
+        moe.router_b = Parameter(np.zeros(E, rw.dtype), decay=False)
+    if hasattr(moe, "router_b"):
+        b = moe.router_b.value
+        nb = (b[src] if router == "copy" else
+              np.full(n, b.min() - SUPPRESS, b.dtype) if router == "suppress" and not sigmoid
+              else np.zeros(n, b.dtype))
+        _set(moe.router_b, np.concatenate([b, nb]))
+    if sigmoid:
         b = moe.bias.value
         nb = (np.full(n, b.min() - SUPPRESS, b.dtype) if router == "suppress"
               else b[src] if router == "copy" else np.zeros(n, b.dtype))
         _set(moe.bias, np.concatenate([b, nb]))
+    frozen_e, frozen_r = list(getattr(moe, "frozen_experts", ())), \
+        list(getattr(moe, "frozen_router", ()))
     _set(moe.w1, np.concatenate([w1, new1]))
     _set(moe.w2, np.concatenate([w2, new2]))
     _set(moe.router_w, np.concatenate([rw, cols.astype(rw.dtype)], axis=1))
@@ -150,6 +177,32 @@ def add_experts(moe, n, init="copy", source=None, noise=0.0, router="suppress", 
                                  threshold=moe.monitor.threshold)
     moe.stats = None
     moe.frozen_experts, moe.frozen_router = frozen_e, frozen_r
+    return moe
+
+
+def wake(moe, experts, bias=None):
+    """Open dormant experts (suppressed by add_experts) so that training reaches them: their
+    router bias — router_b for softmax routers, the choice bias for sigmoid_topk — is set to
+    `bias`, by default the mean bias of the other awake (not suppressed) experts. Their router
+    columns are kept (zeros after add_experts: a constant logit, chosen where the old experts'
+    logits are below it; the router's gradient then shapes the columns). The routing changes
+    from here on. Returns moe."""
+    _check_moe(moe)
+    E = moe.num_experts
+    ids = _expert_ids("experts", experts, E)
+    p = moe.bias if moe.router == "sigmoid_topk" else getattr(moe, "router_b", None)
+    if p is None:
+        raise ValueError("moe: has no router bias to open (router_bias=False and never "
+                         "suppressed by add_experts)")
+    v = p.value
+    awake = [e for e in range(E) if e not in ids and v[e] > v.max() - SUPPRESS / 2]
+    if bias is None:
+        if not awake:
+            raise ValueError("bias: expected a value when no other expert is awake (the "
+                             "default is the mean bias of the other awake experts)")
+        bias = float(v[awake].mean())
+    bias = chk.check_real("bias", bias)
+    p.value[ids] = bias
     return moe
 
 
@@ -263,6 +316,8 @@ def frozen_slices(model):
             out += [(m.w1, (fe,)), (m.w2, (fe,))]
         if fr:
             out.append((m.router_w, (slice(None), fr)))
+            if hasattr(m, "router_b"):
+                out.append((m.router_b, (fr,)))
     return out
 
 
@@ -342,4 +397,4 @@ def check_expert_counts(path, model):
 
 __all__ = ["FrozenRows", "add_experts", "check_expert_counts", "duplicate_expert",
            "expert_counts", "freeze", "frozen_slices", "mask_grads", "merge_experts",
-           "remove_experts", "unfreeze", "upcycle"]
+           "remove_experts", "unfreeze", "upcycle", "wake"]

@@ -46,6 +46,22 @@ def test_moe_function_gradcheck_float64(rng, router, opts):
     assert torch.autograd.gradcheck(f, (x, rw, w1, w2), eps=1e-6, atol=1e-6, fast_mode=True)
 
 
+@pytest.mark.parametrize("router", ["softmax_topk", "sigmoid_topk"])
+def test_moe_function_router_b_gradcheck_float64(rng, router):
+    T, d, h, E, k = 5, 4, 3, 4, 2
+    x, rw, w1, w2, rb = _leaves(*random_layer(rng, T, d, h, E, np.float64),
+                                rng.standard_normal(E) * 0.5)
+
+    def f(x, rw, w1, w2, rb):
+        return moe(x, rw, w1, w2, k, router=router, router_b=rb)
+
+    assert torch.autograd.gradcheck(f, (x, rw, w1, w2, rb), eps=1e-6, atol=1e-6, fast_mode=True)
+    m = MoE(d, h, E, k, router_bias=True, dtype=torch.float64)
+    assert m.router_b.shape == (E,) and not m.router_b.detach().any()
+    m(x.detach()).sum().backward()
+    assert m.router_b.grad is not None and m.router_b.grad.shape == (E,)
+
+
 def test_moe_function_shared_expert_gradcheck_float64(rng):
     T, d, h, E, k = 4, 4, 3, 3, 2
     x, rw, w1, w2 = _leaves(*random_layer(rng, T, d, h, E, np.float64, trans_w=True))

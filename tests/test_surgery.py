@@ -21,8 +21,10 @@ def tokens(T, d, dtype=np.float32, seed=1):
 def forward_of(moe, x):
     """The layer's output computed from its arrays by fm.moe_forward (an independent path)."""
     bias = moe.bias.value if moe.router == "sigmoid_topk" else None
+    router_b = moe.router_b.value if hasattr(moe, "router_b") else None
     return fm.moe_forward(x, moe.router_w.value, moe.w1.value, moe.w2.value, moe.k,
-                          activation=moe.activation, router=moe.router, bias=bias)
+                          activation=moe.activation, router=moe.router, bias=bias,
+                          renormalize=moe.renormalize, router_b=router_b)
 
 
 # ----------------------------------------------------------------------------- growing
@@ -54,8 +56,72 @@ def test_add_experts_sigmoid_suppressed_bias_keeps_output_for_any_k(E, k):
     assert moe.bias.shape == (E + 2,) and (moe.bias.value[E:] < moe.bias.value[:E].min()).all()
     y1 = moe.forward(x)
     np.testing.assert_array_equal(moe.ctx.routing.experts, e0)
-    assert_close(y1, y0, rtol=1e-6)     # logits of a wider x @ router_w may round differently
+    np.testing.assert_array_equal(y1, y0)
     assert moe.stats.tokens_per_expert[E:].sum() == 0
+
+
+GROW = [dict(k=2), dict(k=3, renormalize=False), dict(k=4, router_bias=True),
+        dict(k=2, router="sigmoid_topk"), dict(k=1, renormalize=False)]
+
+
+@pytest.mark.parametrize("kw", GROW, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_add_experts_keeps_routing_weights_and_output_bit_for_bit(kw):
+    moe = layer(d=24, E=4, seed=3, **kw)
+    if hasattr(moe, "router_b"):
+        moe.router_b.value[...] = [0.3, -0.2, 0.0, 0.1]
+    x = tokens(200, 24, seed=4) * 3.0                   # logits of a few units
+    y0 = moe.forward(x)
+    r0, dy = moe.ctx.routing, tokens(200, 24, seed=5)
+    moe.zero_grad()
+    dx0 = moe.backward(dy)
+    g0 = {n: getattr(moe, n).grad.copy() for n in ("w1", "w2", "router_w")}
+    S.add_experts(moe, 3, init="copy", noise=0.1, rng=1)
+    y1 = moe.forward(x)
+    np.testing.assert_array_equal(moe.ctx.routing.experts, r0.experts)
+    np.testing.assert_array_equal(moe.ctx.routing.weights, r0.weights)
+    np.testing.assert_array_equal(y1, y0)
+    np.testing.assert_array_equal(forward_of(moe, x), y0)
+    # gradients: the old experts' exactly the old ones, the dormant experts' exactly zero
+    moe.zero_grad()
+    dx1 = moe.backward(dy)
+    for n in ("w1", "w2"):
+        np.testing.assert_array_equal(getattr(moe, n).grad[:4], g0[n])
+        assert not getattr(moe, n).grad[4:].any()
+    assert_close(moe.router_w.grad[:, :4], g0["router_w"], rtol=1e-6)
+    assert not moe.router_w.grad[:, 4:].any()
+    if hasattr(moe, "router_b"):
+        assert not moe.router_b.grad[4:].any()
+    assert_close(dx1, dx0, rtol=1e-6)
+    # woken, the new experts are chosen and get gradients
+    S.wake(moe, [4, 5, 6])
+    moe.forward(x)
+    assert moe.stats.tokens_per_expert[4:].sum() > 0
+    moe.zero_grad()
+    moe.backward(dy)
+    assert moe.w1.grad[4:].any() and moe.router_w.grad[:, 4:].any()
+
+
+def test_add_experts_adds_a_router_bias_that_checkpoints_record(tmp_path):
+    moe = layer(E=3, k=2)
+    assert not hasattr(moe, "router_b")
+    S.add_experts(moe, 2)
+    np.testing.assert_array_equal(moe.router_b.value, [0, 0, 0, -S.SUPPRESS, -S.SUPPRESS])
+    assert not moe.router_w.value[:, 3:].any()
+    S.wake(moe, [3])
+    assert moe.router_b.value[3] == 0.0 and moe.router_b.value[4] == -S.SUPPRESS
+    S.wake(moe, 4, bias=-1.5)
+    assert moe.router_b.value[4] == -1.5
+    nn.save(tmp_path / "g.npz", moe)
+    nn.load(tmp_path / "g.npz", layer(E=5, k=2, router_bias=True))
+    sig = layer(E=3, k=2, router="sigmoid_topk")
+    S.add_experts(sig, 1)
+    assert not hasattr(sig, "router_b") and sig.bias.value[3] == -S.SUPPRESS
+    S.wake(sig, [3])
+    assert sig.bias.value[3] == 0.0
+    with pytest.raises(ValueError, match="router bias"):
+        S.wake(layer(E=3, k=2), [1])
+    with pytest.raises(ValueError, match="bias"):
+        S.wake(moe, range(5))
 
 
 def test_add_experts_copy_sources_and_noise():
@@ -258,12 +324,12 @@ def test_checkpoints_before_and_after_surgery(tmp_path):
 
     same = nn.Sequential(nn.Linear(16, 16, rng=5), layer(E=4, k=1, seed=6))
     nn.load(before, S.check_expert_counts(before, same))
-    grown = nn.Sequential(nn.Linear(16, 16, rng=5), layer(E=6, k=1, seed=6))
+    grown = nn.Sequential(nn.Linear(16, 16, rng=5), layer(E=6, k=1, seed=6, router_bias=True))
     nn.load(after, S.check_expert_counts(after, grown))
     np.testing.assert_array_equal(grown.layers[1].w1.value, model.layers[1].w1.value)
     with pytest.raises(ValueError, match="6 experts in the checkpoint but 4 in the model"):
         S.check_expert_counts(after, same)
-    with pytest.raises(ValueError, match="layers.1.router_w"):
+    with pytest.raises(ValueError, match="layers.1.router_b"):   # the bias add_experts added
         nn.load(after, same)
     # surgery on a loaded model reproduces the saved one
     S.add_experts(same.layers[1], 2, init="fresh")

@@ -19,7 +19,7 @@ from ..ops.moe import moe_backward, moe_forward
 from .arrays import as_array, to_torch
 from .experts import routed_experts, routed_experts_backward
 
-_GRAD_NAMES = ("router_w", "w1", "w2", "shared_w1", "shared_w2", "shared_gate_w")
+_GRAD_NAMES = ("router_w", "w1", "w2", "shared_w1", "shared_w2", "shared_gate_w", "router_b")
 
 
 def _grad(g, device):
@@ -32,11 +32,11 @@ def _needs_grad(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _moe_forward(x, router_w, w1, w2, shared_w1, shared_w2, shared_gate_w, k, options,
-                 return_context):
+def _moe_forward(x, router_w, w1, w2, shared_w1, shared_w2, shared_gate_w, router_b, k,
+                 options, return_context):
     """fm.moe_forward on the tensors' memory -> y (NumPy / device array) [, ctx]."""
     tensors = dict(x=x, router_w=router_w, w1=w1, w2=w2, shared_w1=shared_w1,
-                   shared_w2=shared_w2, shared_gate_w=shared_gate_w)
+                   shared_w2=shared_w2, shared_gate_w=shared_gate_w, router_b=router_b)
     arrays = {n: None if t is None else as_array(t, n) for n, t in tensors.items()}
     opts = dict(options)
     if opts.get("bias") is not None:
@@ -55,15 +55,17 @@ class MoEFunction(torch.autograd.Function):
     """y = fm.moe_forward(x, router_w, w1, w2, k, **options); backward is fm.moe_backward.
 
     x: (T, d), router_w: (d, E), w1: (E, d, h|2h), w2: (E, h, d) [trans_w: (E, h|2h, d),
-    (E, d, h)], shared_w1 / shared_w2 / shared_gate_w: tensors or None; options: a dict of
+    (E, d, h)], shared_w1 / shared_w2 / shared_gate_w, router_b (E,): tensors or None; options:
+    a dict of
     moe_forward's keyword options (activation, router, renormalize, bias, ..., trans_w).
     Every tensor argument gets its gradient but the routing options; the sigmoid router's bias
     gets none (it only chooses)."""
 
     @staticmethod
-    def forward(ctx, x, router_w, w1, w2, shared_w1, shared_w2, shared_gate_w, k, options):
-        y, ctx.moe = _moe_forward(x, router_w, w1, w2, shared_w1, shared_w2, shared_gate_w, k,
-                                  options, return_context=True)
+    def forward(ctx, x, router_w, w1, w2, shared_w1, shared_w2, shared_gate_w, router_b, k,
+                options):
+        y, ctx.moe = _moe_forward(x, router_w, w1, w2, shared_w1, shared_w2, shared_gate_w,
+                                  router_b, k, options, return_context=True)
         ctx.device = x.device
         return to_torch(y, device=x.device)
 
@@ -74,10 +76,11 @@ class MoEFunction(torch.autograd.Function):
                 None, None)
 
 
-def moe(x, router_w, w1, w2, k, shared_w1=None, shared_w2=None, shared_gate_w=None, **options):
+def moe(x, router_w, w1, w2, k, shared_w1=None, shared_w2=None, shared_gate_w=None,
+        router_b=None, **options):
     """The functional form of MoEFunction: fm.moe_forward's arguments, tensors in and out,
-    differentiable in x, router_w, w1, w2 and the shared-expert weights."""
-    args = (x, router_w, w1, w2, shared_w1, shared_w2, shared_gate_w)
+    differentiable in x, router_w, w1, w2, the shared-expert weights and the router bias."""
+    args = (x, router_w, w1, w2, shared_w1, shared_w2, shared_gate_w, router_b)
     if not _needs_grad(*args):                   # inference: no activations kept
         return to_torch(_moe_forward(*args, k, options, return_context=False), x.device)
     return MoEFunction.apply(*args, k, options)
@@ -117,15 +120,18 @@ class MoE(torch.nn.Module):
 
     x: (..., d) -> (..., d). Parameters in fastmoe_nb's layout: router_w (d, E),
     w1 (E, d, h|2h) ([gate | up] for swiglu), w2 (E, h, d); initialized like nn.Linear
-    (uniform in +-1/sqrt(fan_in)). Options are fm.moe_forward's (router, renormalize, ...).
+    (uniform in +-1/sqrt(fan_in)); with router_bias=True a router bias router_b (E,), zeros.
+    Options are fm.moe_forward's (router, renormalize, ...).
     """
 
     def __init__(self, d, h, num_experts, k, activation="swiglu", dtype=torch.float32,
-                 device=None, **options):
+                 device=None, router_bias=False, **options):
         super().__init__()
         h1 = 2 * h if activation == "swiglu" else h
         kw = dict(dtype=dtype, device=device)
         self.router_w = torch.nn.Parameter(torch.empty(d, num_experts, **kw))
+        self.router_b = (torch.nn.Parameter(torch.zeros(num_experts, **kw)) if router_bias
+                         else None)
         self.w1 = torch.nn.Parameter(torch.empty(num_experts, d, h1, **kw))
         self.w2 = torch.nn.Parameter(torch.empty(num_experts, h, d, **kw))
         self.k, self.activation, self.options = k, activation, options
@@ -140,7 +146,7 @@ class MoE(torch.nn.Module):
     def forward(self, x):
         shape = x.shape
         y = moe(x.reshape(-1, shape[-1]), self.router_w, self.w1, self.w2, self.k,
-                activation=self.activation, **self.options)
+                router_b=self.router_b, activation=self.activation, **self.options)
         return y.reshape(shape)
 
     def extra_repr(self):

@@ -15,7 +15,7 @@ from .layers import as_rng, check_input, normal
 from .module import Module, Parameter
 
 # names of moe_forward's weight arguments, which are also moe_backward's gradient keys
-WEIGHTS = ("router_w", "w1", "w2", "shared_w1", "shared_w2", "shared_gate_w")
+WEIGHTS = ("router_w", "router_b", "w1", "w2", "shared_w1", "shared_w2", "shared_gate_w")
 
 
 def router_probs(logits, router):
@@ -32,7 +32,9 @@ def router_probs(logits, router):
 class MoE(Module):
     """A Mixture-of-Experts layer. x: (T, d) -> y: (T, d).
 
-    Parameters: router_w (d, E); w1 (E, d, h) or (E, d, 2h) for swiglu ([gate | up]);
+    Parameters: router_w (d, E); with router_bias=True a router bias router_b (E,), zeros at
+    first, trained (logits = x @ router_w + router_b; surgery.add_experts uses it to keep the
+    old routing exact); w1 (E, d, h) or (E, d, 2h) for swiglu ([gate | up]);
     w2 (E, h, d); with shared_h > 0 a shared expert shared_w1 (d, shared_h | 2 shared_h),
     shared_w2 (shared_h, d), and with shared_gate its sigmoid gate shared_gate_w (d, 1); with
     router="sigmoid_topk" a routing bias (E,) that chooses experts but gets no gradient
@@ -58,7 +60,7 @@ class MoE(Module):
                  renormalize=True, capacity=None, shared_h=0, shared_gate=False, jitter=0.0,
                  aux_loss_coef=0.0, z_loss_coef=0.0, balance="mixtral", n_group=1,
                  topk_group=1, scale=1.0, window=50, dtype=np.float32, rng=None,
-                 **router_options):
+                 router_bias=False, **router_options):
         d = chk.check_int("d", d, 1)
         h = chk.check_int("h", h, 1)
         E = chk.check_int("num_experts", num_experts, 1)
@@ -84,6 +86,8 @@ class MoE(Module):
         self.rng = as_rng(rng)
         H1 = 2 * h if activation == "swiglu" else h
         self.router_w = Parameter(normal(self.rng, (d, E), d ** -0.5, dtype))
+        if router_bias:
+            self.router_b = Parameter(np.zeros(E, dtype), decay=False)
         self.w1 = Parameter(normal(self.rng, (E, d, H1), d ** -0.5, dtype))
         self.w2 = Parameter(normal(self.rng, (E, h, d), h ** -0.5, dtype))
         if shared_h:
@@ -150,6 +154,8 @@ class MoE(Module):
             if self.z_loss_coef:
                 dlogits += z_loss_backward(self.z_loss_coef, ctx.logits)
             grads["router_w"] = grads["router_w"] + ctx.x.T @ dlogits
+            if "router_b" in grads:
+                grads["router_b"] = grads["router_b"] + dlogits.sum(axis=0)
             dx = dx + dlogits @ self.router_w.value.T
         for n in WEIGHTS:
             if hasattr(self, n):

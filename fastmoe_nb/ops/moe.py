@@ -15,8 +15,8 @@ from .gemm import (PackedWeights, blas_weight_grads, check_weights, expert_tiles
                    grouped_gemm, grouped_gemm_backward, large_blocks, num_panels, run_gemm,
                    run_stream, weight)
 from ..kernels.cpu.activations import activate_backward_rows, activate_rows
-from .routing import (check_sigmoid_options, sigmoid_topk, sigmoid_topk_backward, softmax_topk,
-                      softmax_topk_backward)
+from .routing import (check_sigmoid_options, router_logits, sigmoid_topk, sigmoid_topk_backward,
+                      softmax_topk, softmax_topk_backward)
 
 ROUTERS = ("softmax_topk", "sigmoid_topk",
            # fastmoe_nb.routing, by name (routing/layer.py)
@@ -39,10 +39,10 @@ def _add(y, s):
 
 
 def _check_layer(x, router_w, w1, w2, k, activation, trans_w, shared_w1, shared_w2,
-                 shared_gate_w):
+                 shared_gate_w, router_b=None):
     """Validate the layer's arrays; returns (backend, the arrays on that side, E, h)."""
     be = backend_of(x=x, router_w=router_w, w1=w1, w2=w2, shared_w1=shared_w1,
-                    shared_w2=shared_w2, shared_gate_w=shared_gate_w)
+                    shared_w2=shared_w2, shared_gate_w=shared_gate_w, router_b=router_b)
     host = (lambda n, a: a) if be == CUDA else as_host
     x = chk.check_float("x", host("x", x), ndim=2)
     T, d = x.shape
@@ -53,6 +53,10 @@ def _check_layer(x, router_w, w1, w2, k, activation, trans_w, shared_w1, shared_
         raise ValueError("router_w: expected at least one expert column, got shape "
                          f"{tuple(router_w.shape)}")
     k = chk.check_int("k", k, 1, E, what=f"1..E = 1..{E}")
+    if router_b is not None:
+        router_b = chk.check_float("router_b", host("router_b", router_b), shape=(E,), dtype=dt)
+        chk.check_finite("router_b", cuda_module().dev(router_b).copy_to_host()
+                         if be == CUDA else router_b)
     activation_code(activation)
     w1 = chk.check_float("w1", host("w1", w1), ndim=3, dtype=dt)
     H1 = w1.shape[1] if trans_w else w1.shape[2]
@@ -77,7 +81,7 @@ def _check_layer(x, router_w, w1, w2, k, activation, trans_w, shared_w1, shared_
             raise ValueError(f"shared_gate_w: expected shape ({d},) or ({d}, 1), got "
                              f"{tuple(shared_gate_w.shape)}")
         shared_gate_w = shared_gate_w.reshape(d, 1)
-    return be, x, router_w, w1, w2, shared_w1, shared_w2, shared_gate_w, E, h
+    return be, x, router_w, router_b, w1, w2, shared_w1, shared_w2, shared_gate_w, E, h
 
 
 def experts_forward(xs, w1, w2, offsets, activation, trans_w=False, keep=False):
@@ -230,10 +234,15 @@ def shared_forward(x, w1, w2, gate_w, activation):
 def moe_forward(x, router_w, w1, w2, k, activation="swiglu", router="softmax_topk",
                 renormalize=True, bias=None, n_group=1, topk_group=1, scale=1.0, capacity=None,
                 trans_w=False, shared_w1=None, shared_w2=None, shared_gate_w=None,
-                check_finite=True, return_context=False, **router_options):
+                check_finite=True, return_context=False, router_b=None, **router_options):
     """The MoE layer. x: (T, d), router_w: (d, E), w1: (E, d, h) or (E, d, 2h) for swiglu
     ([gate | up]), w2: (E, h, d); with trans_w=True, w1: (E, h|2h, d) and w2: (E, d, h)
     (PyTorch Linear layout, no copy) -> y: (T, d), or (y, ctx) with return_context.
+
+    router_b: (E,) or None, a router bias: logits = x @ router_w + router_b, for every router;
+    it moves both the choice and the weights and gets a gradient (grads["router_b"]). The
+    sigmoid router's `bias` is another thing: added to the sigmoid scores only to choose
+    experts, never to the weights, and without a gradient (DeepSeek-V3's balancing bias).
 
     router="softmax_topk" (Mixtral, Qwen-MoE; OLMoE with renormalize=False) or "sigmoid_topk"
     (DeepSeek-V3: bias, n_group, topk_group, renormalize, scale). capacity: per-expert limit
@@ -246,8 +255,9 @@ def moe_forward(x, router_w, w1, w2, k, activation="swiglu", router="softmax_top
     trans_w = bool(trans_w)
     chk.check_choice("router", router, ROUTERS)
     gate_shape = getattr(shared_gate_w, "shape", None)  # (d,) or (d, 1): its grad keeps it
-    be, x, router_w, w1, w2, shared_w1, shared_w2, shared_gate_w, E, h = _check_layer(
-        x, router_w, w1, w2, k, activation, trans_w, shared_w1, shared_w2, shared_gate_w)
+    be, x, router_w, router_b, w1, w2, shared_w1, shared_w2, shared_gate_w, E, h = _check_layer(
+        x, router_w, w1, w2, k, activation, trans_w, shared_w1, shared_w2, shared_gate_w,
+        router_b)
     if router == "sigmoid_topk":
         k, n_group, topk_group, scale = check_sigmoid_options(E, k, bias, n_group, topk_group,
                                                               scale, x.dtype)
@@ -264,7 +274,7 @@ def moe_forward(x, router_w, w1, w2, k, activation="swiglu", router="softmax_top
     if be != CUDA:
         x = np.ascontiguousarray(x)
 
-    logits = _matmul(x, router_w)
+    logits = router_logits(x, router_w, router_b)
     if router == "softmax_topk":
         r = softmax_topk(logits, k, renormalize, check_finite=check_finite)
     elif router == "sigmoid_topk":
@@ -290,6 +300,7 @@ def moe_forward(x, router_w, w1, w2, k, activation="swiglu", router="softmax_top
                   renormalize=bool(renormalize), bias=bias, n_group=n_group,
                   topk_group=topk_group, scale=scale, capacity=capacity, trans_w=trans_w,
                   shared_w1=shared_w1, shared_w2=shared_w2, shared_gate_w=shared_gate_w,
+                  router_b=router_b,
                   shared_gate_shape=None if gate_shape is None else tuple(gate_shape),
                   router_options=router_options, router_state=router_state)
     return y, MoEContext(x=x, logits=logits, routing=r, plan=plan, xs=xs, h_pre=h_pre,
@@ -343,7 +354,8 @@ def moe_backward(dy, ctx):
     moe_forward(..., return_context=True) -> (dx (T, d), grads).
 
     grads holds "router_w" (d, E), "w1", "w2" (in the forward's layout, trans_w too) and, when
-    the forward had them, "shared_w1", "shared_w2", "shared_gate_w" (in its given shape). The
+    the forward had them, "router_b" (E,) (the logits' gradient summed over tokens),
+    "shared_w1", "shared_w2", "shared_gate_w" (in its given shape). The
     sigmoid router's bias only chooses experts and gets no gradient; an assignment dropped by
     capacity contributes nothing. Built from the forward's kernels, scattermoe style:
     combine_backward (a gather and row-wise dots), two grouped_gemm_backward, activate_backward,
@@ -368,6 +380,9 @@ def moe_backward(dy, ctx):
         d_logits, dx_router, router_grads = route_backward(p["router"], d_weights, ctx)
     dx = _add(dx, _matmul(d_logits, p["router_w"].T))
     grads = {"router_w": _matmul(ctx.x.T, d_logits), "w1": dw1, "w2": dw2, **router_grads}
+    if p.get("router_b") is not None:
+        grads["router_b"] = (cuda_module().column_sums(d_logits) if be == CUDA
+                             else d_logits.sum(axis=0))
     if dx_router is not None:
         dx = _add(dx, dx_router)
     if p["shared_w1"] is not None:

@@ -7,6 +7,7 @@ import numpy as np
 from .. import errors as chk
 from ..backend import CUDA, as_host, backend_of, cuda_module
 from ..kernels.cpu import routing as kr
+from .gemm import expert_tiles, num_panels, run_gemm
 from ..types import Routing
 
 
@@ -65,6 +66,33 @@ def softmax_topk(logits, k, renormalize=True, check_finite=True):
     idx = np.empty((T, k), np.int32)
     kr.softmax_topk_kernel(logits, k, renormalize, w, idx)
     return Routing(w, idx)
+
+
+def router_logits(x, router_w, router_b=None):
+    """The router's logits of the layer. x: (T, d), router_w: (d, E), router_b: (E,) or None
+    (validated by the caller) -> logits: (T, E) = x @ router_w [+ router_b], in x's dtype.
+
+    Every logit is one FMA chain over d in increasing order, whatever T, E or the thread count:
+    on the CPU the product runs on the grouped GEMM kernel with one group (kernels/cpu/gemm.py
+    sums each output element alone, depth chunks in order), on CUDA on a GEMM that does the
+    same. BLAS rounds a column differently when the matrix is wider or taller or its thread
+    count changes, and adding experts (surgery.add_experts) must leave the old experts'
+    logits bit-identical, as must splitting tokens over ranks (fastmoe_nb.parallel)."""
+    if backend_of(x=x, router_w=router_w, router_b=router_b) == CUDA:
+        kc = cuda_module()
+        logits = kc.matmul(x, router_w)
+        if router_b is None:
+            return logits
+        return kc.add_rows(logits, kc.dev(router_b).reshape(1, router_b.shape[0]))
+    (T, d), E = x.shape, router_w.shape[1]
+    x = np.ascontiguousarray(x)
+    logits = np.empty((T, E), x.dtype)
+    run_gemm(x, np.arange(T, dtype=np.int64), False,
+             np.ascontiguousarray(router_w, dtype=x.dtype)[None], False, E, 0,
+             expert_tiles(np.array([0, T], np.int64), num_panels(E, 0), d), logits)
+    if router_b is not None:
+        logits += router_b
+    return logits
 
 
 def check_sigmoid_options(E, k, bias, n_group, topk_group, scale, dtype):

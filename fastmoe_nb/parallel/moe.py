@@ -31,8 +31,8 @@ from ..backend import as_host
 from ..ops.activations import activation_code, hidden_width
 from ..ops.dispatch import combine, combine_backward, make_plan, permute, permute_backward
 from ..ops.moe import experts_backward, experts_forward, shared_backward, shared_forward
-from ..ops.routing import (check_sigmoid_options, sigmoid_topk, sigmoid_topk_backward,
-                           softmax_topk, softmax_topk_backward)
+from ..ops.routing import (check_sigmoid_options, router_logits, sigmoid_topk,
+                           sigmoid_topk_backward, softmax_topk, softmax_topk_backward)
 from ..types import Plan, Routing
 from . import comm as mc
 
@@ -99,7 +99,7 @@ def _check_divisible(E, P, name="router_w"):
 def _local_routing(x, router_w, k, router, renormalize, bias, n_group, topk_group, scale,
                    check_finite):
     # x: (T_r, d), router_w: (d, E) -> logits (T_r, E), Routing((T_r, k), (T_r, k))
-    logits = x @ router_w
+    logits = router_logits(x, router_w)    # as fm.moe_forward: width-free rounding
     if router == "softmax_topk":
         return logits, softmax_topk(logits, k, renormalize, check_finite=check_finite)
     return logits, sigmoid_topk(logits, k, bias, n_group, topk_group, renormalize, scale,

@@ -68,3 +68,18 @@ def test_caller_arrays_unchanged(rng):
     fm.moe_forward(*dargs, 2)
     for a, d in zip(args, dargs):
         np.testing.assert_array_equal(host(d), a)
+
+
+def test_router_b_forward_backward(rng):
+    # the router bias on the device: logits + router_b (add_rows broadcasting one row), its
+    # gradient the column sums of d_logits; T=0 gives a zero gradient
+    for T in (6, 0):
+        x, router_w, w1, w2 = layer(rng, T, 5, 3, 4)
+        b = rng.standard_normal(4).astype(np.float32)
+        y, ctx = fm.moe_forward(*(dev(a) for a in (x, router_w, w1, w2)), 2, router_b=dev(b),
+                                return_context=True)
+        y_cpu, ctx_cpu = fm.moe_forward(x, router_w, w1, w2, 2, router_b=b, return_context=True)
+        close(y, y_cpu)
+        dy = rng.standard_normal(y_cpu.shape).astype(np.float32)
+        g = fm.moe_backward(dev(dy), ctx)[1]
+        close(g["router_b"], fm.moe_backward(dy, ctx_cpu)[1]["router_b"], rtol=3e-5)

@@ -10,7 +10,7 @@ _HOST = ("softmax", "topk", "softmax_topk", "sigmoid_topk", "make_plan", "permut
          "activate", "sigmoid", "add_rows", "grouped_gemm", "matmul", "softmax_backward",
          "softmax_topk_backward", "sigmoid_topk_backward", "permute_backward",
          "combine_backward", "activate_backward", "grouped_gemm_backward", "shared_backward",
-         "scale_rows", "rowdot_gate", "dev")
+         "scale_rows", "rowdot_gate", "column_sums", "dev")
 
 
 def require():

@@ -42,10 +42,12 @@ def specs(dt, cfg):
             out[q // M, q % M] = sigmoid(z[q // M, q % M])
 
     def add_rows_kernel(y, has_y, s, gate, has_gate, out):
-        # y, s: (T, d), gate: (T, 1) -> out: (T, d) = [y +] s [* gate]; a block per row
+        # y: (T, d), s: (T, d) or (1, d) (every row adds s[0]), gate: (T, 1)
+        # -> out: (T, d) = [y +] s [* gate]; a block per row
         for t in range(cuda.blockIdx.x, out.shape[0], cuda.gridDim.x):
+            ts = t if s.shape[0] > 1 else 0
             for c in range(cuda.threadIdx.x, out.shape[1], cuda.blockDim.x):
-                v = s[t, c] * gate[t, 0] if has_gate else s[t, c]
+                v = s[ts, c] * gate[t, 0] if has_gate else s[ts, c]
                 out[t, c] = y[t, c] + v if has_y else v
 
     def rowdot_gate_kernel(dh, h, gate, out):

@@ -206,9 +206,10 @@ def sigmoid(z):
 
 
 def add_rows(y, s, gate=None):
-    # y (or None), s: (T, d), gate: (T, 1) or None -> [y +] s [* gate], a new array
+    # y (or None), s: (T, d) or (1, d) added to every row of y (a bias), gate: (T, 1) or None
+    # -> [y +] s [* gate], a new array
     s = dev(s)
-    out = _empty(s.shape, s.dtype)
+    out = _empty(s.shape if y is None else y.shape, s.dtype)
     y = out if y is None else dev(y)
     g = dev(gate) if gate is not None else out
     _rows(ka.specs, "add_rows", s.dtype, out.shape, y, y is not out, s, g, gate is not None, out)
@@ -278,6 +279,15 @@ def matmul(a, b):
     w, trans = _as3(b)
     out = _empty((a.shape[0], b.shape[1]), a.dtype)
     return _gemm(a, w, np.array([0, a.shape[0]], np.int64), trans, -1, out)
+
+
+def column_sums(a):
+    # a: (T, M) -> (M,) = ones (1, T) @ a, the GEMM's order (T = 0: zeros); a bias's gradient
+    a = dev(a)
+    T, M = a.shape
+    if T == 0:
+        return cuda.to_device(np.zeros(M, a.dtype))
+    return matmul(cuda.to_device(np.ones((1, T), a.dtype)), a).reshape(M)
 
 
 # --------------------------------------------------------------------------- backward

@@ -71,6 +71,22 @@ def div(typingctx, a, b):
     return a(a, b), lambda ctx, builder, sig, args: builder.fdiv(args[0], args[1])
 
 
+@intrinsic
+def fma(typingctx, a, b, c):
+    """a * b + c for three floats of one type, fused where the CPU has FMA (llvm.fmuladd: one
+    instruction and one rounding there, a multiply and an add elsewhere). Numba does not
+    contract a * b + c by itself unless fastmath allows it."""
+    if not (isinstance(a, types.Float) and a == b == c):
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        ty = args[0].type
+        fn = builder.module.declare_intrinsic("llvm.fmuladd", [ty],
+                                              ir.FunctionType(ty, [ty, ty, ty]))
+        return builder.call(fn, args)
+    return a(a, b, c), codegen
+
+
 _f32_bits, _bits_f32 = _float_bits(types.float32, types.int32), _bits_float(types.float32)
 _f64_bits, _bits_f64 = _float_bits(types.float64, types.int64), _bits_float(types.float64)
 
@@ -105,13 +121,13 @@ def _exp32(x):
     # x: float32 -> float32 e^x
     x = F32_HI if x > F32_HI else x           # NaN fails both tests and stays NaN
     x = F32_LO if x < F32_LO else x
-    t = x * F32_LOG2E + F32_SHIFT
+    t = fma(x, F32_LOG2E, F32_SHIFT)
     nf = t - F32_SHIFT
     n = _f32_bits(t) - F32_SHIFT_BITS         # nf as an integer, from the bits (no fptosi)
-    r = (x - nf * F32_LN2_HI) - nf * F32_LN2_LO
-    p = ((((F32_P0 * r + F32_P1) * r + F32_P2) * r + F32_P3) * r + F32_P4) * r + F32_P5
-    p = (p * (r * r) + r) + _F32_ONE
-    n1 = _f32_bits(nf * _f32(0.5) + F32_SHIFT) - F32_SHIFT_BITS   # ~n/2 (no shift: AVX2
+    r = fma(nf, -F32_LN2_LO, fma(nf, -F32_LN2_HI, x))
+    p = fma(fma(fma(fma(fma(F32_P0, r, F32_P1), r, F32_P2), r, F32_P3), r, F32_P4), r, F32_P5)
+    p = fma(p, r * r, r) + _F32_ONE
+    n1 = _f32_bits(fma(nf, _f32(0.5), F32_SHIFT)) - F32_SHIFT_BITS   # ~n/2 (no shift: AVX2
     s1 = _bits_f32((n1 + 127) << 23)
     s2 = _bits_f32((n - n1 + 127) << 23)
     return (p * s1) * s2
@@ -122,15 +138,15 @@ def _exp64(x):
     # x: float64 -> float64 e^x
     x = F64_HI if x > F64_HI else x
     x = F64_LO if x < F64_LO else x
-    t = x * F64_LOG2E + F64_SHIFT
+    t = fma(x, F64_LOG2E, F64_SHIFT)
     nf = t - F64_SHIFT
     n = _f64_bits(t) - F64_SHIFT_BITS
-    r = (x - nf * F64_LN2_HI) - nf * F64_LN2_LO
-    p = ((((((((((F64_P13 * r + F64_P12) * r + F64_P11) * r + F64_P10) * r + F64_P9) * r
-                + F64_P8) * r + F64_P7) * r + F64_P6) * r + F64_P5) * r + F64_P4) * r
-         + F64_P3) * r + F64_P2
-    p = (p * (r * r) + r) + 1.0
-    n1 = _f64_bits(nf * 0.5 + F64_SHIFT) - F64_SHIFT_BITS   # lacks 64-bit arithmetic shifts)
+    r = fma(nf, -F64_LN2_LO, fma(nf, -F64_LN2_HI, x))
+    p = fma(F64_P13, r, F64_P12)
+    for c in (F64_P11, F64_P10, F64_P9, F64_P8, F64_P7, F64_P6, F64_P5, F64_P4, F64_P3, F64_P2):
+        p = fma(p, r, c)
+    p = fma(p, r * r, r) + 1.0
+    n1 = _f64_bits(fma(nf, 0.5, F64_SHIFT)) - F64_SHIFT_BITS   # lacks 64-bit arithmetic shifts)
     s1 = _bits_f64((n1 + 1023) << 52)
     s2 = _bits_f64((n - n1 + 1023) << 52)
     return (p * s1) * s2

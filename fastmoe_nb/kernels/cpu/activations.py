@@ -46,9 +46,10 @@ _relu_bwd, _gelu_bwd, _gelu_tanh_bwd, _silu_bwd = (
 @njit(nogil=True, cache=True)
 def _swiglu_backward(dy, g, u, dg, du):
     # dy, g, u: (n,) -> dg = dy * u * silu'(g), du = dy * silu(g): (n,)
-    for c in range(np.uint64(0), np.uint64(dy.shape[0])):   # LLVM computes sigmoid once
-        du[c] = dy[c] * silu(g[c])
-        dg[c] = dy[c] * u[c] * silu_grad(g[c])
+    for c in range(np.uint64(0), np.uint64(dy.shape[0])):
+        x = g[c]   # loaded once (du may alias g): LLVM then computes e^-x once for both
+        du[c] = dy[c] * silu(x)
+        dg[c] = dy[c] * u[c] * silu_grad(x)
 
 
 @njit(nogil=True, cache=True)

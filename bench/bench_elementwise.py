@@ -68,13 +68,23 @@ def copy_rate(repeat):
 
 def load_baseline(tree):
     """The fastmoe_nb package of another source tree, imported as fastmoe_nb_baseline (its
-    imports are relative, so it loads beside this tree's)."""
+    imports are relative, so it loads beside this tree's), with numba's cache off for it: a
+    cache entry records the module name it was compiled under, so entries written under this
+    alias would break that tree's own later imports (and its own entries would break here)."""
+    from numba.core.caching import NullCache  # noqa: PLC0415
+    from numba.core.dispatcher import Dispatcher  # noqa: PLC0415
+
     init = os.path.join(os.path.abspath(tree), "fastmoe_nb", "__init__.py")
     spec = importlib.util.spec_from_file_location(
         "fastmoe_nb_baseline", init, submodule_search_locations=[os.path.dirname(init)])
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
+    for name, sub in list(sys.modules.items()):
+        if name.startswith(spec.name):
+            for obj in vars(sub).values():
+                if isinstance(obj, Dispatcher):
+                    obj._cache = NullCache()
     return mod
 
 

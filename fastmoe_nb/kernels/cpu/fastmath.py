@@ -4,13 +4,14 @@
 kernels/common.py keep loops over them scalar. This module has:
 
 - `exp(x)` for float32 and float64: Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, a
-  polynomial for e^r and 2^n built in the exponent bits, with no branch and no libm call.
-  float32: Cephes' expf polynomial (degree 7 with its 1 + r leading terms), evaluated in
-  float32, max relative error ~1.5e-7 (2 ulp). float64: the degree-13 Taylor polynomial
-  (truncation < 2e-17 at |r| = ln2/2), max relative error ~2.5e-16 (a few ulp). Saturates:
-  exp(x) is +inf above the largest finite result, 0 below the smallest subnormal, subnormal
-  results in between are computed (2^n is applied as two factors, so neither overflows
-  early), NaN stays NaN.
+  polynomial for e^r and 2^n built in the exponent bits, with no branch and no libm call;
+  multiply-adds go through `fma` (fused on CPUs with FMA). float32: Cephes' expf polynomial
+  (degree 7 with its 1 + r leading terms) in float32; max relative error 8.4e-8 against the
+  float64 exp on a dense grid (~1.4 ulp; tests allow 3e-7). float64: the degree-13 Taylor
+  polynomial (truncation < 2e-17 at |r| = ln2/2); max relative error 2.2e-16 against np.exp
+  (tests allow 1e-15). Saturates: +inf above the largest finite result, 0 below half the
+  smallest subnormal, subnormal results in between computed (2^n is applied as two factors,
+  so neither overflows early); NaN stays NaN.
 - branch-free scalar activations built on it (sigmoid, silu, gelu_tanh, relu and their
   derivatives), in the argument's float type, written so that a plain
   `for c in range(n): out[c] = silu(h[c])` vectorizes; and gelu (erf), which calls libm's erf
@@ -92,7 +93,7 @@ _f64_bits, _bits_f64 = _float_bits(types.float64, types.int64), _bits_float(type
 
 # --------------------------------------------------------------------------- exp
 
-_f32, _f64, _i32, _i64 = np.float32, np.float64, np.int32, np.int64
+_f32, _i32, _i64 = np.float32, np.int32, np.int64
 
 # float32: clamp to [-104, 89] (e^-104 < half the smallest subnormal, e^89 > FLT_MAX), then
 # t = x log2(e) + 1.5 * 2^23 rounds x log2(e) to the integer n in t's low mantissa bits.
@@ -127,7 +128,7 @@ def _exp32(x):
     r = fma(nf, -F32_LN2_LO, fma(nf, -F32_LN2_HI, x))
     p = fma(fma(fma(fma(fma(F32_P0, r, F32_P1), r, F32_P2), r, F32_P3), r, F32_P4), r, F32_P5)
     p = fma(p, r * r, r) + _F32_ONE
-    n1 = _f32_bits(fma(nf, _f32(0.5), F32_SHIFT)) - F32_SHIFT_BITS   # ~n/2 (no shift: AVX2
+    n1 = _f32_bits(fma(nf, _f32(0.5), F32_SHIFT)) - F32_SHIFT_BITS   # ~n/2 by the shifter
     s1 = _bits_f32((n1 + 127) << 23)
     s2 = _bits_f32((n - n1 + 127) << 23)
     return (p * s1) * s2
@@ -146,7 +147,7 @@ def _exp64(x):
     for c in (F64_P11, F64_P10, F64_P9, F64_P8, F64_P7, F64_P6, F64_P5, F64_P4, F64_P3, F64_P2):
         p = fma(p, r, c)
     p = fma(p, r * r, r) + 1.0
-    n1 = _f64_bits(fma(nf, 0.5, F64_SHIFT)) - F64_SHIFT_BITS   # lacks 64-bit arithmetic shifts)
+    n1 = _f64_bits(fma(nf, 0.5, F64_SHIFT)) - F64_SHIFT_BITS   # ~n/2: AVX2 has no 64-bit >>
     s1 = _bits_f64((n1 + 1023) << 52)
     s2 = _bits_f64((n - n1 + 1023) << 52)
     return (p * s1) * s2

@@ -30,3 +30,27 @@ def test_swiglu_is_silu_of_gate_times_up():
     gate = np.array([[1.0, -2.0]]); up = np.array([[3.0, 0.5]])
     out = fm.activate(np.concatenate([gate, up], 1), "swiglu")
     np.testing.assert_allclose(out, gate / (1 + np.exp(-gate)) * up, rtol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_row_block_functions_write_only_their_rows(rng, dtype):
+    """activate_rows / activate_backward_rows (the expert pipeline's serial entry points) on a
+    row slice give the op's rows and leave the rest of the buffers alone."""
+    from fastmoe_nb.kernels.common import ACTIVATION_CODES
+    from fastmoe_nb.kernels.cpu.activations import activate_backward_rows, activate_rows
+    for activation, code in ACTIVATION_CODES.items():
+        h = (3 * rng.standard_normal((40, 2 * 37))).astype(dtype)
+        H = 37 if activation == "swiglu" else 2 * 37
+        dy = rng.standard_normal((40, H)).astype(dtype)
+        out = np.full((40, H), 7.0, dtype)
+        dh = np.full_like(h, 7.0)
+        h0, dy0 = h.copy(), dy.copy()
+        activate_rows(h[5:30], code, out[5:30])
+        activate_backward_rows(dy[5:30], h[5:30], code, dh[5:30])
+        np.testing.assert_array_equal(h, h0)
+        np.testing.assert_array_equal(dy, dy0)
+        assert (out[:5] == 7).all() and (out[30:] == 7).all()
+        assert (dh[:5] == 7).all() and (dh[30:] == 7).all()
+        np.testing.assert_array_equal(out[5:30], fm.activate(h[5:30], activation))
+        np.testing.assert_array_equal(dh[5:30], fm.activate_backward(dy[5:30], h[5:30],
+                                                                     activation))

@@ -2,7 +2,11 @@
 kernels: activations and their derivatives, a stable sigmoid, the top-k insertion step.
 
 Everything here is a scalar (or tiny local-array) function; loops over arrays live in the
-target's own kernel files.
+target's own kernel files. These use math.exp and branch on the sign and the activation code:
+right for CUDA (a hardware exp; one thread per element), but scalar code on the CPU. The CPU's
+hot elementwise loops (activations, routing) use the branch-free, vectorizable versions of
+kernels/cpu/fastmath.py instead; kernels/cpu/gemm.py's fused epilogue and kernels/cpu/routers.py
+still call these.
 """
 import math
 

@@ -39,12 +39,10 @@ def plan_kernel(flat, order, skip, num_experts, capacity):
 @njit(parallel=True, cache=True)
 def permute_kernel(x, rows, k, out):
     # x: (T, d), rows: (N,) -> out: (N, d), out[i] = x[rows[i] // k]
-    N = rows.shape[0]
-    d = x.shape[1]
-    for i in prange(N):
-        t = rows[i] // k
-        for c in range(d):
-            out[i, c] = x[t, c]
+    for i in prange(rows.shape[0]):
+        src, dst = x[rows[i] // k], out[i]
+        for c in range(np.uint64(0), np.uint64(dst.shape[0])):   # unsigned: vector copies
+            dst[c] = src[c]
 
 
 @njit(parallel=True, cache=True)
@@ -52,16 +50,24 @@ def combine_kernel(ys, slots, weights, out):
     # ys: (N, d), slots: (T, k), weights: (T, k) -> out: (T, d)
     # out[t] = sum_{j=0..k-1, slots[t,j] >= 0} weights[t, j] * ys[slots[t, j]], j in order
     T, k = slots.shape
-    d = ys.shape[1]
+    d = np.uint64(ys.shape[1])
     for t in prange(T):
-        for c in range(d):
-            out[t, c] = 0.0
+        o = out[t]
+        first = True
         for j in range(k):
             s = slots[t, j]
             if s >= 0:
-                w = weights[t, j]
-                for c in range(d):
-                    out[t, c] += w * ys[s, c]
+                w, y = weights[t, j], ys[s]
+                if first:   # the first kept term is stored, not added to zeros: one pass less
+                    for c in range(np.uint64(0), d):
+                        o[c] = w * y[c]
+                    first = False
+                else:
+                    for c in range(np.uint64(0), d):
+                        o[c] += w * y[c]
+        if first:   # every assignment dropped
+            for c in range(np.uint64(0), d):
+                o[c] = 0.0
 
 
 @njit(parallel=True, cache=True, fastmath={"reassoc"})

@@ -1,37 +1,67 @@
 """CPU routing kernels: softmax, top-k, softmax_topk, sigmoid_topk.
 
-One token (row) per loop iteration under prange; each row is independent, so results do not
-depend on the thread count. Exponentials and sums run in float64 whatever the working dtype,
-so the float32 results are the correctly-rounded ones and selections match the reference.
+Rows are independent (prange over blocks of ROWS rows, each with its scratch rows), so results
+do not depend on the thread count. Exponentials and sums run in float64 whatever the working
+dtype, so the float32 results are the reference's up to its rounding and selections match it.
+Exponentials come from kernels/cpu/fastmath.py (a few ulp in float64); the forward kernels
+write a row's exponentials into a scratch row in one vectorized loop, then sum it in vector
+lanes.
 """
-import math
-
 import numpy as np
 from numba import njit, prange
 
-from ..common import sigmoid, topk_insert
+from ..common import topk_insert
+from .fastmath import div, exp, sigmoid
+
+ROWS = 64      # rows a parallel task takes (its scratch rows are allocated once per task)
+
+
+@njit(cache=True)
+def row_max(x):
+    # x: (E,) -> float64 max
+    m = -np.inf
+    for e in range(x.shape[0]):
+        m = max(m, np.float64(x[e]))
+    return m
+
+
+@njit(cache=True, fastmath={"reassoc"})
+def sum_lanes(p):
+    # p: (E,) float64 -> float64 sum, in vector lanes: the order is fixed by the compiled code
+    # (and E), so the result does not depend on the thread count
+    s = 0.0
+    for e in range(np.uint64(0), np.uint64(p.shape[0])):
+        s += p[e]
+    return s
+
+
+@njit(cache=True)
+def row_exp_sum(x, m, p):
+    # x: (E,), m: float64 -> p: (E,) float64 = exp(x - m) (vectorized), returns sum(p)
+    for e in range(np.uint64(0), np.uint64(p.shape[0])):
+        p[e] = exp(np.float64(x[e]) - m)
+    return sum_lanes(p)
 
 
 @njit(cache=True)
 def row_max_sumexp(x, t):
     # x: (T, E), row t -> (m, s): the row's max and sum_e exp(x[t, e] - m), in float64
-    m = -np.inf
-    for e in range(x.shape[1]):
-        m = max(m, np.float64(x[t, e]))
-    s = 0.0
-    for e in range(x.shape[1]):
-        s += math.exp(np.float64(x[t, e]) - m)
-    return m, s
+    m = row_max(x[t])
+    return m, row_exp_sum(x[t], m, np.empty(x.shape[1], np.float64))
 
 
 @njit(parallel=True, cache=True)
 def softmax_kernel(x, out):
     # x: (T, E) -> out: (T, E)
     T, E = x.shape
-    for t in prange(T):
-        m, s = row_max_sumexp(x, t)
-        for e in range(E):
-            out[t, e] = math.exp(np.float64(x[t, e]) - m) / s
+    for b in prange((T + ROWS - 1) // ROWS):
+        p = np.empty(E, np.float64)
+        for t in range(b * ROWS, min(T, b * ROWS + ROWS)):
+            m = row_max(x[t])
+            s = row_exp_sum(x[t], m, p)
+            o = out[t]
+            for e in range(np.uint64(0), np.uint64(E)):
+                o[e] = div(p[e], s)
 
 
 @njit(parallel=True, cache=True)
@@ -48,22 +78,21 @@ def topk_kernel(x, k, vals, idx):
 def softmax_topk_kernel(logits, k, renormalize, weights, experts):
     # logits: (T, E) -> weights: (T, k), experts: (T, k) int32
     T, E = logits.shape
-    for t in prange(T):
+    for b in prange((T + ROWS - 1) // ROWS):
         top = np.empty(k, np.float64)
-        filled = 0
-        for e in range(E):
-            filled = topk_insert(top, experts[t], filled, k, np.float64(logits[t, e]), e)
-        m = top[0]
-        s = 0.0
-        for e in range(E):
-            s += math.exp(np.float64(logits[t, e]) - m)
-        kept = 0.0
-        for j in range(k):
-            top[j] = math.exp(top[j] - m)
-            kept += top[j]
-        norm = kept if renormalize else s
-        for j in range(k):
-            weights[t, j] = top[j] / norm
+        p = np.empty(E, np.float64)
+        for t in range(b * ROWS, min(T, b * ROWS + ROWS)):
+            filled = 0
+            for e in range(E):
+                filled = topk_insert(top, experts[t], filled, k, np.float64(logits[t, e]), e)
+            s = row_exp_sum(logits[t], top[0], p)   # top[0]: the row's max
+            kept = 0.0
+            for j in range(k):
+                top[j] = p[experts[t, j]]
+                kept += top[j]
+            norm = kept if renormalize else s
+            for j in range(k):
+                weights[t, j] = top[j] / norm
 
 
 @njit(parallel=True, cache=True)
@@ -72,43 +101,46 @@ def sigmoid_topk_kernel(logits, k, bias, has_bias, n_group, topk_group, renormal
     # logits: (T, E), bias: (E,) -> weights: (T, k), experts: (T, k) int32
     T, E = logits.shape
     G = E // n_group
-    for t in prange(T):
+    for b in prange((T + ROWS - 1) // ROWS):
+        sig = np.empty(E, np.float64)
         choice = np.empty(E, np.float64)
-        for e in range(E):
-            choice[e] = sigmoid(np.float64(logits[t, e]))
-            if has_bias:
-                choice[e] += np.float64(bias[e])
-        if n_group > 1:
-            gscore = np.empty(n_group, np.float64)
-            best = np.empty(2, np.float64)
-            bidx = np.empty(2, np.int32)
-            for g in range(n_group):
-                filled = 0
-                for i in range(G):
-                    filled = topk_insert(best, bidx, filled, 2, choice[g * G + i], i)
-                gscore[g] = best[0] + best[1] if filled == 2 else best[0]
-            gv = np.empty(topk_group, np.float64)
-            gi = np.empty(topk_group, np.int32)
-            filled = 0
-            for g in range(n_group):
-                filled = topk_insert(gv, gi, filled, topk_group, gscore[g], g)
-            keep = np.zeros(n_group, np.bool_)
-            for j in range(topk_group):
-                keep[gi[j]] = True
-            for e in range(E):
-                if not keep[e // G]:
-                    choice[e] = -np.inf
+        gscore = np.empty(n_group, np.float64)
+        best = np.empty(2, np.float64)
+        bidx = np.empty(2, np.int32)
+        gv = np.empty(topk_group, np.float64)
+        gi = np.empty(topk_group, np.int32)
+        keep = np.empty(n_group, np.bool_)
         top = np.empty(k, np.float64)
-        filled = 0
-        for e in range(E):
-            filled = topk_insert(top, experts[t], filled, k, choice[e], e)
-        total = 0.0
-        for j in range(k):
-            top[j] = sigmoid(np.float64(logits[t, experts[t, j]]))
-            total += top[j]
-        denom = total + 1e-20 if renormalize else 1.0
-        for j in range(k):
-            weights[t, j] = top[j] / denom * scale
+        for t in range(b * ROWS, min(T, b * ROWS + ROWS)):
+            x = logits[t]
+            for e in range(np.uint64(0), np.uint64(E)):   # vectorized
+                sig[e] = sigmoid(np.float64(x[e]))
+                choice[e] = sig[e] + (np.float64(bias[e]) if has_bias else 0.0)
+            if n_group > 1:
+                for g in range(n_group):
+                    filled = 0
+                    for i in range(G):
+                        filled = topk_insert(best, bidx, filled, 2, choice[g * G + i], i)
+                    gscore[g] = best[0] + best[1] if filled == 2 else best[0]
+                filled = 0
+                for g in range(n_group):
+                    filled = topk_insert(gv, gi, filled, topk_group, gscore[g], g)
+                keep[:] = False
+                for j in range(topk_group):
+                    keep[gi[j]] = True
+                for e in range(E):
+                    if not keep[e // G]:
+                        choice[e] = -np.inf
+            filled = 0
+            for e in range(E):
+                filled = topk_insert(top, experts[t], filled, k, choice[e], e)
+            total = 0.0
+            for j in range(k):
+                top[j] = sig[experts[t, j]]
+                total += top[j]
+            denom = total + 1e-20 if renormalize else 1.0
+            for j in range(k):
+                weights[t, j] = top[j] / denom * scale
 
 
 # --------------------------------------------------------------------------- backward
@@ -144,18 +176,18 @@ def softmax_topk_backward_kernel(d_weights, logits, experts, renormalize, d_logi
         norm = 0.0
         if renormalize:
             for j in range(k):
-                norm += math.exp(np.float64(logits[t, experts[t, j]]) - m)
+                norm += exp(np.float64(logits[t, experts[t, j]]) - m)
         else:
             for e in range(E):
                 m = max(m, np.float64(logits[t, e]))
             for e in range(E):
-                norm += math.exp(np.float64(logits[t, e]) - m)
+                norm += exp(np.float64(logits[t, e]) - m)
         dot = 0.0
         for j in range(k):
-            w[j] = math.exp(np.float64(logits[t, experts[t, j]]) - m) / norm
+            w[j] = exp(np.float64(logits[t, experts[t, j]]) - m) / norm
             dot += np.float64(d_weights[t, j]) * w[j]
         for e in range(E):  # experts not chosen: 0, or -p[e] * dot without renormalize
-            d_logits[t, e] = 0.0 if renormalize else -math.exp(
+            d_logits[t, e] = 0.0 if renormalize else -exp(
                 np.float64(logits[t, e]) - m) / norm * dot
         for j in range(k):  # chosen: w_j * (dw_j - dot) either way (p[e_j] = w_j without)
             d_logits[t, experts[t, j]] = w[j] * (np.float64(d_weights[t, j]) - dot)

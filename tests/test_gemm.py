@@ -216,10 +216,13 @@ def test_blas_path_matches_reference(counts, K, M, trans_w, dtype):
 @pytest.mark.parametrize("activation,trans_w,keep", [
     ("swiglu", False, True), ("swiglu", True, False), ("gelu", False, False),
     ("gelu_tanh", True, True), ("relu", False, True)])
-def test_experts_pipeline_matches_reference(activation, trans_w, keep):
-    """The per-block pipeline (BLAS, activation in cache, BLAS) and its backward."""
+@pytest.mark.parametrize("counts", [(300, 0, 70, 9), (600, 0, 70, 9)])   # FUSED_MAX_ROWS 512
+def test_experts_pipeline_matches_reference(activation, trans_w, keep, counts):
+    """The per-block pipeline (BLAS, activation in cache, BLAS) and its backward: experts of
+    <= FUSED_MAX_ROWS rows as one task each, a larger one per block of rows and of dW's
+    columns."""
     from fastmoe_nb.ops.gemm import large_blocks
-    counts, d, h = (300, 0, 70, 9), 37, 21
+    d, h = 37, 21
     H1 = 2 * h if activation == "swiglu" else h
     xs, w1, offsets = make_case(counts, d, H1, trans_w=trans_w, seed=5)
     _, w2, _ = make_case(counts, h, d, trans_w=trans_w, seed=6)
@@ -268,6 +271,10 @@ outs = [fm.grouped_gemm(a, w, off), *fm.grouped_gemm_backward(dy, a, w, off),
         *fm.grouped_gemm_backward(dy, a, w.transpose(0, 2, 1).copy(), off, trans_w=True),
         *fm.experts_forward(a, w, w2, off, "swiglu", keep=True)]
 outs += fm.experts_backward(outs[-1], a, *outs[-3:-1], w, w2, off, "swiglu")
+off2 = np.array([0, 600, 600, 670, 679])            # an expert of more than FUSED_MAX_ROWS rows
+a2 = rng.standard_normal((679, 300), dtype=np.float32)
+fwd = fm.experts_forward(a2, w, w2, off2, "swiglu", keep=True)
+outs += [*fwd, *fm.experts_backward(fwd[2], a2, fwd[0], fwd[1], w, w2, off2, "swiglu")]
 wide = rng.standard_normal((4, 300, 1100), dtype=np.float32)    # dW in three column blocks
 counts = (600, 0, 70, 9)                                         # three row blocks
 off = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)

@@ -243,28 +243,37 @@ def weight(w, e, trans_w):
 COLS = 512    # columns of dW a task takes (fixed by the shapes: bitwise the same results)
 
 
-def weight_grad_tasks(offsets, ncols, tag=0):
-    """[(tag, e, c0, c1)]: the tasks of weight_grad_task for every expert with rows."""
-    return [(tag, e, c0, min(c0 + COLS, ncols)) for e in range(offsets.shape[0] - 1)
+def weight_grad_tasks(offsets, ncols, tag=0, experts=None):
+    """[(tag, e, c0, c1)]: the tasks of weight_grad_task for every expert with rows (of
+    `experts`, when given)."""
+    experts = range(offsets.shape[0] - 1) if experts is None else experts
+    return [(tag, e, c0, min(c0 + COLS, ncols)) for e in experts
             if offsets[e + 1] > offsets[e] for c0 in range(0, ncols, COLS)]
 
 
-def weight_grad_task(lhs, rhs, offsets, trans_w, dw, e, c0, c1):
-    """Columns c0..c1 of rhs for expert e's weight gradient (one BLAS call):
-    dw[e] = lhs_e^T @ rhs_e (K, M), or with trans_w dw[e] = rhs_e^T @ lhs_e (M, K),
-    lhs_e / rhs_e the expert's rows of lhs (N, K) / rhs (N, M)."""
-    lo, hi = offsets[e], offsets[e + 1]
+def weight_grad(lhs_e, rhs_e, trans_w, out):
+    """One expert's weight gradient (one BLAS call): lhs_e (n, K), rhs_e (n, M) its rows ->
+    out = lhs_e^T @ rhs_e (K, M), or with trans_w out = rhs_e^T @ lhs_e (M, K)."""
     if trans_w:
-        np.matmul(rhs[lo:hi, c0:c1].T, lhs[lo:hi], out=dw[e, c0:c1])
+        np.matmul(rhs_e.T, lhs_e, out=out)
     else:
-        np.matmul(lhs[lo:hi].T, rhs[lo:hi, c0:c1], out=dw[e, :, c0:c1])
+        np.matmul(lhs_e.T, rhs_e, out=out)
 
 
-def blas_weight_grads(jobs, offsets, trans_w):
-    """jobs: [(lhs, rhs, dw)] -> each dw (E, ...) filled as weight_grad_task describes, zero for
-    experts without rows; all jobs' tasks on the pool in one go."""
+def weight_grad_task(lhs, rhs, offsets, trans_w, dw, e, c0, c1):
+    """Columns c0..c1 of rhs (N, M) for expert e's weight gradient dw[e] (weight_grad of its
+    rows offsets[e]..offsets[e+1] of lhs (N, K) and rhs)."""
+    lo, hi = offsets[e], offsets[e + 1]
+    weight_grad(lhs[lo:hi], rhs[lo:hi, c0:c1], trans_w,
+                dw[e, c0:c1] if trans_w else dw[e, :, c0:c1])
+
+
+def blas_weight_grads(jobs, offsets, trans_w, experts=None):
+    """jobs: [(lhs, rhs, dw)] -> each dw (E, ...) filled as weight_grad_task describes for
+    every expert (of `experts`, when given), zero for experts without rows; all jobs' tasks
+    on the pool in one go."""
     tasks = [t for i, (_, rhs, _) in enumerate(jobs)
-             for t in weight_grad_tasks(offsets, rhs.shape[1], i)]
+             for t in weight_grad_tasks(offsets, rhs.shape[1], i, experts)]
     pool.run_tasks(lambda t, _: weight_grad_task(*jobs[t[0]][:2], offsets, trans_w, jobs[t[0]][2],
                                                  *t[1:]), tasks)
     empty = offsets[1:] == offsets[:-1]

@@ -13,7 +13,7 @@ from ..kernels.common import SWIGLU
 from . import pool
 from .gemm import (PackedWeights, blas_weight_grads, check_weights, expert_tiles, few_rows,
                    grouped_gemm, grouped_gemm_backward, large_blocks, num_panels, run_gemm,
-                   run_stream, weight)
+                   run_stream, weight, weight_grad)
 from ..kernels.cpu.activations import activate_backward_rows, activate_rows
 from .routing import (check_sigmoid_options, router_logits, sigmoid_topk, sigmoid_topk_backward,
                       softmax_topk, softmax_topk_backward)
@@ -166,24 +166,49 @@ def _experts_forward_blas(xs, w1, w2, offsets, code, h, trans_w, keep):
     return h_pre, h_act, ys
 
 
+FUSED_MAX_ROWS = 512   # an expert with at most this many rows is one backward task
+
+
 def _experts_backward_blas(d_ys, xs, h_pre, h_act, w1, w2, offsets, code, trans_w):
-    # The gradients of _experts_forward_blas. Per block of an expert's rows: d_h_act =
-    # d_ys_b @ B2_e^T, d_h_pre = act'(...) while in cache, d_xs_b = d_h_pre @ B1_e^T; then the
-    # weight gradients per expert and block of columns (ops/gemm.py: blas_weight_grads).
+    # The gradients of _experts_forward_blas. An expert with <= FUSED_MAX_ROWS rows is one task:
+    # d_h_act = d_ys_e @ B2_e^T, d_h_pre = act'(...), d_xs_e = d_h_pre @ B1_e^T and its weight
+    # gradients while its rows are in cache (d_h_pre in the thread's scratch). A larger expert
+    # runs per block of rows (d_h_pre kept), then its weight gradients per block of columns
+    # (ops/gemm.py: blas_weight_grads), so that it alone still keeps every thread busy.
+    # Which way an expert goes depends on its row count only: results do not depend on threads.
     N, d = xs.shape
-    d_h_pre = np.empty(h_pre.shape, xs.dtype)
+    H1 = h_pre.shape[1]
+    counts = np.diff(offsets)
+    big = np.flatnonzero(counts > FUSED_MAX_ROWS)
+    d_h_pre = np.empty(h_pre.shape, xs.dtype) if big.size else None
     d_xs = np.empty((N, d), xs.dtype)
+    dw1, dw2 = np.empty(w1.shape, xs.dtype), np.empty(w2.shape, xs.dtype)
+
+    def rows(e, lo, hi, dhp, scratch):           # d_h_pre -> dhp, d_xs of rows lo..hi of e
+        dha = pool.buffer(scratch, "d_h_act", hi - lo, h_act.shape[1], xs.dtype)
+        np.matmul(d_ys[lo:hi], weight(w2, e, trans_w).T, out=dha)
+        activate_backward_rows(dha, h_pre[lo:hi], code, dhp)
+        np.matmul(dhp, weight(w1, e, trans_w).T, out=d_xs[lo:hi])
 
     def task(t, scratch):
         e, lo, hi = t
-        dha = pool.buffer(scratch, "d_h_act", hi - lo, h_act.shape[1], xs.dtype)
-        np.matmul(d_ys[lo:hi], weight(w2, e, trans_w).T, out=dha)
-        activate_backward_rows(dha, h_pre[lo:hi], code, d_h_pre[lo:hi])
-        np.matmul(d_h_pre[lo:hi], weight(w1, e, trans_w).T, out=d_xs[lo:hi])
+        if counts[e] > FUSED_MAX_ROWS:
+            rows(e, lo, hi, d_h_pre[lo:hi], scratch)
+            return
+        dhp = pool.buffer(scratch, "d_h_pre", hi - lo, H1, xs.dtype)
+        rows(e, lo, hi, dhp, scratch)
+        weight_grad(xs[lo:hi], dhp, trans_w, dw1[e])
+        weight_grad(h_act[lo:hi], d_ys[lo:hi], trans_w, dw2[e])
 
-    pool.run_tasks(task, pool.row_tasks(offsets))
-    dw1, dw2 = np.empty(w1.shape, xs.dtype), np.empty(w2.shape, xs.dtype)
-    blas_weight_grads([(xs, d_h_pre, dw1), (h_act, d_ys, dw2)], offsets, trans_w)
+    tasks = [t for t in pool.row_tasks(offsets) if counts[t[0]] > FUSED_MAX_ROWS]
+    tasks += [(e, int(offsets[e]), int(offsets[e + 1])) for e in range(counts.shape[0])
+              if 0 < counts[e] <= FUSED_MAX_ROWS]
+    tasks.sort(key=lambda t: t[1] - t[2])            # larger first: the threads end together
+    pool.run_tasks(task, tasks)
+    if big.size:
+        blas_weight_grads([(xs, d_h_pre, dw1), (h_act, d_ys, dw2)], offsets, trans_w, big)
+    dw1[counts == 0] = 0.0
+    dw2[counts == 0] = 0.0
     return d_xs, dw1, dw2
 
 

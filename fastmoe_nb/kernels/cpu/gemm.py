@@ -239,13 +239,15 @@ def grouped_gemm_kernel(src, ridx, trans, bp, w, wtrans, M, tiles, bounds, max_r
 
 # --------------------------------------------------------------------------- decoding
 
-CW = 128   # columns of C a streaming task takes (its accumulators: rows x CW (x2 for swiglu))
+CW = 1024  # columns of C a streaming task takes: each row of w is read in runs of 4 KiB (128
+           # columns, one run per 4 KiB page, ran 2x slower); the accumulators, rows x CW
+           # (x2 for swiglu), stay in L2
 
 
 @njit(parallel=True, cache=True, fastmath={"contract"})
 def stream_kernel(src, ridx, w, trans, offsets, tasks, half, out, act_out, code, store_out):
     # Few rows an expert (decoding): no packing, each selected expert's weights are read
-    # once, straight from memory, and the rows' products accumulate beside them in L1.
+    # once, straight from memory, and the rows' products accumulate beside them in cache.
     # src (*, K) A's rows, gathered by ridx (N,); w (E, K, M) [trans: (E, M, K)];
     # offsets (E+1,); tasks (n, 3): (e, c0, c1) -> C columns c0..c1 of expert e's rows;
     #   half > 0 (swiglu [gate | up], M = 2*half): c0..c1 are gate columns and half+c0..

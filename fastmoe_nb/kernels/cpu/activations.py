@@ -18,6 +18,19 @@ from .fastmath import (gelu, gelu_grad, gelu_tanh, gelu_tanh_grad, relu, relu_gr
 ROWS = 64      # rows a parallel task takes
 
 
+@njit(inline="always")
+def act(x, code):
+    """One element of the activation with the CPU's fast maths (SWIGLU: the silu of its gate),
+    for the GEMM epilogues that produce one element at a time."""
+    if code == RELU:
+        return relu(x)
+    if code == GELU:
+        return gelu(x)
+    if code == GELU_TANH:
+        return gelu_tanh(x)
+    return silu(x)
+
+
 def _row_loop(f, times):
     """A compiled loop over one row: out = f(x) (times=False) or out = y * f(x) (times=True),
     for a scalar f of kernels/cpu/fastmath.py. One such loop per activation keeps the code

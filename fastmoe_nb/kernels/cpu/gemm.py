@@ -28,7 +28,8 @@ from numba.core.errors import RequireLiteralValue
 from numba.extending import intrinsic
 from numba import carray
 
-from ..common import SILU, act_scalar
+from ..common import SILU
+from .activations import act
 
 MR = 6     # rows of a micro-tile
 NR = 16    # columns of a micro-tile (2 AVX2 vectors of fp32)
@@ -149,7 +150,7 @@ def micro_tile(ap, bp, kc, cbuf, ci, cj, first, last, mr, out, r_out, q, half, n
                     out[r, c0 + j] = acc[i, j]
                     out[r, half + c0 + j] = acc[i, HN + j]
                 if code >= 0:
-                    act_out[r, c0 + j] = act_scalar(acc[i, j], SILU) * acc[i, HN + j]
+                    act_out[r, c0 + j] = act(acc[i, j], SILU) * acc[i, HN + j]
         return
     c0 = q * NR
     nc = min(NR, ncol - c0)
@@ -159,7 +160,7 @@ def micro_tile(ap, bp, kc, cbuf, ci, cj, first, last, mr, out, r_out, q, half, n
             if store_out:
                 out[r, c0 + j] = acc[i, j]
             if code >= 0:
-                act_out[r, c0 + j] = act_scalar(acc[i, j], code)
+                act_out[r, c0 + j] = act(acc[i, j], code)
 
 
 @njit(**FLAGS)
@@ -306,6 +307,6 @@ def stream_kernel(src, ridx, w, trans, offsets, tasks, half, out, act_out, code,
                         out[r, half + c0 + j] = acc[i, nc + j]
                 if code >= 0:
                     if half > 0:
-                        act_out[r, c0 + j] = act_scalar(acc[i, j], SILU) * acc[i, nc + j]
+                        act_out[r, c0 + j] = act(acc[i, j], SILU) * acc[i, nc + j]
                     else:
-                        act_out[r, c0 + j] = act_scalar(acc[i, j], code)
+                        act_out[r, c0 + j] = act(acc[i, j], code)

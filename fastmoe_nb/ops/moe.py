@@ -110,14 +110,14 @@ def experts_forward(xs, w1, w2, offsets, activation, trans_w=False, keep=False):
     w1, offsets, H1 = check_weights(w1, xs, offsets, trans_w, "w1")
     h = hidden_width(H1, activation)
     N = xs.shape[0]
-    if not isinstance(w1, PackedWeights) and large_blocks(offsets):
-        w2, _, d = check_weights(w2, np.broadcast_to(np.zeros((1, h), xs.dtype), (N, h)),
-                                 offsets, trans_w, "w2")
-        if d != xs.shape[1]:
-            raise ValueError(f"w2: expected {xs.shape[1]} output columns (xs.shape[1]), got "
-                             f"shape {tuple(w2.shape)}")
-        if not isinstance(w2, PackedWeights):
-            return _experts_forward_blas(xs, w1, w2, offsets, code, h, trans_w, keep)
+    w2, _, d = check_weights(w2, np.broadcast_to(np.zeros((1, h), xs.dtype), (N, h)), offsets,
+                             trans_w, "w2")
+    if d != xs.shape[1]:
+        got = repr(w2) if isinstance(w2, PackedWeights) else f"shape {tuple(w2.shape)}"
+        raise ValueError(f"w2: expected {xs.shape[1]} output columns (xs.shape[1]), got {got}")
+    if not isinstance(w1, PackedWeights) and not isinstance(w2, PackedWeights) \
+            and large_blocks(offsets):
+        return _experts_forward_blas(xs, w1, w2, offsets, code, h, trans_w, keep)
     if not isinstance(w1, PackedWeights) and few_rows(offsets):   # decoding: streamed
         half = H1 // 2 if swiglu else 0
         h_pre = np.empty((N, H1), xs.dtype) if keep else np.empty((0, 0), xs.dtype)

@@ -106,7 +106,9 @@ def _pack(w, trans, half):
 def pack_weights(w, trans_w=False, swiglu=False):
     """w: (E, K, M) [trans_w: (E, M, K)] -> PackedWeights, reused by grouped_gemm and
     experts_forward until the next weight update. swiglu=True (M even, [gate | up]) lays the
-    halves side by side for the fused swiglu epilogue; grouped_gemm's result is unchanged."""
+    halves side by side for the fused swiglu epilogue; grouped_gemm's result is unchanged.
+    PackedWeights always run the Numba kernel: with large expert blocks (BLAS_MIN_ROWS) raw
+    weights, which go to per-expert BLAS, are faster on these machines."""
     w = chk.check_float("w", as_host("w", w), ndim=3)
     trans_w = bool(trans_w)
     M = w.shape[1] if trans_w else w.shape[2]

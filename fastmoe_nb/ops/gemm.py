@@ -1,9 +1,16 @@
 """Grouped GEMM: one matrix product per expert over its block of rows, and its backward.
 
-The CPU work is done by kernels/cpu/gemm.py (packed panels, register-blocked micro-kernel, one
-parallel loop over the tiles of all experts). Raw weights are packed tile by tile inside the
-kernel (read once from memory, the packed copy stays in cache); pack_weights() packs them once
-per weight update instead, and the PackedWeights are passed in place of w.
+On the CPU, by the sizes of the expert blocks (raw weights; PackedWeights always take the
+second way):
+- large blocks (large_blocks): single-threaded BLAS per block of an expert's rows (and per
+  block of dW's columns) on ops/pool.py's threads;
+- medium blocks: kernels/cpu/gemm.py's grouped_gemm_kernel (packed panels, register-blocked
+  micro-kernel, one parallel loop over the tiles of all experts). Raw weights are packed tile
+  by tile inside the kernel (read once from memory, the packed copy stays in cache);
+  pack_weights() packs them once per weight update instead, and the PackedWeights are passed
+  in place of w;
+- decoding (few_rows): kernels/cpu/gemm.py's stream_kernel reads each selected expert's raw
+  weights once, unpacked.
 """
 from __future__ import annotations
 

@@ -276,30 +276,30 @@ def upcycle(mlp, num_experts, k, noise=0.0, rng=None, **moe_options):
 
 # ----------------------------------------------------------------------------- freezing
 
+def _set_frozen(moe, experts, router, add):
+    # moe.frozen_experts / frozen_router (sorted ids) with `experts` / `router` (ids or
+    # "all") added (add) or removed
+    _check_moe(moe)
+    E = moe.num_experts
+    for attr, name, ids in (("frozen_experts", "experts", experts),
+                            ("frozen_router", "router", router)):
+        ids = set(range(E)) if isinstance(ids, str) and ids == "all" else \
+            set(_expert_ids(name, ids, E, allow_empty=True))
+        now = set(getattr(moe, attr, ()))
+        setattr(moe, attr, sorted(now | ids if add else now - ids))
+    return moe
+
+
 def freeze(moe, experts=(), router=()):
     """Freeze the given experts (their rows of w1 / w2) and router columns (of router_w):
     mask_grads zeroes their gradients and FrozenRows keeps them bit-identical. Adds to what
     is already frozen. experts / router: ids, or "all". Returns moe."""
-    _check_moe(moe)
-    E = moe.num_experts
-    for attr, name, ids in (("frozen_experts", "experts", experts),
-                            ("frozen_router", "router", router)):
-        ids = list(range(E)) if isinstance(ids, str) and ids == "all" else \
-            _expert_ids(name, ids, E, allow_empty=True)
-        setattr(moe, attr, sorted(set(getattr(moe, attr, ())) | set(ids)))
-    return moe
+    return _set_frozen(moe, experts, router, True)
 
 
 def unfreeze(moe, experts="all", router="all"):
     """Undo freeze for the given experts and router columns ("all" by default). Returns moe."""
-    _check_moe(moe)
-    E = moe.num_experts
-    for attr, name, ids in (("frozen_experts", "experts", experts),
-                            ("frozen_router", "router", router)):
-        ids = list(range(E)) if isinstance(ids, str) and ids == "all" else \
-            _expert_ids(name, ids, E, allow_empty=True)
-        setattr(moe, attr, sorted(set(getattr(moe, attr, ())) - set(ids)))
-    return moe
+    return _set_frozen(moe, experts, router, False)
 
 
 def frozen_slices(model):

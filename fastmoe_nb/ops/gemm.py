@@ -201,8 +201,7 @@ def run_stream(src, w, trans_w, offsets, M, half, out, act_out=None, code=-1, st
                      np.int64).reshape(-1, 3)
     if act_out is None:
         act_out = np.empty((0, 0), out.dtype)
-    kg.stream_kernel(src, np.arange(src.shape[0], dtype=np.int64), w, trans_w, offsets, tasks,
-                     half, out, act_out, code, store_out)
+    kg.stream_kernel(src, w, trans_w, offsets, tasks, half, out, act_out, code, store_out)
 
 
 def expert_tiles(offsets, P, K):

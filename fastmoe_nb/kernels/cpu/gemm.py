@@ -246,10 +246,10 @@ CW = 1024  # columns of C a streaming task takes: each row of w is read in runs 
 
 
 @njit(parallel=True, cache=True, fastmath={"contract"})
-def stream_kernel(src, ridx, w, trans, offsets, tasks, half, out, act_out, code, store_out):
+def stream_kernel(src, w, trans, offsets, tasks, half, out, act_out, code, store_out):
     # Few rows an expert (decoding): no packing, each selected expert's weights are read
     # once, straight from memory, and the rows' products accumulate beside them in cache.
-    # src (*, K) A's rows, gathered by ridx (N,); w (E, K, M) [trans: (E, M, K)];
+    # src (N, K) A's rows in expert order; w (E, K, M) [trans: (E, M, K)];
     # offsets (E+1,); tasks (n, 3): (e, c0, c1) -> C columns c0..c1 of expert e's rows;
     #   half > 0 (swiglu [gate | up], M = 2*half): c0..c1 are gate columns and half+c0..
     #   half+c1 their up columns, taken by the same task;
@@ -273,7 +273,7 @@ def stream_kernel(src, ridx, w, trans, offsets, tasks, half, out, act_out, code,
             for p in range(K):
                 wp = w[e, p]
                 for i in range(m):
-                    a = src[ridx[lo + i], p]
+                    a = src[lo + i, p]
                     ai = acc[i]
                     for j in range(u0, np.uint64(nc)):
                         ai[j] += a * wp[np.uint64(c0) + j]
@@ -285,7 +285,7 @@ def stream_kernel(src, ridx, w, trans, offsets, tasks, half, out, act_out, code,
             for jj in range(W):
                 wc = w[e, cols[jj]]
                 for i in range(m):
-                    xi = src[ridx[lo + i]]
+                    xi = src[lo + i]
                     for q in range(16):
                         lanes[q] = 0.0
                     kk = K - K % 16

@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..common import sigmoid, topk_insert
-from .routing import row_max_sumexp
+from .routing import row_exp_sum, row_max, row_max_sumexp
 
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -164,13 +164,7 @@ def balance_sums_kernel(logits, experts, use, mask, has_mask):
             if mt == 0.0:
                 continue
             tpart[b] += mt
-            m = -np.inf
-            for e in range(E):
-                m = max(m, np.float64(logits[t, e]))
-            s = 0.0
-            for e in range(E):
-                p[e] = math.exp(np.float64(logits[t, e]) - m)
-                s += p[e]
+            s = row_exp_sum(logits[t], row_max(logits[t]), p)
             for e in range(E):
                 part[b, e] += mt * p[e] / s
             for j in range(use):
@@ -194,13 +188,7 @@ def balance_backward_kernel(logits, g, mask, has_mask, d_logits):
     for t in prange(T):
         mt = np.float64(mask[t]) if has_mask else 1.0
         p = np.empty(E, np.float64)
-        m = -np.inf
-        for e in range(E):
-            m = max(m, np.float64(logits[t, e]))
-        s = 0.0
-        for e in range(E):
-            p[e] = math.exp(np.float64(logits[t, e]) - m)
-            s += p[e]
+        s = row_exp_sum(logits[t], row_max(logits[t]), p)
         dot = 0.0
         for e in range(E):
             p[e] /= s
@@ -224,13 +212,8 @@ def z_loss_backward_kernel(logits, scale, mask, has_mask, d_logits):
     T, E = logits.shape
     for t in prange(T):
         p = np.empty(E, np.float64)
-        m = -np.inf
-        for e in range(E):
-            m = max(m, np.float64(logits[t, e]))
-        s = 0.0
-        for e in range(E):
-            p[e] = math.exp(np.float64(logits[t, e]) - m)
-            s += p[e]
+        m = row_max(logits[t])
+        s = row_exp_sum(logits[t], m, p)
         c = scale * 2.0 * (m + math.log(s)) * (np.float64(mask[t]) if has_mask else 1.0) / s
         for e in range(E):
             d_logits[t, e] = c * p[e]

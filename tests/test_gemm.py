@@ -29,6 +29,8 @@ SHAPES = [
     ((0, 0, 0), 100, 64),
     ((1,), 100, 37),
     ((2, 0, 8, 5), 781, 150),                    # decode-sized: at most 8 rows an expert
+    ((16, 1, 0, 3), 130, 5000),                  # streamed in depth chunks with a tail, two
+                                                 # column blocks of 16 rows, L1 pieces
     ((3, 0, 5), 600, 100),
     ((0, 17, 1, 0), 781, 33),
     ((40, 9, 0, 23), 64, 781),

@@ -10,7 +10,8 @@ second way):
   pack_weights() packs them once per weight update instead, and the PackedWeights are passed
   in place of w;
 - decoding (few_rows): kernels/cpu/gemm.py's stream_kernel reads each selected expert's raw
-  weights once, unpacked.
+  weights once, unpacked, in blocks of depth rows (one contiguous run each), and stream_sum
+  adds the blocks' partial products up in a fixed order.
 """
 from __future__ import annotations
 
@@ -182,7 +183,8 @@ def run_gemm(src, ridx, trans, b, btrans, M, half, tiles, out, act_out=None, cod
 
 
 # Decoding: when no expert has more than STREAM_MAX_ROWS rows, raw weights are streamed from
-# memory once by kernels/cpu/gemm.py's stream_kernel (no packing, no tiles).
+# memory once by kernels/cpu/gemm.py's stream_kernel (no packing, no tiles; the activation
+# runs apart, on the few rows).
 STREAM_MAX_ROWS = 16
 
 
@@ -191,17 +193,37 @@ def few_rows(offsets):
     return offsets.shape[0] < 2 or int(np.diff(offsets).max()) <= STREAM_MAX_ROWS
 
 
-def run_stream(src, w, trans_w, offsets, M, half, out, act_out=None, code=-1, store_out=True):
-    """stream_kernel over every expert with rows: out[rows of e] = src[rows] @ B_e (M columns;
-    half > 0: swiglu halves), act_out = act(...) when code >= 0."""
-    ncols = half if half else M
-    E = offsets.shape[0] - 1
-    tasks = np.array([(e, c0, min(c0 + kg.CW, ncols)) for e in range(E)
-                      if offsets[e + 1] > offsets[e] for c0 in range(0, ncols, kg.CW)],
-                     np.int64).reshape(-1, 3)
-    if act_out is None:
-        act_out = np.empty((0, 0), out.dtype)
-    kg.stream_kernel(src, w, trans_w, offsets, tasks, half, out, act_out, code, store_out)
+def stream_tasks(offsets, K, M, trans_w):
+    """The tasks of stream_kernel for every expert with rows (cut from the shapes alone)
+    -> (tasks (n, 6), groups (g, 2), partials' size); see kernels/cpu/gemm.py."""
+    tasks, groups, size = [], [], 0
+    for e in range(offsets.shape[0] - 1):
+        m = int(offsets[e + 1] - offsets[e])
+        if m == 0:
+            continue
+        if trans_w:
+            depth, cw = [(0, K)], kg.STREAM_CT
+        else:
+            depth = [(p0, min(p0 + kg.STREAM_KC, K)) for p0 in range(0, K, kg.STREAM_KC)]
+            cw = max(kg.STREAM_ACC // m, 256)
+        for c0 in range(0, M, cw):
+            c1 = min(c0 + cw, M)
+            groups.append((len(tasks), len(tasks) + len(depth)))
+            for p0, p1 in depth:
+                tasks.append((e, p0, p1, c0, c1, size))
+                size += m * (c1 - c0)
+    return (np.array(tasks, np.int64).reshape(-1, 6), np.array(groups, np.int64).reshape(-1, 2),
+            size)
+
+
+def run_stream(src, w, trans_w, offsets, out):
+    """out[rows of e] = src[rows] @ B_e for every expert with rows, each expert's weights
+    streamed from memory once (stream_kernel, then stream_sum of the partial products)."""
+    K = src.shape[1]
+    tasks, groups, size = stream_tasks(offsets, K, out.shape[1], trans_w)
+    part = np.empty(size, out.dtype)
+    kg.stream_kernel(src, w, trans_w, offsets, tasks, part)
+    kg.stream_sum(part, tasks, groups, offsets, out)
 
 
 def expert_tiles(offsets, P, K):
@@ -307,7 +329,7 @@ def grouped_gemm(a, w, offsets, trans_w=False):
                                               out=out[t[1]:t[2]]), pool.row_tasks(offsets))
         return out
     elif few_rows(offsets):                  # decoding: weights streamed once
-        run_stream(a, np.ascontiguousarray(w), trans_w, offsets, M, 0, out)
+        run_stream(a, np.ascontiguousarray(w), trans_w, offsets, out)
         return out
     else:
         b, half = np.ascontiguousarray(w), 0

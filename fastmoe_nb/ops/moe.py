@@ -119,11 +119,10 @@ def experts_forward(xs, w1, w2, offsets, activation, trans_w=False, keep=False):
             and large_blocks(offsets):
         return _experts_forward_blas(xs, w1, w2, offsets, code, h, trans_w, keep)
     if not isinstance(w1, PackedWeights) and few_rows(offsets):   # decoding: streamed
-        half = H1 // 2 if swiglu else 0
-        h_pre = np.empty((N, H1), xs.dtype) if keep else np.empty((0, 0), xs.dtype)
+        h_pre = np.empty((N, H1), xs.dtype)
+        run_stream(xs, np.ascontiguousarray(w1), trans_w, offsets, h_pre)
         h_act = np.empty((N, h), xs.dtype)
-        run_stream(xs, np.ascontiguousarray(w1), trans_w, offsets, H1, half, h_pre, h_act,
-                   code, keep)
+        activate_rows(h_pre, code, h_act)
         return (h_pre if keep else None), h_act, grouped_gemm(h_act, w2, offsets, trans_w)
     if isinstance(w1, PackedWeights):
         b, fused = w1.panels, w1.swiglu == swiglu

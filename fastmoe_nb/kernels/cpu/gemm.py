@@ -240,73 +240,84 @@ def grouped_gemm_kernel(src, ridx, trans, bp, w, wtrans, M, tiles, bounds, max_r
 
 # --------------------------------------------------------------------------- decoding
 
-CW = 1024  # columns of C a streaming task takes: each row of w is read in runs of 4 KiB (128
-           # columns, one run per 4 KiB page, ran 2x slower); the accumulators, rows x CW
-           # (x2 for swiglu), stay in L2
+# A streaming task reads a block of one expert's weights straight from memory, unpacked, and
+# keeps its products in an accumulator of at most STREAM_ACC elements (rows x columns, in L2).
+# Row layout (w (E, K, M)): the task takes depth rows p0..p1 of w (STREAM_KC of them) across
+# as many columns as the accumulator allows, so that it reads one contiguous run per depth row
+# (whole rows while rows x M <= STREAM_ACC): at the read bandwidth, where runs of a 4 KiB
+# page each (column blocks of the whole depth) ran 1.5x slower. Transposed (w (E, M, K)):
+# a task takes a block of STREAM_CT columns over the whole depth, which is one contiguous run.
+STREAM_KC = 128
+STREAM_ACC = 65536
+STREAM_CT = 256
+STREAM_SUB = 512   # columns of a piece of four depth rows, kept in L1 across the rows
 
 
-@njit(parallel=True, cache=True, fastmath={"contract"})
-def stream_kernel(src, w, trans, offsets, tasks, half, out, act_out, code, store_out):
-    # Few rows an expert (decoding): no packing, each selected expert's weights are read
-    # once, straight from memory, and the rows' products accumulate beside them in cache.
-    # src (N, K) A's rows in expert order; w (E, K, M) [trans: (E, M, K)];
-    # offsets (E+1,); tasks (n, 3): (e, c0, c1) -> C columns c0..c1 of expert e's rows;
-    #   half > 0 (swiglu [gate | up], M = 2*half): c0..c1 are gate columns and half+c0..
-    #   half+c1 their up columns, taken by the same task;
-    # out (N, M): C (when store_out), act_out (N, M'): act(C) (code >= 0; swiglu halves).
-    # Compiled with numba's default vectorizer flags (the loop vectorizer on): the inner
-    # loops run over contiguous columns (or, transposed, a depth split into 16 lanes).
-    K = w.shape[2] if trans else w.shape[1]
+@njit(parallel=True, cache=True, fastmath={"contract", "reassoc"})
+def stream_kernel(src, w, trans, offsets, tasks, part):
+    # Few rows an expert (decoding): each selected expert's weights are read once.
+    # src (N, K) A's rows in expert order; w (E, K, M) [trans: (E, M, K)]; offsets (E+1,);
+    # tasks (n, 6): (e, p0, p1, c0, c1, base) -> part[base : base + m*(c1-c0)], as (m, c1-c0):
+    #   the partial product src[rows of e, p0:p1] @ B_e[p0:p1, c0:c1] (m: e's rows);
+    # stream_sum adds a column block's partials up in depth order.
+    # Compiled with numba's default vectorizer flags (the loop vectorizer on) and fastmath
+    # 'reassoc' so that the dot products vectorize: their lanes of partial sums are fixed at
+    # compile time, the same in every thread (results do not depend on the thread count).
     u0 = np.uint64(0)
     for t in prange(tasks.shape[0]):
-        e, c0, c1 = tasks[t, 0], tasks[t, 1], tasks[t, 2]
+        e, p0, p1, c0, c1, base = (tasks[t, 0], tasks[t, 1], tasks[t, 2], tasks[t, 3],
+                                   tasks[t, 4], tasks[t, 5])
         lo, m = offsets[e], offsets[e + 1] - offsets[e]
         nc = c1 - c0
-        cols = np.empty(2 * nc if half > 0 else nc, np.int64)   # the task's columns of w
-        for j in range(nc):
-            cols[j] = c0 + j
-            if half > 0:
-                cols[nc + j] = half + c0 + j
-        W = cols.shape[0]
-        acc = np.zeros((m, W), out.dtype)
-        if not trans:                          # stream rows w[e, p, cols]: contiguous runs
-            for p in range(K):
-                wp = w[e, p]
-                for i in range(m):
-                    a = src[lo + i, p]
-                    ai = acc[i]
-                    for j in range(u0, np.uint64(nc)):
-                        ai[j] += a * wp[np.uint64(c0) + j]
-                    if half > 0:
-                        for j in range(u0, np.uint64(nc)):
-                            ai[np.uint64(nc) + j] += a * wp[np.uint64(half + c0) + j]
-        else:                                  # dot products along rows w[e, c, :]
-            lanes = np.empty(16, out.dtype)
-            for jj in range(W):
-                wc = w[e, cols[jj]]
+        acc = part[base:base + m * nc].reshape((m, nc))
+        if trans:                      # rows w[e, c, p0:p1]: dot products
+            for j in range(nc):
+                wc = w[e, c0 + j]
                 for i in range(m):
                     xi = src[lo + i]
-                    for q in range(16):
-                        lanes[q] = 0.0
-                    kk = K - K % 16
-                    for p in range(0, kk, 16):
-                        for q in range(u0, np.uint64(16)):
-                            lanes[q] += xi[np.uint64(p) + q] * wc[np.uint64(p) + q]
-                    s = lanes[0]
-                    for q in range(1, 16):       # a fixed order: deterministic
-                        s += lanes[q]
-                    for p in range(kk, K):
+                    s = part.dtype.type(0.0)
+                    for p in range(np.uint64(p0), np.uint64(p1)):   # unsigned: vectorized
                         s += xi[p] * wc[p]
-                    acc[i, jj] = s
-        for i in range(m):                      # the epilogue
-            r = lo + i
-            for j in range(nc):
-                if store_out:
-                    out[r, c0 + j] = acc[i, j]
-                    if half > 0:
-                        out[r, half + c0 + j] = acc[i, nc + j]
-                if code >= 0:
-                    if half > 0:
-                        act_out[r, c0 + j] = act(acc[i, j], SILU) * acc[i, nc + j]
+                    acc[i, j] = s
+            continue
+        acc[:] = 0.0
+        b = w[e]
+        p = p0
+        while p < p1:                  # depth rows of B_e, four at a time, swept in pieces
+            q = min(4, p1 - p)         # of STREAM_SUB columns (they stay in L1 for the rows)
+            for s0 in range(c0, c1, STREAM_SUB):
+                s1 = min(s0 + STREAM_SUB, c1)
+                ns = np.uint64(s1 - s0)
+                b_0 = b[p, s0:s1]
+                b_1, b_2, b_3 = (b[p + 1, s0:s1], b[p + 2, s0:s1], b[p + 3, s0:s1]) \
+                    if q == 4 else (b_0, b_0, b_0)
+                for i in range(m):     # scalars a0..a3: not reloaded in the loop
+                    xi = src[lo + i]
+                    ai = acc[i, s0 - c0:s1 - c0]
+                    a0 = xi[p]
+                    if q == 4:
+                        a1, a2, a3 = xi[p + 1], xi[p + 2], xi[p + 3]
+                        for j in range(u0, ns):
+                            ai[j] += a0 * b_0[j] + a1 * b_1[j] + a2 * b_2[j] + a3 * b_3[j]
                     else:
-                        act_out[r, c0 + j] = act(acc[i, j], code)
+                        for j in range(u0, ns):
+                            ai[j] += a0 * b_0[j]
+            p += 4 if q == 4 else 1
+
+
+@njit(parallel=True, cache=True)
+def stream_sum(part, tasks, groups, offsets, out):
+    # groups (g, 2): [t0, t1) the tasks of one expert's column block, in depth order
+    # -> out[rows of e, c0:c1] = their partials summed in that order (deterministic).
+    for g in prange(groups.shape[0]):
+        t0, t1 = groups[g, 0], groups[g, 1]
+        e, c0, c1 = tasks[t0, 0], tasks[t0, 3], tasks[t0, 4]
+        lo, m, nc = offsets[e], offsets[e + 1] - offsets[e], c1 - c0
+        for i in range(m):
+            o = out[lo + i, c0:c1]
+            b = tasks[t0, 5] + i * nc
+            o[:] = part[b:b + nc]
+            for t in range(t0 + 1, t1):
+                b = tasks[t, 5] + i * nc
+                for j in range(nc):
+                    o[j] += part[b + j]

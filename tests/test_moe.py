@@ -122,15 +122,20 @@ def test_non_contiguous_inputs(rng):
     assert_close(y, ref.moe_forward(x, router_w, np.ascontiguousarray(w1s), w2, k=2))
 
 
-@pytest.mark.parametrize("min_rows", [1, 10**9], ids=["blas-per-expert", "numba-kernel"])
+@pytest.mark.parametrize("min_rows,max_stream", [(1, 0), (10**9, 0), (10**9, 10**9)],
+                         ids=["blas-per-expert", "numba-kernel", "streamed"])
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-def test_both_gemm_routes_match_the_reference(rng, monkeypatch, min_rows, activation):
-    """Large expert blocks go through BLAS per expert, small ones through the Numba kernel
-    (ops/gemm.py: BLAS_MIN_ROWS); force each route on the same layer."""
+def test_every_gemm_route_matches_the_reference(rng, monkeypatch, min_rows, max_stream,
+                                                activation):
+    """Large expert blocks go through BLAS per expert, decoding-sized ones are streamed, the
+    rest go through the Numba kernel (ops/gemm.py: BLAS_MIN_ROWS, STREAM_MAX_ROWS); force
+    each route on the same layer."""
     import fastmoe_nb.ops.gemm as g
     monkeypatch.setattr(g, "BLAS_MIN_ROWS", min_rows)
+    monkeypatch.setattr(g, "STREAM_MAX_ROWS", max_stream)
     args, _ = _layer_args(rng, "mixtral", 90, 100, 20, 4, np.float32, activation)
     assert g.large_blocks(np.array([0, 30, 30, 90])) == (min_rows == 1)
+    assert g.few_rows(np.array([0, 30, 30, 90])) == (max_stream > 0)
     for trans_w in (False, True):
         a = list(args)
         if trans_w:

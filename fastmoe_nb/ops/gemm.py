@@ -185,7 +185,7 @@ def run_gemm(src, ridx, trans, b, btrans, M, half, tiles, out, act_out=None, cod
 # Decoding: when no expert has more than STREAM_MAX_ROWS rows, raw weights are streamed from
 # memory once by kernels/cpu/gemm.py's stream_kernel (no packing, no tiles; the activation
 # runs apart, on the few rows).
-STREAM_MAX_ROWS = 16
+STREAM_MAX_ROWS = 64
 
 
 def few_rows(offsets):
@@ -252,10 +252,13 @@ def check_weights(w, a, offsets, trans_w, name="w"):
 # Measured on this project's 2-core machines (Zen 3, AVX2; bench/compare.py and a per-expert
 # sweep): with raw weights and blocks of >= BLAS_MIN_ROWS rows an expert on average, OpenBLAS
 # called once per expert ran at 1.2-1.5x the Numba kernel (79-129 vs 60-91 GFLOP/s for
-# 128-4096 rows a block); below that, and for decoding, the Numba kernel wins. BLAS runs on
-# ops/pool.py's threads, one BLAS thread each, never inside a prange region; its results do
-# not depend on the thread count.
-BLAS_MIN_ROWS = 64
+# 128-4096 rows a block), and from 16 rows on average it also beat the streamed kernel
+# (moe_forward: decode-8's shape with 192 tokens 237 -> 108 ms, deepseek-mini's with 512
+# tokens 247 -> 120 ms; a training step of fine-128's with 256 tokens 252 -> 146 ms); below
+# that the streamed kernel (at most STREAM_MAX_ROWS rows an expert) or the Numba kernel win.
+# BLAS runs on ops/pool.py's threads, one BLAS thread each, never inside a prange region; its
+# results do not depend on the thread count.
+BLAS_MIN_ROWS = 16
 
 
 def large_blocks(offsets):

@@ -144,22 +144,31 @@ def experts_forward(xs, w1, w2, offsets, activation, trans_w=False, keep=False):
     return (h_pre if keep else None), h_act, ys
 
 
-def _experts_forward_blas(xs, w1, w2, offsets, code, h, trans_w, keep):
+def _experts_forward_blas(xs, w1, w2, offsets, code, h, trans_w, keep, tokens=None):
     # xs (N, d), w1 (E, d, H1), w2 (E, h, d) [trans_w: transposed] -> (h_pre, h_act, ys)
     # Per task, one block of an expert's rows: h_pre = xs_b @ B1_e (BLAS), h_act = act(h_pre)
     # while the block is in cache, ys_b = h_act @ B2_e (BLAS); h_pre goes to the thread's
-    # scratch unless kept.
-    N, H1 = xs.shape[0], w1.shape[1] if trans_w else w1.shape[2]
+    # scratch unless kept. tokens (N,): xs is then x (T, d), and each task gathers its rows
+    # x[tokens[lo:hi]] into scratch (permute fused: xs is never written); h_act, not kept,
+    # also stays in scratch (returned as None).
+    N, H1 = offsets[-1], w1.shape[1] if trans_w else w1.shape[2]
     h_pre = np.empty((N, H1), xs.dtype) if keep else None
-    h_act = np.empty((N, h), xs.dtype)
+    h_act = np.empty((N, h), xs.dtype) if keep or tokens is None else None
     ys = np.empty((N, xs.shape[1]), xs.dtype)
 
     def task(t, scratch):
         e, lo, hi = t
+        if tokens is None:
+            xb = xs[lo:hi]
+        else:
+            xb = pool.buffer(scratch, "xs", hi - lo, xs.shape[1], xs.dtype)
+            np.take(xs, tokens[lo:hi], axis=0, out=xb)
         hp = h_pre[lo:hi] if keep else pool.buffer(scratch, "h_pre", hi - lo, H1, xs.dtype)
-        np.matmul(xs[lo:hi], weight(w1, e, trans_w), out=hp)
-        activate_rows(hp, code, h_act[lo:hi])
-        np.matmul(h_act[lo:hi], weight(w2, e, trans_w), out=ys[lo:hi])
+        np.matmul(xb, weight(w1, e, trans_w), out=hp)
+        ha = pool.buffer(scratch, "h_act", hi - lo, h, xs.dtype) if h_act is None \
+            else h_act[lo:hi]
+        activate_rows(hp, code, ha)
+        np.matmul(ha, weight(w2, e, trans_w), out=ys[lo:hi])
 
     pool.run_tasks(task, pool.row_tasks(offsets))
     return h_pre, h_act, ys
@@ -310,9 +319,13 @@ def moe_forward(x, router_w, w1, w2, k, activation="swiglu", router="softmax_top
         r, plan, router_state = route(router, x, logits, k, capacity, router_options,
                                       check_finite)
     plan = make_plan(r.experts, E, capacity) if plan is None else plan
-    xs = permute(x, plan)
-    h_pre, h_act, ys = experts_forward(xs, w1, w2, plan.offsets, activation, trans_w,
-                                       keep=return_context)
+    if be != CUDA and not return_context and large_blocks(plan.offsets):
+        ys = _experts_forward_blas(x, w1, w2, plan.offsets, activation_code(activation), h,
+                                   trans_w, False, plan.rows // plan.top_k)[2]   # fused permute
+    else:
+        xs = permute(x, plan)
+        h_pre, h_act, ys = experts_forward(xs, w1, w2, plan.offsets, activation, trans_w,
+                                           keep=return_context)
     y = combine(ys, plan, r.weights)
     shared = None
     if shared_w1 is not None:

@@ -195,3 +195,87 @@ def test_moe_backward_rejects_bad_input(rng):
         fm.moe_backward(y.astype(np.float64), ctx)
     with pytest.raises(TypeError, match="dy: expected an array"):
         fm.moe_backward("dy", ctx)
+
+
+# ------------------------------------------------------- moe_backward(..., grads=): accumulation
+
+def _accumulation_case(trans_w, T, E, k, big):
+    """A layer with a shared expert and a router bias; big: an expert over FUSED_MAX_ROWS rows
+    (its weight gradients go per block of columns)."""
+    from fastmoe_nb.ops import moe as M
+    rng = np.random.default_rng(3)
+    d, h = 48, 40
+    x = rng.standard_normal((T, d)).astype(np.float32)
+    router_w = (rng.standard_normal((d, E)) / 7).astype(np.float32)
+    w1 = (rng.standard_normal((E, 2 * h, d) if trans_w else (E, d, 2 * h)) / 7).astype(np.float32)
+    w2 = (rng.standard_normal((E, d, h) if trans_w else (E, h, d)) / 6).astype(np.float32)
+    kw = dict(k=k, trans_w=trans_w, router_b=(rng.standard_normal(E) / 10).astype(np.float32),
+              shared_w1=(rng.standard_normal((d, 32)) / 7).astype(np.float32),
+              shared_w2=(rng.standard_normal((16, d)) / 4).astype(np.float32))
+    if big:
+        kw["router_b"][0] += 5.0             # (nearly) every token chooses expert 0
+    _, ctx = fm.moe_forward(x, router_w, w1, w2, return_context=True, **kw)
+    if big:
+        assert ctx.plan.counts.max() > M.FUSED_MAX_ROWS
+    dy = rng.standard_normal((T, d)).astype(np.float32)
+    return ctx, dy
+
+
+@pytest.mark.parametrize("trans_w", [False, True])
+@pytest.mark.parametrize("T,E,k,big", [(300, 4, 2, False),    # per-expert BLAS, one task each
+                                       (700, 4, 1, True),     # an expert over FUSED_MAX_ROWS
+                                       (40, 8, 2, False)])    # the streamed / tiled kernels
+def test_moe_backward_adds_into_given_grads(trans_w, T, E, k, big):
+    """grads= adds this call's gradients into the given arrays, in place, bit for bit what
+    adding the returned ones would give; the returned dict holds those arrays."""
+    ctx, dy = _accumulation_case(trans_w, T, E, k, big)
+    dx, fresh = fm.moe_backward(dy, ctx)
+    rng = np.random.default_rng(9)
+    given = {n: rng.standard_normal(fresh[n].shape).astype(np.float32)
+             for n in ("w1", "w2", "router_w", "shared_w2")}
+    before = {n: a.copy() for n, a in given.items()}
+    dx2, got = fm.moe_backward(dy, ctx, grads=given)
+    np.testing.assert_array_equal(dx2, dx)
+    assert set(got) == set(fresh)
+    for n, g in fresh.items():
+        if n in given:
+            assert got[n] is given[n]
+            np.testing.assert_array_equal(given[n], before[n] + g)
+        else:
+            np.testing.assert_array_equal(got[n], g)
+
+
+def test_moe_backward_grads_errors_leave_everything_untouched():
+    ctx, dy = _accumulation_case(False, 300, 4, 2, False)
+    w1g = np.ones(ctx.params["w1"].shape, np.float32)
+    ro = np.zeros(ctx.params["w2"].shape, np.float32)
+    ro.flags.writeable = False
+    cases = [
+        ([w1g], TypeError, "grads: expected None or a dict"),
+        ({"w1": w1g, "nope": w1g}, ValueError, "'nope' is not a gradient of this layer"),
+        ({"w1": w1g, "w2": ro}, ValueError, r"grads\['w2'\]: expected a writeable array"),
+        ({"w1": w1g, "router_w": np.zeros((3, 3), np.float32)}, ValueError, "router_w"),
+        ({"w1": w1g, "w2": ro.astype(np.float64)}, TypeError, "expected dtype float32"),
+        ({"w1": w1g, "w2": ro.tolist()}, TypeError, "expected a NumPy array"),
+    ]
+    for grads, err, msg in cases:
+        with pytest.raises(err, match=msg):
+            fm.moe_backward(dy, ctx, grads=grads)
+        np.testing.assert_array_equal(w1g, 1.0)       # checked before any work
+
+
+def test_experts_backward_into_checks():
+    from fastmoe_nb.ops.moe import experts_backward
+    ctx, dy = _accumulation_case(False, 300, 4, 2, False)
+    p = ctx.params
+    args = (ctx.ys, ctx.xs, ctx.h_pre, ctx.h_act, p["w1"], p["w2"], ctx.plan.offsets, "swiglu")
+    _, dw1, dw2 = experts_backward(*args)
+    acc = np.ones_like(dw1)
+    _, got1, got2 = experts_backward(*args, into=(acc, None))    # one of the two: added apart
+    assert got1 is acc
+    np.testing.assert_array_equal(acc, 1.0 + dw1)
+    np.testing.assert_array_equal(got2, dw2)
+    with pytest.raises(TypeError, match="into: expected None or a pair"):
+        experts_backward(*args, into=acc)
+    with pytest.raises(ValueError, match=r"into\[1\] \(dw2\)"):
+        experts_backward(*args, into=(None, np.zeros((2, 2), np.float32)))

@@ -145,7 +145,9 @@ class MoE(Module):
     def backward(self, dy):
         # dy: (T, d) -> dx: (T, d); accumulates the gradient of every trainable weight
         ctx = self.ctx
-        dx, grads = moe_backward(dy, ctx)
+        into = {n: getattr(self, n).grad for n in ("w1", "w2")   # added into per expert, in
+                if getattr(self, n).requires_grad}               # cache (no (E, ...) arrays)
+        dx, grads = moe_backward(dy, ctx, grads=into)
         if self.aux_loss_coef or self.z_loss_coef:
             dlogits = np.zeros_like(ctx.logits)
             if self.aux_loss_coef:
@@ -158,6 +160,6 @@ class MoE(Module):
                 grads["router_b"] = grads["router_b"] + dlogits.sum(axis=0)
             dx = dx + dlogits @ self.router_w.value.T
         for n in WEIGHTS:
-            if hasattr(self, n):
+            if hasattr(self, n) and n not in into:
                 getattr(self, n).accumulate(grads[n])
         return dx * self.noise if self.noise is not None else dx

@@ -293,25 +293,34 @@ def weight_grad(lhs_e, rhs_e, trans_w, out):
         np.matmul(lhs_e.T, rhs_e, out=out)
 
 
-def weight_grad_task(lhs, rhs, offsets, trans_w, dw, e, c0, c1):
+def weight_grad_task(lhs, rhs, offsets, trans_w, dw, e, c0, c1, scratch=None):
     """Columns c0..c1 of rhs (N, M) for expert e's weight gradient dw[e] (weight_grad of its
-    rows offsets[e]..offsets[e+1] of lhs (N, K) and rhs)."""
+    rows offsets[e]..offsets[e+1] of lhs (N, K) and rhs); with a scratch dict, added into
+    dw[e] (computed in the thread's scratch) instead of written."""
     lo, hi = offsets[e], offsets[e + 1]
-    weight_grad(lhs[lo:hi], rhs[lo:hi, c0:c1], trans_w,
-                dw[e, c0:c1] if trans_w else dw[e, :, c0:c1])
+    out = dw[e, c0:c1] if trans_w else dw[e, :, c0:c1]
+    if scratch is None:
+        weight_grad(lhs[lo:hi], rhs[lo:hi, c0:c1], trans_w, out)
+        return
+    g = pool.buffer(scratch, "dw", *out.shape, dw.dtype)
+    weight_grad(lhs[lo:hi], rhs[lo:hi, c0:c1], trans_w, g)
+    out += g
 
 
-def blas_weight_grads(jobs, offsets, trans_w, experts=None):
+def blas_weight_grads(jobs, offsets, trans_w, experts=None, add=False):
     """jobs: [(lhs, rhs, dw)] -> each dw (E, ...) filled as weight_grad_task describes for
     every expert (of `experts`, when given), zero for experts without rows; all jobs' tasks
-    on the pool in one go."""
+    on the pool in one go. add: the gradients are added into dw instead (experts without
+    rows left as they are)."""
     tasks = [t for i, (_, rhs, _) in enumerate(jobs)
              for t in weight_grad_tasks(offsets, rhs.shape[1], i, experts)]
-    pool.run_tasks(lambda t, _: weight_grad_task(*jobs[t[0]][:2], offsets, trans_w, jobs[t[0]][2],
-                                                 *t[1:]), tasks)
-    empty = offsets[1:] == offsets[:-1]
-    for _, _, dw in jobs:
-        dw[empty] = 0.0
+    pool.run_tasks(lambda t, scratch: weight_grad_task(
+        *jobs[t[0]][:2], offsets, trans_w, jobs[t[0]][2], *t[1:], scratch if add else None),
+        tasks)
+    if not add:
+        empty = offsets[1:] == offsets[:-1]
+        for _, _, dw in jobs:
+            dw[empty] = 0.0
 
 
 def grouped_gemm(a, w, offsets, trans_w=False):

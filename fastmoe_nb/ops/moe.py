@@ -177,26 +177,37 @@ def _experts_forward_blas(xs, w1, w2, offsets, code, h, trans_w, keep, tokens=No
 FUSED_MAX_ROWS = 512   # an expert with at most this many rows is one backward task
 
 
-def _experts_backward_blas(d_ys, xs, h_pre, h_act, w1, w2, offsets, code, trans_w):
+def _experts_backward_blas(d_ys, xs, h_pre, h_act, w1, w2, offsets, code, trans_w, into=None):
     # The gradients of _experts_forward_blas. An expert with <= FUSED_MAX_ROWS rows is one task:
     # d_h_act = d_ys_e @ B2_e^T, d_h_pre = act'(...), d_xs_e = d_h_pre @ B1_e^T and its weight
     # gradients while its rows are in cache (d_h_pre in the thread's scratch). A larger expert
     # runs per block of rows (d_h_pre kept), then its weight gradients per block of columns
     # (ops/gemm.py: blas_weight_grads), so that it alone still keeps every thread busy.
     # Which way an expert goes depends on its row count only: results do not depend on threads.
+    # into: (dw1, dw2) to add the weight gradients into (computed in scratch, added while in
+    # cache: no fresh arrays, no pass over them afterwards) instead of returning new ones.
     N, d = xs.shape
     H1 = h_pre.shape[1]
     counts = np.diff(offsets)
     big = np.flatnonzero(counts > FUSED_MAX_ROWS)
     d_h_pre = np.empty(h_pre.shape, xs.dtype) if big.size else None
     d_xs = np.empty((N, d), xs.dtype)
-    dw1, dw2 = np.empty(w1.shape, xs.dtype), np.empty(w2.shape, xs.dtype)
+    add = into is not None
+    dw1, dw2 = into if add else (np.empty(w1.shape, xs.dtype), np.empty(w2.shape, xs.dtype))
 
     def rows(e, lo, hi, dhp, scratch):           # d_h_pre -> dhp, d_xs of rows lo..hi of e
         dha = pool.buffer(scratch, "d_h_act", hi - lo, h_act.shape[1], xs.dtype)
         np.matmul(d_ys[lo:hi], weight(w2, e, trans_w).T, out=dha)
         activate_backward_rows(dha, h_pre[lo:hi], code, dhp)
         np.matmul(dhp, weight(w1, e, trans_w).T, out=d_xs[lo:hi])
+
+    def grad(lhs, rhs, dw, name, scratch):       # dw (= or +=) lhs^T @ rhs, w's layout
+        if not add:
+            weight_grad(lhs, rhs, trans_w, dw)
+            return
+        g = pool.buffer(scratch, name, *dw.shape, xs.dtype)
+        weight_grad(lhs, rhs, trans_w, g)
+        dw += g
 
     def task(t, scratch):
         e, lo, hi = t
@@ -205,8 +216,8 @@ def _experts_backward_blas(d_ys, xs, h_pre, h_act, w1, w2, offsets, code, trans_
             return
         dhp = pool.buffer(scratch, "d_h_pre", hi - lo, H1, xs.dtype)
         rows(e, lo, hi, dhp, scratch)
-        weight_grad(xs[lo:hi], dhp, trans_w, dw1[e])
-        weight_grad(h_act[lo:hi], d_ys[lo:hi], trans_w, dw2[e])
+        grad(xs[lo:hi], dhp, dw1[e], "dw1", scratch)
+        grad(h_act[lo:hi], d_ys[lo:hi], dw2[e], "dw2", scratch)
 
     tasks = [t for t in pool.row_tasks(offsets) if counts[t[0]] > FUSED_MAX_ROWS]
     tasks += [(e, int(offsets[e]), int(offsets[e + 1])) for e in range(counts.shape[0])
@@ -214,16 +225,21 @@ def _experts_backward_blas(d_ys, xs, h_pre, h_act, w1, w2, offsets, code, trans_
     tasks.sort(key=lambda t: t[1] - t[2])            # larger first: the threads end together
     pool.run_tasks(task, tasks)
     if big.size:
-        blas_weight_grads([(xs, d_h_pre, dw1), (h_act, d_ys, dw2)], offsets, trans_w, big)
-    dw1[counts == 0] = 0.0
-    dw2[counts == 0] = 0.0
+        blas_weight_grads([(xs, d_h_pre, dw1), (h_act, d_ys, dw2)], offsets, trans_w, big, add)
+    if not add:
+        dw1[counts == 0] = 0.0
+        dw2[counts == 0] = 0.0
     return d_xs, dw1, dw2
 
 
-def experts_backward(d_ys, xs, h_pre, h_act, w1, w2, offsets, activation, trans_w=False):
+def experts_backward(d_ys, xs, h_pre, h_act, w1, w2, offsets, activation, trans_w=False,
+                     into=None):
     """The gradients of experts_forward. d_ys: (N, d) gradient of ys; xs, h_pre, h_act: the
     forward's (kept with keep=True); w1, w2, offsets, activation, trans_w: as in the forward
-    -> (d_xs (N, d), dw1, dw2), dw1 / dw2 in the forward's layout."""
+    -> (d_xs (N, d), dw1, dw2), dw1 / dw2 in the forward's layout. into: None, or (dw1, dw2)
+    arrays of w1's and w2's shapes (either may be None) into which the weight gradients are
+    added in place, and which are returned in their place (gradient accumulation without
+    new arrays; host arrays only)."""
     if backend_of(d_ys=d_ys, xs=xs, h_pre=h_pre, h_act=h_act, w1=w1, w2=w2) != CUDA:
         trans_w = bool(trans_w)
         xs = np.ascontiguousarray(chk.check_float("xs", as_host("xs", xs), ndim=2))
@@ -234,15 +250,45 @@ def experts_backward(d_ys, xs, h_pre, h_act, w1, w2, offsets, activation, trans_
         h_act = chk.check_float("h_act", as_host("h_act", h_act), shape=(N, h), dtype=xs.dtype)
         d_ys = chk.check_float("d_ys", as_host("d_ys", d_ys), shape=(N, d), dtype=xs.dtype)
         w2, _, _ = check_weights(w2, h_act, offsets, trans_w, "w2")
-        if large_blocks(offsets):
+        into = _check_into(into, w1, w2, xs)
+        if large_blocks(offsets) and (into is None or all(
+                a is not None and a.flags.c_contiguous for a in into)):   # else added below
             return _experts_backward_blas(np.ascontiguousarray(d_ys), xs,
                                           np.ascontiguousarray(h_pre),
                                           np.ascontiguousarray(h_act), w1, w2, offsets,
-                                          activation_code(activation), trans_w)
+                                          activation_code(activation), trans_w, into)
+    elif into is not None:
+        _check_into(into, w1, w2, xs)                # raises: host arrays only
     d_h_act, dw2 = grouped_gemm_backward(d_ys, h_act, w2, offsets, trans_w)
     d_h_pre = activate_backward(d_h_act, h_pre, activation)
     d_xs, dw1 = grouped_gemm_backward(d_h_pre, xs, w1, offsets, trans_w)
+    if into is not None:
+        dw1, dw2 = (g if a is None else _add(a, g) for a, g in zip(into, (dw1, dw2)))
     return d_xs, dw1, dw2
+
+
+def _check_into(into, w1, w2, like):
+    """into of experts_backward: None or (dw1, dw2), each None or a writeable NumPy array of
+    the weight's shape and like's dtype (host arrays only)."""
+    if into is None:
+        return None
+    if not isinstance(into, (tuple, list)) or len(into) != 2:
+        raise TypeError(f"into: expected None or a pair (dw1, dw2), got {type(into).__name__}")
+    if backend_of(like=like) == CUDA:
+        raise ValueError("into: gradients are added in place into host (NumPy) arrays only; "
+                         "on CUDA use the returned gradients")
+    out = []
+    for name, a, w in (("into[0] (dw1)", into[0], w1), ("into[1] (dw2)", into[1], w2)):
+        if a is not None:
+            if not isinstance(a, np.ndarray):
+                raise TypeError(f"{name}: expected a NumPy array (added into in place), got "
+                                f"{type(a).__name__}")
+            chk.check_float(name, a, shape=tuple(w.shape), dtype=like.dtype)
+            if not a.flags.writeable:
+                raise ValueError(f"{name}: expected a writeable array (gradients are added "
+                                 "into it)")
+        out.append(a)
+    return tuple(out)
 
 
 def shared_forward(x, w1, w2, gate_w, activation):
@@ -386,9 +432,51 @@ def _check_context(dy, ctx):
     return be, chk.check_float("dy", host("dy", dy), shape=tuple(ctx.x.shape), dtype=ctx.x.dtype)
 
 
-def moe_backward(dy, ctx):
+def _grad_shapes(ctx):
+    """{name: shape} of the gradients moe_backward returns for ctx."""
+    p = ctx.params
+    shapes = {n: tuple(p[n].shape) for n in ("router_w", "w1", "w2", "router_b", "shared_w1",
+                                             "shared_w2") if p.get(n) is not None}
+    if p.get("shared_gate_w") is not None:
+        shapes["shared_gate_w"] = p.get("shared_gate_shape") or tuple(p["shared_gate_w"].shape)
+    if (p.get("router_state") or {}).get("noise_w") is not None:
+        shapes["noise_w"] = tuple(p["router_state"]["noise_w"].shape)
+    return shapes
+
+
+def _check_grads(grads, ctx, be):
+    """grads of moe_backward: None or {name: writeable NumPy array of that gradient's shape
+    and the layer's dtype} (host arrays only)."""
+    if grads is None:
+        return None
+    if not isinstance(grads, dict):
+        raise TypeError(f"grads: expected None or a dict of arrays, got {type(grads).__name__}")
+    if be == CUDA:
+        raise ValueError("grads: gradients are added in place into host (NumPy) arrays only; "
+                         "on CUDA use the returned gradients")
+    shapes = _grad_shapes(ctx)
+    for name, a in grads.items():
+        if name not in shapes:
+            raise ValueError(f"grads: {name!r} is not a gradient of this layer (expected keys "
+                             f"among {sorted(shapes)})")
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"grads[{name!r}]: expected a NumPy array (added into in place), "
+                            f"got {type(a).__name__}")
+        chk.check_float(f"grads[{name!r}]", a, shape=shapes[name], dtype=ctx.x.dtype)
+        if not a.flags.writeable:
+            raise ValueError(f"grads[{name!r}]: expected a writeable array (gradients are "
+                             "added into it)")
+    return grads
+
+
+def moe_backward(dy, ctx, grads=None):
     """The gradients of moe_forward. dy: (T, d) gradient of y, ctx: the MoEContext of
     moe_forward(..., return_context=True) -> (dx (T, d), grads).
+
+    grads (argument): None, or a dict of NumPy arrays keyed as the returned dict (any subset)
+    into which this call adds its gradients in place — gradient accumulation, as nn.MoE does
+    with its Parameter.grad — and which the returned dict then holds. The expert weights'
+    gradients are then added per expert while in cache, without new (E, ...) arrays.
 
     grads holds "router_w" (d, E), "w1", "w2" (in the forward's layout, trans_w too) and, when
     the forward had them, "router_b" (E,) (the logits' gradient summed over tokens),
@@ -399,12 +487,15 @@ def moe_backward(dy, ctx):
     permute_backward (a combine with unit weights), the router's backward.
     """
     be, dy = _check_context(dy, ctx)
+    acc = _check_grads(grads, ctx, be)
     if be != CUDA:
         dy = np.ascontiguousarray(dy)
     p, r, plan = ctx.params, ctx.routing, ctx.plan
     d_ys, d_weights = combine_backward(dy, ctx.ys, plan, r.weights)
+    into = None if acc is None or ("w1" not in acc and "w2" not in acc) else (acc.get("w1"),
+                                                                             acc.get("w2"))
     d_xs, dw1, dw2 = experts_backward(d_ys, ctx.xs, ctx.h_pre, ctx.h_act, p["w1"], p["w2"],
-                                      plan.offsets, p["activation"], p["trans_w"])
+                                      plan.offsets, p["activation"], p["trans_w"], into)
     dx = permute_backward(d_xs, plan)
     dx_router, router_grads = None, {}
     if p["router"] == "softmax_topk":
@@ -429,4 +520,8 @@ def moe_backward(dy, ctx):
         dx = _add(dx, dxs)
         if dgate is not None:
             grads["shared_gate_w"] = dgate.reshape(p.get("shared_gate_shape") or dgate.shape)
+    for name, a in (acc or {}).items():
+        if grads[name] is not a:                 # w1 / w2 were added into already
+            a += grads[name]
+            grads[name] = a
     return dx, grads

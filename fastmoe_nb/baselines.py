@@ -57,8 +57,23 @@ def thread_limits(threads=None):
             torch.set_num_threads(torch_prev)
 
 
+# OpenBLAS's worker threads keep spinning for a while (2^28 cycles by default, OPENBLAS_THREAD_
+# TIMEOUT) after each multi-threaded BLAS call, and a parallel kernel started meanwhile shares
+# its cores with them: measured here, a decode-8 layer right after a 512x512 np.matmul took
+# 29-33 ms instead of 17-20. Timings start after this pause, so that one measurement does not
+# pay for the BLAS baseline timed before it.
+SETTLE_S = 0.3
+
+
+def settle():
+    """Wait until BLAS worker threads woken by an earlier call have gone back to sleep."""
+    time.sleep(SETTLE_S)
+
+
 def time_calls(fn, repeat=5, warmup=1):
-    """Seconds of `repeat` calls of fn() after `warmup` untimed ones -> (repeat,) float64."""
+    """Seconds of `repeat` calls of fn() after `warmup` untimed ones (and settle()) ->
+    (repeat,) float64."""
+    settle()
     for _ in range(warmup):
         fn()
     out = np.empty(repeat)

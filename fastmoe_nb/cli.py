@@ -519,7 +519,11 @@ MIN_SAMPLE_S = 2e-3   # calls faster than this are timed in groups (the clock's 
 
 def _timed(fn, sync, repeat, progress, what):
     """Seconds per call of fn, `repeat` samples; a sample times n calls, n chosen so that it
-    lasts MIN_SAMPLE_S or more -> ((repeat,) seconds per call, n)."""
+    lasts MIN_SAMPLE_S or more -> ((repeat,) seconds per call, n). Starts after
+    baselines.settle() (BLAS threads woken by a baseline spin on the cores for a while)."""
+    from .baselines import settle  # noqa: PLC0415
+
+    settle()
     t0 = time.perf_counter()
     fn()
     sync()

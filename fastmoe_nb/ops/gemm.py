@@ -1,17 +1,18 @@
 """Grouped GEMM: one matrix product per expert over its block of rows, and its backward.
 
 On the CPU, by the sizes of the expert blocks (raw weights; PackedWeights always take the
-second way):
-- large blocks (large_blocks): single-threaded BLAS per block of an expert's rows (and per
-  block of dW's columns) on ops/pool.py's threads;
-- medium blocks: kernels/cpu/gemm.py's grouped_gemm_kernel (packed panels, register-blocked
-  micro-kernel, one parallel loop over the tiles of all experts). Raw weights are packed tile
-  by tile inside the kernel (read once from memory, the packed copy stays in cache);
-  pack_weights() packs them once per weight update instead, and the PackedWeights are passed
-  in place of w;
-- decoding (few_rows): kernels/cpu/gemm.py's stream_kernel reads each selected expert's raw
-  weights once, unpacked, in blocks of depth rows (one contiguous run each), and stream_sum
-  adds the blocks' partial products up in a fixed order.
+last way):
+- large blocks (large_blocks: >= BLAS_MIN_ROWS rows an expert on average): single-threaded
+  BLAS per block of an expert's rows (and per block of dW's columns) on ops/pool.py's threads;
+- decoding (few_rows: <= STREAM_MAX_ROWS rows in every expert): kernels/cpu/gemm.py's
+  stream_kernel reads each selected expert's raw weights once, unpacked, in blocks of depth
+  rows (one contiguous run each), and stream_sum adds the blocks' partial products up in a
+  fixed order;
+- otherwise (few rows on average, too many in one expert to stream):
+  kernels/cpu/gemm.py's grouped_gemm_kernel (packed panels, register-blocked micro-kernel, one
+  parallel loop over the tiles of all experts). Raw weights are packed tile by tile inside
+  the kernel (read once from memory, the packed copy stays in cache); pack_weights() packs
+  them once per weight update instead, and the PackedWeights are passed in place of w.
 """
 from __future__ import annotations
 

@@ -372,3 +372,27 @@ def test_moe_and_dense_layers_take_zero_or_one_token(rng, T):
     moe = m.layers[1]
     assert moe.stats.tokens_per_expert.sum() == 2 * T
     assert moe.w1.grad.any() == (T > 0)
+
+
+def test_moe_expert_gradients_accumulate_in_place(rng):
+    """nn.MoE adds w1 / w2 gradients into Parameter.grad inside moe_backward (per expert, on
+    the per-expert BLAS route at this size): twice the steps, twice the gradient; a frozen
+    weight still gets none, and its grad array is the same object throughout."""
+    m = nn.MoE(16, 12, 4, 2, rng=rng)
+    x = rng.standard_normal((96, 16)).astype(np.float32)          # 48 rows an expert
+    dy = rng.standard_normal((96, 16)).astype(np.float32)
+    grads = {n: getattr(m, n).grad for n in ("w1", "w2")}
+    m.forward(x)
+    m.backward(dy)
+    once = {n: g.copy() for n, g in grads.items()}
+    assert all(g.any() for g in once.values())
+    m.forward(x)
+    m.backward(dy)
+    for n, g in grads.items():
+        assert getattr(m, n).grad is g
+        np.testing.assert_array_equal(g, once[n] + once[n])
+    m.zero_grad()
+    m.w1.requires_grad = False
+    m.forward(x)
+    m.backward(dy)
+    assert not m.w1.grad.any() and m.w2.grad.any()

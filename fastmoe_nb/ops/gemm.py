@@ -285,10 +285,16 @@ def weight_grad_tasks(offsets, ncols, tag=0, experts=None):
             if offsets[e + 1] > offsets[e] for c0 in range(0, ncols, COLS)]
 
 
-def weight_grad(lhs_e, rhs_e, trans_w, out):
+def weight_grad(lhs_e, rhs_e, trans_w, out, scratch=None, name="dw"):
     """One expert's weight gradient (one BLAS call): lhs_e (n, K), rhs_e (n, M) its rows ->
-    out = lhs_e^T @ rhs_e (K, M), or with trans_w out = rhs_e^T @ lhs_e (M, K)."""
-    if trans_w:
+    out = lhs_e^T @ rhs_e (K, M), or with trans_w out = rhs_e^T @ lhs_e (M, K). With a thread's
+    scratch dict it is added into out instead (computed in the buffer `name`, added while in
+    cache)."""
+    if scratch is not None:
+        g = pool.buffer(scratch, name, *out.shape, out.dtype)
+        weight_grad(lhs_e, rhs_e, trans_w, g)
+        out += g
+    elif trans_w:
         np.matmul(rhs_e.T, lhs_e, out=out)
     else:
         np.matmul(lhs_e.T, rhs_e, out=out)
@@ -297,15 +303,10 @@ def weight_grad(lhs_e, rhs_e, trans_w, out):
 def weight_grad_task(lhs, rhs, offsets, trans_w, dw, e, c0, c1, scratch=None):
     """Columns c0..c1 of rhs (N, M) for expert e's weight gradient dw[e] (weight_grad of its
     rows offsets[e]..offsets[e+1] of lhs (N, K) and rhs); with a scratch dict, added into
-    dw[e] (computed in the thread's scratch) instead of written."""
+    dw[e] instead of written."""
     lo, hi = offsets[e], offsets[e + 1]
-    out = dw[e, c0:c1] if trans_w else dw[e, :, c0:c1]
-    if scratch is None:
-        weight_grad(lhs[lo:hi], rhs[lo:hi, c0:c1], trans_w, out)
-        return
-    g = pool.buffer(scratch, "dw", *out.shape, dw.dtype)
-    weight_grad(lhs[lo:hi], rhs[lo:hi, c0:c1], trans_w, g)
-    out += g
+    weight_grad(lhs[lo:hi], rhs[lo:hi, c0:c1], trans_w,
+                dw[e, c0:c1] if trans_w else dw[e, :, c0:c1], scratch)
 
 
 def blas_weight_grads(jobs, offsets, trans_w, experts=None, add=False):

@@ -201,14 +201,6 @@ def _experts_backward_blas(d_ys, xs, h_pre, h_act, w1, w2, offsets, code, trans_
         activate_backward_rows(dha, h_pre[lo:hi], code, dhp)
         np.matmul(dhp, weight(w1, e, trans_w).T, out=d_xs[lo:hi])
 
-    def grad(lhs, rhs, dw, name, scratch):       # dw (= or +=) lhs^T @ rhs, w's layout
-        if not add:
-            weight_grad(lhs, rhs, trans_w, dw)
-            return
-        g = pool.buffer(scratch, name, *dw.shape, xs.dtype)
-        weight_grad(lhs, rhs, trans_w, g)
-        dw += g
-
     def task(t, scratch):
         e, lo, hi = t
         if counts[e] > FUSED_MAX_ROWS:
@@ -216,8 +208,9 @@ def _experts_backward_blas(d_ys, xs, h_pre, h_act, w1, w2, offsets, code, trans_
             return
         dhp = pool.buffer(scratch, "d_h_pre", hi - lo, H1, xs.dtype)
         rows(e, lo, hi, dhp, scratch)
-        grad(xs[lo:hi], dhp, dw1[e], "dw1", scratch)
-        grad(h_act[lo:hi], d_ys[lo:hi], dw2[e], "dw2", scratch)
+        acc = scratch if add else None               # add into dw, or write it
+        weight_grad(xs[lo:hi], dhp, trans_w, dw1[e], acc, "dw1")
+        weight_grad(h_act[lo:hi], d_ys[lo:hi], trans_w, dw2[e], acc, "dw2")
 
     tasks = [t for t in pool.row_tasks(offsets) if counts[t[0]] > FUSED_MAX_ROWS]
     tasks += [(e, int(offsets[e]), int(offsets[e + 1])) for e in range(counts.shape[0])
@@ -267,28 +260,32 @@ def experts_backward(d_ys, xs, h_pre, h_act, w1, w2, offsets, activation, trans_
     return d_xs, dw1, dw2
 
 
+def _check_accumulator(name, a, shape, dtype, be):
+    """An array gradients are added into in place: a writeable NumPy array of that shape and
+    dtype (host arrays only)."""
+    if be == CUDA:
+        raise ValueError(f"{name}: gradients are added in place into host (NumPy) arrays only; "
+                         "on CUDA use the returned gradients")
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name}: expected a NumPy array (added into in place), got "
+                        f"{type(a).__name__}")
+    chk.check_float(name, a, shape=tuple(shape), dtype=dtype)
+    if not a.flags.writeable:
+        raise ValueError(f"{name}: expected a writeable array (gradients are added into it)")
+    return a
+
+
 def _check_into(into, w1, w2, like):
-    """into of experts_backward: None or (dw1, dw2), each None or a writeable NumPy array of
-    the weight's shape and like's dtype (host arrays only)."""
+    """into of experts_backward: None or (dw1, dw2), each None or an accumulator of the
+    weight's shape and like's dtype."""
     if into is None:
         return None
     if not isinstance(into, (tuple, list)) or len(into) != 2:
         raise TypeError(f"into: expected None or a pair (dw1, dw2), got {type(into).__name__}")
-    if backend_of(like=like) == CUDA:
-        raise ValueError("into: gradients are added in place into host (NumPy) arrays only; "
-                         "on CUDA use the returned gradients")
-    out = []
-    for name, a, w in (("into[0] (dw1)", into[0], w1), ("into[1] (dw2)", into[1], w2)):
-        if a is not None:
-            if not isinstance(a, np.ndarray):
-                raise TypeError(f"{name}: expected a NumPy array (added into in place), got "
-                                f"{type(a).__name__}")
-            chk.check_float(name, a, shape=tuple(w.shape), dtype=like.dtype)
-            if not a.flags.writeable:
-                raise ValueError(f"{name}: expected a writeable array (gradients are added "
-                                 "into it)")
-        out.append(a)
-    return tuple(out)
+    be = backend_of(like=like)
+    return tuple(None if a is None else _check_accumulator(name, a, w.shape, like.dtype, be)
+                 for name, a, w in (("into[0] (dw1)", into[0], w1),
+                                    ("into[1] (dw2)", into[1], w2)))
 
 
 def shared_forward(x, w1, w2, gate_w, activation):
@@ -445,27 +442,18 @@ def _grad_shapes(ctx):
 
 
 def _check_grads(grads, ctx, be):
-    """grads of moe_backward: None or {name: writeable NumPy array of that gradient's shape
-    and the layer's dtype} (host arrays only)."""
+    """grads of moe_backward: None or {name: accumulator of that gradient's shape and the
+    layer's dtype}."""
     if grads is None:
         return None
     if not isinstance(grads, dict):
         raise TypeError(f"grads: expected None or a dict of arrays, got {type(grads).__name__}")
-    if be == CUDA:
-        raise ValueError("grads: gradients are added in place into host (NumPy) arrays only; "
-                         "on CUDA use the returned gradients")
     shapes = _grad_shapes(ctx)
     for name, a in grads.items():
         if name not in shapes:
             raise ValueError(f"grads: {name!r} is not a gradient of this layer (expected keys "
                              f"among {sorted(shapes)})")
-        if not isinstance(a, np.ndarray):
-            raise TypeError(f"grads[{name!r}]: expected a NumPy array (added into in place), "
-                            f"got {type(a).__name__}")
-        chk.check_float(f"grads[{name!r}]", a, shape=shapes[name], dtype=ctx.x.dtype)
-        if not a.flags.writeable:
-            raise ValueError(f"grads[{name!r}]: expected a writeable array (gradients are "
-                             "added into it)")
+        _check_accumulator(f"grads[{name!r}]", a, shapes[name], ctx.x.dtype, be)
     return grads
 
 

@@ -323,7 +323,8 @@ def hf_mixtral_block(inputs, k, implementation="eager"):
     return forward, train_step
 
 
-__all__ = ["HF_IMPLEMENTATIONS", "MATMUL_SHAPE", "dense_operands", "hf_mixtral_block",
-           "hf_mixtral_module", "hf_status", "hf_supports", "layer_inputs", "layer_kwargs", "matmul_rate",
-           "numpy_grouped_gemm", "numpy_moe_forward", "read_bandwidth", "thread_limits",
-           "time_calls", "zipf_experts", "zipf_probs"]
+__all__ = ["HF_IMPLEMENTATIONS", "MATMUL_SHAPE", "SETTLE_S", "dense_operands",
+           "hf_mixtral_block", "hf_mixtral_module", "hf_status", "hf_supports", "layer_inputs",
+           "layer_kwargs", "matmul_rate", "numpy_grouped_gemm", "numpy_moe_forward",
+           "read_bandwidth", "settle", "thread_limits", "time_calls", "zipf_experts",
+           "zipf_probs"]

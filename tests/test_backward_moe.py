@@ -224,7 +224,7 @@ def _accumulation_case(trans_w, T, E, k, big):
 @pytest.mark.parametrize("trans_w", [False, True])
 @pytest.mark.parametrize("T,E,k,big", [(300, 4, 2, False),    # per-expert BLAS, one task each
                                        (700, 4, 1, True),     # an expert over FUSED_MAX_ROWS
-                                       (40, 8, 2, False)])    # the streamed / tiled kernels
+                                       (40, 8, 2, False)])    # the tiled kernel
 def test_moe_backward_adds_into_given_grads(trans_w, T, E, k, big):
     """grads= adds this call's gradients into the given arrays, in place, bit for bit what
     adding the returned ones would give; the returned dict holds those arrays."""
@@ -271,10 +271,15 @@ def test_experts_backward_into_checks():
     args = (ctx.ys, ctx.xs, ctx.h_pre, ctx.h_act, p["w1"], p["w2"], ctx.plan.offsets, "swiglu")
     _, dw1, dw2 = experts_backward(*args)
     acc = np.ones_like(dw1)
-    _, got1, got2 = experts_backward(*args, into=(acc, None))    # one of the two: added apart
+    _, got1, got2 = experts_backward(*args, into=(acc, None))    # one of the two
     assert got1 is acc
     np.testing.assert_array_equal(acc, 1.0 + dw1)
     np.testing.assert_array_equal(got2, dw2)
+    accf = np.asfortranarray(np.ones_like(dw2))                  # any memory layout
+    _, got1, got2 = experts_backward(*args, into=(None, accf))
+    assert got2 is accf
+    np.testing.assert_array_equal(got1, dw1)
+    np.testing.assert_array_equal(accf, 1.0 + dw2)
     with pytest.raises(TypeError, match="into: expected None or a pair"):
         experts_backward(*args, into=acc)
     with pytest.raises(ValueError, match=r"into\[1\] \(dw2\)"):

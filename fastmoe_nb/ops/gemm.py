@@ -309,19 +309,22 @@ def weight_grad_task(lhs, rhs, offsets, trans_w, dw, e, c0, c1, scratch=None):
                 dw[e, c0:c1] if trans_w else dw[e, :, c0:c1], scratch)
 
 
-def blas_weight_grads(jobs, offsets, trans_w, experts=None, add=False):
-    """jobs: [(lhs, rhs, dw)] -> each dw (E, ...) filled as weight_grad_task describes for
-    every expert (of `experts`, when given), zero for experts without rows; all jobs' tasks
-    on the pool in one go. add: the gradients are added into dw instead (experts without
-    rows left as they are)."""
-    tasks = [t for i, (_, rhs, _) in enumerate(jobs)
+def blas_weight_grads(jobs, offsets, trans_w, experts=None):
+    """jobs: [(lhs, rhs, dw, add)] -> each dw (E, ...) filled as weight_grad_task describes for
+    every expert (of `experts`, when given), zero for experts without rows — or, with add,
+    the gradients added into dw (experts without rows left as they are); all jobs' tasks on
+    the pool in one go."""
+    tasks = [t for i, (_, rhs, _, _) in enumerate(jobs)
              for t in weight_grad_tasks(offsets, rhs.shape[1], i, experts)]
-    pool.run_tasks(lambda t, scratch: weight_grad_task(
-        *jobs[t[0]][:2], offsets, trans_w, jobs[t[0]][2], *t[1:], scratch if add else None),
-        tasks)
-    if not add:
-        empty = offsets[1:] == offsets[:-1]
-        for _, _, dw in jobs:
+
+    def task(t, scratch):
+        lhs, rhs, dw, add = jobs[t[0]]
+        weight_grad_task(lhs, rhs, offsets, trans_w, dw, *t[1:], scratch if add else None)
+
+    pool.run_tasks(task, tasks)
+    empty = offsets[1:] == offsets[:-1]
+    for _, _, dw, add in jobs:
+        if not add:
             dw[empty] = 0.0
 
 
@@ -371,7 +374,7 @@ def grouped_gemm_backward(dy, a, w, offsets, trans_w=False):
         pool.run_tasks(lambda t, _: np.matmul(dy[t[1]:t[2]], weight(w, t[0], trans_w).T,
                                               out=da[t[1]:t[2]]), pool.row_tasks(offsets))
         dw = np.empty(w.shape, a.dtype)
-        blas_weight_grads([(a, dy, dw)], offsets, trans_w)
+        blas_weight_grads([(a, dy, dw, False)], offsets, trans_w)
         return da, dw
     ident = np.arange(N, dtype=np.int64)
     # da = dy @ B_e with B_e = w[e].T (M, K): w read transposed unless trans_w

@@ -184,16 +184,17 @@ def _experts_backward_blas(d_ys, xs, h_pre, h_act, w1, w2, offsets, code, trans_
     # runs per block of rows (d_h_pre kept), then its weight gradients per block of columns
     # (ops/gemm.py: blas_weight_grads), so that it alone still keeps every thread busy.
     # Which way an expert goes depends on its row count only: results do not depend on threads.
-    # into: (dw1, dw2) to add the weight gradients into (computed in scratch, added while in
-    # cache: no fresh arrays, no pass over them afterwards) instead of returning new ones.
+    # into: (dw1, dw2), either None: arrays to add the weight gradients into (computed in
+    # scratch, added while in cache: no fresh arrays, no pass over them afterwards).
     N, d = xs.shape
     H1 = h_pre.shape[1]
     counts = np.diff(offsets)
     big = np.flatnonzero(counts > FUSED_MAX_ROWS)
     d_h_pre = np.empty(h_pre.shape, xs.dtype) if big.size else None
     d_xs = np.empty((N, d), xs.dtype)
-    add = into is not None
-    dw1, dw2 = into if add else (np.empty(w1.shape, xs.dtype), np.empty(w2.shape, xs.dtype))
+    add1, add2 = (False, False) if into is None else (into[0] is not None, into[1] is not None)
+    dw1 = into[0] if add1 else np.empty(w1.shape, xs.dtype)
+    dw2 = into[1] if add2 else np.empty(w2.shape, xs.dtype)
 
     def rows(e, lo, hi, dhp, scratch):           # d_h_pre -> dhp, d_xs of rows lo..hi of e
         dha = pool.buffer(scratch, "d_h_act", hi - lo, h_act.shape[1], xs.dtype)
@@ -208,9 +209,9 @@ def _experts_backward_blas(d_ys, xs, h_pre, h_act, w1, w2, offsets, code, trans_
             return
         dhp = pool.buffer(scratch, "d_h_pre", hi - lo, H1, xs.dtype)
         rows(e, lo, hi, dhp, scratch)
-        acc = scratch if add else None               # add into dw, or write it
-        weight_grad(xs[lo:hi], dhp, trans_w, dw1[e], acc, "dw1")
-        weight_grad(h_act[lo:hi], d_ys[lo:hi], trans_w, dw2[e], acc, "dw2")
+        weight_grad(xs[lo:hi], dhp, trans_w, dw1[e], scratch if add1 else None, "dw1")
+        weight_grad(h_act[lo:hi], d_ys[lo:hi], trans_w, dw2[e], scratch if add2 else None,
+                    "dw2")
 
     tasks = [t for t in pool.row_tasks(offsets) if counts[t[0]] > FUSED_MAX_ROWS]
     tasks += [(e, int(offsets[e]), int(offsets[e + 1])) for e in range(counts.shape[0])
@@ -218,10 +219,11 @@ def _experts_backward_blas(d_ys, xs, h_pre, h_act, w1, w2, offsets, code, trans_
     tasks.sort(key=lambda t: t[1] - t[2])            # larger first: the threads end together
     pool.run_tasks(task, tasks)
     if big.size:
-        blas_weight_grads([(xs, d_h_pre, dw1), (h_act, d_ys, dw2)], offsets, trans_w, big, add)
-    if not add:
-        dw1[counts == 0] = 0.0
-        dw2[counts == 0] = 0.0
+        blas_weight_grads([(xs, d_h_pre, dw1, add1), (h_act, d_ys, dw2, add2)], offsets,
+                          trans_w, big)
+    for dw, add in ((dw1, add1), (dw2, add2)):
+        if not add:
+            dw[counts == 0] = 0.0
     return d_xs, dw1, dw2
 
 
@@ -244,8 +246,7 @@ def experts_backward(d_ys, xs, h_pre, h_act, w1, w2, offsets, activation, trans_
         d_ys = chk.check_float("d_ys", as_host("d_ys", d_ys), shape=(N, d), dtype=xs.dtype)
         w2, _, _ = check_weights(w2, h_act, offsets, trans_w, "w2")
         into = _check_into(into, w1, w2, xs)
-        if large_blocks(offsets) and (into is None or all(
-                a is not None and a.flags.c_contiguous for a in into)):   # else added below
+        if large_blocks(offsets):
             return _experts_backward_blas(np.ascontiguousarray(d_ys), xs,
                                           np.ascontiguousarray(h_pre),
                                           np.ascontiguousarray(h_act), w1, w2, offsets,
@@ -480,8 +481,7 @@ def moe_backward(dy, ctx, grads=None):
         dy = np.ascontiguousarray(dy)
     p, r, plan = ctx.params, ctx.routing, ctx.plan
     d_ys, d_weights = combine_backward(dy, ctx.ys, plan, r.weights)
-    into = None if acc is None or ("w1" not in acc and "w2" not in acc) else (acc.get("w1"),
-                                                                             acc.get("w2"))
+    into = None if acc is None else (acc.get("w1"), acc.get("w2"))
     d_xs, dw1, dw2 = experts_backward(d_ys, ctx.xs, ctx.h_pre, ctx.h_act, p["w1"], p["w2"],
                                       plan.offsets, p["activation"], p["trans_w"], into)
     dx = permute_backward(d_xs, plan)

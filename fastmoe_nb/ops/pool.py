@@ -6,9 +6,10 @@ own threads, ran at 75-93% of a dense np.matmul; the Numba kernel of kernels/cpu
 layer runs as a list of independent tasks — an expert's block of rows, or of dW's columns —
 handed out to numba.get_num_threads() threads (the caller and pool workers); each task calls
 single-threaded BLAS and, in the expert pipeline, the activation on its own rows while they
-are in cache. One level of parallelism: OpenBLAS is held at one thread meanwhile, so its worker
-threads never spin beside ours (after a multi-threaded BLAS call they spin for a while and
-slowed the next Numba parallel kernel 2-3x).
+are in cache. One level of parallelism: OpenBLAS is held at one thread meanwhile, so our calls
+never wake its worker threads (after a multi-threaded BLAS call they spin for ~0.1 s and slowed
+the next Numba parallel kernel 1.6-3x; threads woken by someone else's earlier call still spin
+until then: see README, OPENBLAS_THREAD_TIMEOUT).
 
 A task's result does not depend on which thread runs it, nor on how many threads there are:
 tasks are cut from the shapes alone, so outputs are bitwise the same for any thread count.

@@ -244,8 +244,8 @@ def grouped_gemm_kernel(src, ridx, trans, bp, w, wtrans, M, tiles, bounds, max_r
 # keeps its products in an accumulator of at most STREAM_ACC elements (rows x columns, in L2).
 # Row layout (w (E, K, M)): the task takes depth rows p0..p1 of w (STREAM_KC of them) across
 # as many columns as the accumulator allows, so that it reads one contiguous run per depth row
-# (whole rows while rows x M <= STREAM_ACC): at the read bandwidth, where runs of a 4 KiB
-# page each (column blocks of the whole depth) ran 1.5x slower. Transposed (w (E, M, K)):
+# (whole rows while rows x M <= STREAM_ACC): decode-8's first GEMM 9-11 ms, where runs of a
+# 4 KiB page each (column blocks of the whole depth) took 18. Transposed (w (E, M, K)):
 # a task takes a block of STREAM_CT columns over the whole depth, which is one contiguous run.
 STREAM_KC = 128
 STREAM_ACC = 65536

@@ -88,79 +88,98 @@ def panel_col(q, j, half, M):
 
 @njit(**FLAGS)
 def pack_rows(src, ridx, trans, r0, m, k0, k1, buf):
-    # A operand rows r0..r0+m, depth k0..k1 -> buf: (ceil(m/MR), KC, MR), zero rows past m
+    # A operand rows r0..r0+m, depth k0..k1 -> buf: (ceil(m/MR), KC, MR); rows past m repeat
+    # row m-1 (their products are never stored)
     #   not trans: A(i, p) = src[ridx[r0 + i], p]          (src (*, K): rows, maybe gathered)
     #   trans:     A(i, p) = src[ridx[p], r0 + i]          (src (N, *): read transposed)
     nb = (m + MR - 1) // MR
-    kc = k1 - k0
-    if not trans:
-        for b in range(nb):
-            for ii in range(MR):
-                i = b * MR + ii
-                if i < m:
-                    row = ridx[r0 + i]
-                    for p in range(kc):
-                        buf[b, p, ii] = src[row, k0 + p]
-                else:
-                    for p in range(kc):
-                        buf[b, p, ii] = 0.0
+    kc = np.uint64(k1 - k0)
+    if not trans:                    # MR rows side by side (MR = 6 named): one pass over
+        for b in range(nb):          # each row, MR-element runs written (2x faster than
+            i, last = r0 + b * MR, r0 + m - 1                    # row by row)
+            a0 = src[ridx[min(i, last)], k0:]
+            a1 = src[ridx[min(i + 1, last)], k0:]
+            a2 = src[ridx[min(i + 2, last)], k0:]
+            a3 = src[ridx[min(i + 3, last)], k0:]
+            a4 = src[ridx[min(i + 4, last)], k0:]
+            a5 = src[ridx[min(i + 5, last)], k0:]
+            bb = buf[b]
+            for p in range(np.uint64(0), kc):
+                bp = bb[p]
+                bp[0], bp[1], bp[2], bp[3], bp[4], bp[5] = a0[p], a1[p], a2[p], a3[p], a4[p], a5[p]
     else:
-        for p in range(kc):
-            row = ridx[k0 + p]
+        for p in range(k1 - k0):
+            row = src[ridx[k0 + p]]
             for b in range(nb):
                 for ii in range(MR):
-                    i = b * MR + ii
-                    buf[b, p, ii] = src[row, r0 + i] if i < m else 0.0
+                    i = min(b * MR + ii, m - 1)
+                    buf[b, p, ii] = row[r0 + i]
 
 
 @njit(**FLAGS)
-def micro_tile(ap, bp, kc, cbuf, ci, cj, first, last, mr, out, r_out, q, half, ncol,
-               act_out, code, store_out):
-    # ap: (KC, MR) packed A, bp: (>=kc, NR) packed B panel; acc (MR, NR) in registers.
-    # acc = (first ? 0 : cbuf[ci:ci+MR, cj:cj+NR]) + ap[:kc]^T bp[:kc]
-    # not last: acc -> cbuf (the partial sum over the depth chunks so far)
-    # last:     the epilogue: out[r_out + i, col] = acc (store_out), and act_out[...] =
-    #           act(acc) (code >= 0; swiglu: silu(gate) * up of the interleaved halves)
+def micro_tile(ap, bp, kc, cbuf, ci, cj, first):
+    # ap: (KC, MR) packed A, bp: (>=kc, NR) packed B panel; acc (MR, NR) in registers:
+    # cbuf[ci:ci+MR, cj:cj+NR] = (first ? 0 : cbuf[ci:ci+MR, cj:cj+NR]) + ap[:kc]^T bp[:kc]
+    # Unsigned column indices over whole rows of NR: acc's loads and stores vectorize (signed
+    # ones ran element by element); the epilogue is apart (tile_epilogue), so that nothing
+    # but the multiply-adds competes for acc's registers.
     acc = carray(_stack_empty(MR_NR, ap.dtype), (MR, NR))
+    u0, unr, cju = np.uint64(0), np.uint64(NR), np.uint64(cj)
     if first:
         for i in range(MR):
             for j in range(NR):
                 acc[i, j] = 0.0
     else:
         for i in range(MR):
-            for j in range(NR):
-                acc[i, j] = cbuf[ci + i, cj + j]
+            crow = cbuf[ci + i]
+            for j in range(u0, unr):
+                acc[i, j] = crow[cju + j]
     for p in range(np.uint64(0), np.uint64(kc)):
         for i in range(MR):
             av = ap[p, i]
             for j in range(NR):
                 acc[i, j] += av * bp[p, j]
-    if not last:
-        for i in range(MR):
-            for j in range(NR):
-                cbuf[ci + i, cj + j] = acc[i, j]
-        return
-    if half > 0:                     # swiglu-interleaved panel: columns q*HN .. of each half
-        c0 = q * HN
-        nc = min(HN, half - c0)
-        for i in range(mr):
-            r = r_out + i
-            for j in range(nc):
-                if store_out:
-                    out[r, c0 + j] = acc[i, j]
-                    out[r, half + c0 + j] = acc[i, HN + j]
-                if code >= 0:
-                    act_out[r, c0 + j] = act(acc[i, j], SILU) * acc[i, HN + j]
-        return
-    c0 = q * NR
-    nc = min(NR, ncol - c0)
-    for i in range(mr):
-        r = r_out + i
-        for j in range(nc):
+    for i in range(MR):
+        crow = cbuf[ci + i]
+        for j in range(u0, unr):
+            crow[cju + j] = acc[i, j]
+
+
+@njit(**FLAGS)
+def tile_epilogue(cbuf, m, q0, q1, half, M, out, r_out, act_out, code, store_out):
+    # cbuf[:m, :(q1-q0)*NR]: a finished tile (panels q0..q1-1) -> C rows r_out..r_out+m:
+    #   out[r, col] = C (store_out), act_out[r, col] = act(C) (code >= 0); swiglu-interleaved
+    #   panels (half > 0): gate and up columns back to their halves, act_out = silu(gate) * up
+    u0 = np.uint64(0)
+    if half == 0:
+        c0 = q0 * NR
+        nc = np.uint64(min(q1 * NR, M) - c0)
+        for i in range(m):
+            crow = cbuf[i]
             if store_out:
-                out[r, c0 + j] = acc[i, j]
+                orow = out[r_out + i, c0:]
+                for j in range(u0, nc):
+                    orow[j] = crow[j]
             if code >= 0:
-                act_out[r, c0 + j] = act(acc[i, j], code)
+                arow = act_out[r_out + i, c0:]
+                for j in range(u0, nc):
+                    arow[j] = act(crow[j], code)
+        return
+    for i in range(m):
+        crow = cbuf[i]
+        for q in range(q0, q1):
+            c0 = q * HN
+            nc = np.uint64(min(HN, half - c0))
+            gate, up = crow[(q - q0) * NR:], crow[(q - q0) * NR + HN:]
+            if store_out:
+                og, ou = out[r_out + i, c0:], out[r_out + i, half + c0:]
+                for j in range(u0, nc):
+                    og[j] = gate[j]
+                    ou[j] = up[j]
+            if code >= 0:
+                arow = act_out[r_out + i, c0:]
+                for j in range(u0, nc):
+                    arow[j] = act(gate[j], SILU) * up[j]
 
 
 @njit(**FLAGS)
@@ -208,7 +227,8 @@ def grouped_gemm_kernel(src, ridx, trans, bp, w, wtrans, M, tiles, bounds, max_r
     # bounds: (nchunks+1,) tiles bounds[c]..bounds[c+1]-1 run in chunk c, in order.
     # out: (*, M) C (or h_pre for the activation epilogue), act_out: (*, M') or (0, 0)
     # Per tile: for each depth chunk, B's panels once, then every MC-row block of A packed
-    # and multiplied; partial sums over the depth chunks wait in cbuf.
+    # and multiplied; partial sums over the depth chunks wait in cbuf, and the finished
+    # tile goes from cbuf to out / act_out (tile_epilogue).
     P = bp.shape[1]
     packed = bp.shape[0] > 0
     nchunks = bounds.shape[0] - 1
@@ -222,20 +242,17 @@ def grouped_gemm_kernel(src, ridx, trans, bp, w, wtrans, M, tiles, bounds, max_r
             q1 = min(P, q0 + NC // NR)
             for kk in range(k0, k1, KC):
                 ke = min(k1, kk + KC)
-                first = kk == k0
-                last = ke == k1
                 if not packed:
                     pack_block(w, wtrans, g, q0, q1, kk, ke, half, M, bbuf)
                 for rb in range(0, m, MC):
                     mb = min(MC, m - rb)
                     pack_rows(src, ridx, trans, r0 + rb, mb, kk, ke, abuf)
                     for q in range(q0, q1):
+                        bq = bp[g, q, kk:ke] if packed else bbuf[q - q0, :ke - kk]
                         for b in range((mb + MR - 1) // MR):
-                            i = rb + b * MR
-                            bq = bp[g, q, kk:ke] if packed else bbuf[q - q0, :ke - kk]
-                            micro_tile(abuf[b], bq, ke - kk, cbuf, i, (q - q0) * NR, first,
-                                       last, min(MR, m - i), out, r_out + i, q, half, M,
-                                       act_out, code, store_out)
+                            micro_tile(abuf[b], bq, ke - kk, cbuf, rb + b * MR, (q - q0) * NR,
+                                       kk == k0)
+            tile_epilogue(cbuf, m, q0, q1, half, M, out, r_out, act_out, code, store_out)
 
 
 # --------------------------------------------------------------------------- decoding

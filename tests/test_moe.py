@@ -122,20 +122,22 @@ def test_non_contiguous_inputs(rng):
     assert_close(y, ref.moe_forward(x, router_w, np.ascontiguousarray(w1s), w2, k=2))
 
 
-@pytest.mark.parametrize("min_rows,max_stream", [(1, 0), (10**9, 0), (10**9, 10**9)],
-                         ids=["blas-per-expert", "numba-kernel", "streamed"])
+@pytest.mark.parametrize("route", ["blas-per-expert", "streamed", "streamed-and-blas"])
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-def test_every_gemm_route_matches_the_reference(rng, monkeypatch, min_rows, max_stream,
-                                                activation):
-    """Large expert blocks go through BLAS per expert, decoding-sized ones are streamed, the
-    rest go through the Numba kernel (ops/gemm.py: BLAS_MIN_ROWS, STREAM_MAX_ROWS); force
-    each route on the same layer."""
+def test_every_gemm_route_matches_the_reference(rng, monkeypatch, route, activation):
+    """Raw weights take a way per expert in the forward: streamed with at most STREAM_ROWS
+    rows, else BLAS, and all BLAS when the experts average BLAS_MIN_ROWS rows (ops/gemm.py);
+    force each on the same layer, two kinds of experts side by side in the last."""
     import fastmoe_nb.ops.gemm as g
-    monkeypatch.setattr(g, "BLAS_MIN_ROWS", min_rows)
-    monkeypatch.setattr(g, "STREAM_MAX_ROWS", max_stream)
     args, _ = _layer_args(rng, "mixtral", 90, 100, 20, 4, np.float32, activation)
-    assert g.large_blocks(np.array([0, 30, 30, 90])) == (min_rows == 1)
-    assert g.few_rows(np.array([0, 30, 30, 90])) == (max_stream > 0)
+    offsets = fm.moe_forward(*args, k=2, activation=activation,
+                             return_context=True)[1].plan.offsets
+    counts = np.sort(np.diff(offsets))
+    monkeypatch.setattr(g, "BLAS_MIN_ROWS", 1 if route == "blas-per-expert" else 10**9)
+    monkeypatch.setattr(g, "STREAM_ROWS", {"blas-per-expert": 10**9, "streamed": 10**9,
+                                           "streamed-and-blas": int(counts[1])}[route])
+    streamed = {"blas-per-expert": [0], "streamed": [4], "streamed-and-blas": [1, 2, 3]}
+    assert int(g.streamed(offsets).sum()) in streamed[route]     # experts streamed
     for trans_w in (False, True):
         a = list(args)
         if trans_w:

@@ -2,17 +2,18 @@
 
 On the CPU, by the sizes of the expert blocks (raw weights; PackedWeights always take the
 last way):
-- large blocks (large_blocks: >= BLAS_MIN_ROWS rows an expert on average): single-threaded
-  BLAS per block of an expert's rows (and per block of dW's columns) on ops/pool.py's threads;
-- decoding (few_rows: <= STREAM_MAX_ROWS rows in every expert): kernels/cpu/gemm.py's
-  stream_kernel reads each selected expert's raw weights once, unpacked, in blocks of depth
-  rows (one contiguous run each), and stream_sum adds the blocks' partial products up in a
-  fixed order;
-- otherwise (few rows on average, too many in one expert to stream):
-  kernels/cpu/gemm.py's grouped_gemm_kernel (packed panels, register-blocked micro-kernel, one
-  parallel loop over the tiles of all experts). Raw weights are packed tile by tile inside
-  the kernel (read once from memory, the packed copy stays in cache); pack_weights() packs
-  them once per weight update instead, and the PackedWeights are passed in place of w.
+- forward products: a way per expert (streamed). An expert with at most STREAM_ROWS rows is
+  streamed: kernels/cpu/gemm.py's stream_kernel reads its raw weights once, unpacked, in
+  blocks of depth rows (one contiguous run each), and stream_sum adds the blocks' partial
+  products up in a fixed order; an expert with more rows goes to single-threaded BLAS per
+  block of its rows on ops/pool.py's threads; and every expert does when the experts
+  average large blocks (large_blocks: >= BLAS_MIN_ROWS rows);
+- backward products: large blocks through BLAS as above (and dW per block of its columns);
+- otherwise (the backward of small batches, and PackedWeights): kernels/cpu/gemm.py's
+  grouped_gemm_kernel (packed panels, register-blocked micro-kernel, one parallel loop over
+  the tiles of all experts). Raw weights are packed tile by tile inside the kernel (read once
+  from memory, the packed copy stays in cache); pack_weights() packs them once per weight
+  update instead, and the PackedWeights are passed in place of w.
 """
 from __future__ import annotations
 
@@ -183,24 +184,41 @@ def run_gemm(src, ridx, trans, b, btrans, M, half, tiles, out, act_out=None, cod
                                half, out, act_out, code, store_out)
 
 
-# Decoding: when no expert has more than STREAM_MAX_ROWS rows, raw weights are streamed from
-# memory once by kernels/cpu/gemm.py's stream_kernel (no packing, no tiles; the activation
-# runs apart, on the few rows).
-STREAM_MAX_ROWS = 64
+# Forward products on raw weights take a way per expert: one with at most STREAM_ROWS rows is
+# streamed (kernels/cpu/gemm.py's stream_kernel reads its weights from memory once; the
+# activation runs apart, on the few rows), one with more goes to single-threaded BLAS on
+# ops/pool.py's threads.
+STREAM_ROWS = 12
 
 
-def few_rows(offsets):
-    """True when every expert has at most STREAM_MAX_ROWS rows (host offsets)."""
-    return offsets.shape[0] < 2 or int(np.diff(offsets).max()) <= STREAM_MAX_ROWS
+def streamed(offsets):
+    """(E,) bool: the experts whose rows a forward product streams, 1..STREAM_ROWS rows (host
+    offsets), unless the experts average large blocks (then none); the others with rows go
+    to per-expert BLAS."""
+    counts = np.diff(offsets)
+    return (counts > 0) & (counts <= STREAM_ROWS) & (not large_blocks(offsets))
 
 
-def stream_tasks(offsets, K, M, trans_w):
-    """The tasks of stream_kernel for every expert with rows (cut from the shapes alone)
-    -> (tasks (n, 6), groups (g, 2), partials' size); see kernels/cpu/gemm.py."""
+def expert_runs(offsets, experts):
+    """[(lo, hi)]: the rows of the experts in the (E,) bool mask, consecutive experts merged."""
+    runs = []
+    for e in np.flatnonzero(experts):
+        lo, hi = int(offsets[e]), int(offsets[e + 1])
+        if runs and runs[-1][1] == lo:
+            runs[-1] = (runs[-1][0], hi)
+        else:
+            runs.append((lo, hi))
+    return runs
+
+
+def stream_tasks(offsets, K, M, trans_w, experts=None):
+    """The tasks of stream_kernel for every expert with rows (of the (E,) bool mask
+    `experts`, when given; cut from the shapes alone) -> (tasks (n, 6), groups (g, 2),
+    partials' size); see kernels/cpu/gemm.py."""
     tasks, groups, size = [], [], 0
     for e in range(offsets.shape[0] - 1):
         m = int(offsets[e + 1] - offsets[e])
-        if m == 0:
+        if m == 0 or (experts is not None and not experts[e]):
             continue
         if trans_w:
             depth, cw = [(0, K)], kg.STREAM_CT
@@ -217,13 +235,16 @@ def stream_tasks(offsets, K, M, trans_w):
             size)
 
 
-def run_stream(src, w, trans_w, offsets, out):
-    """out[rows of e] = src[rows] @ B_e for every expert with rows, each expert's weights
-    streamed from memory once (stream_kernel, then stream_sum of the partial products)."""
+def run_stream(src, w, trans_w, offsets, out, experts=None, ridx=None):
+    """out[rows of e] = src[rows] @ B_e for every expert with rows (of the (E,) bool mask
+    `experts`, when given), each expert's weights streamed from memory once (stream_kernel,
+    then stream_sum of the partial products). ridx (N,): the rows are src[ridx[rows]]."""
     K = src.shape[1]
-    tasks, groups, size = stream_tasks(offsets, K, out.shape[1], trans_w)
+    tasks, groups, size = stream_tasks(offsets, K, out.shape[1], trans_w, experts)
     part = np.empty(size, out.dtype)
-    kg.stream_kernel(src, w, trans_w, offsets, tasks, part)
+    if ridx is None:
+        ridx = np.arange(out.shape[0], dtype=np.int64)
+    kg.stream_kernel(src, ridx, w, trans_w, offsets, tasks, part)
     kg.stream_sum(part, tasks, groups, offsets, out)
 
 
@@ -252,11 +273,16 @@ def check_weights(w, a, offsets, trans_w, name="w"):
 
 # Measured on this project's 2-core machines (Zen 3, AVX2; bench/compare.py and a per-expert
 # sweep): with raw weights and blocks of >= BLAS_MIN_ROWS rows an expert on average, OpenBLAS
-# called once per expert ran at 1.2-1.5x the Numba kernel (79-129 vs 60-91 GFLOP/s for
-# 128-4096 rows a block), and from 16 rows on average it also beat the streamed kernel
+# called once per expert ran at 1.0-1.2x the Numba kernel (on raw weights, which it packs
+# tile by tile, more), and from 16 rows on average it also beat the streamed kernel
 # (moe_forward: decode-8's shape with 192 tokens 237 -> 108 ms, deepseek-mini's with 512
-# tokens 247 -> 120 ms; a training step of fine-128's with 256 tokens 252 -> 146 ms); below
-# that the streamed kernel (at most STREAM_MAX_ROWS rows an expert) or the Numba kernel win.
+# tokens 247 -> 120 ms; a training step of fine-128's with 256 tokens 252 -> 146 ms). Below
+# that, per expert (STREAM_ROWS, from a sweep of 8-64 over the presets' shapes at 8-256
+# tokens, uniform and Zipf-routed): streaming won up to ~12 rows, BLAS from there on, and
+# the Numba kernel on raw weights never (it packs each expert's weights for few rows):
+# with Zipf-routed small batches, where one expert got 60-120 rows and the rest a few,
+# deepseek-mini's shape at 64 and 128 tokens went 60 -> 43 and 114 -> 53 ms, fine-128's at 128
+# tokens 53 -> 28 ms (all streamed, or the Numba kernel, before).
 # BLAS runs on ops/pool.py's threads, one BLAS thread each, never inside a prange region; its
 # results do not depend on the thread count.
 BLAS_MIN_ROWS = 16
@@ -340,18 +366,16 @@ def grouped_gemm(a, w, offsets, trans_w=False):
     out = np.empty((a.shape[0], M), a.dtype)
     trans_w = bool(trans_w)
     if isinstance(w, PackedWeights):
-        b, half = w.panels, (M // 2 if w.swiglu else 0)
-    elif large_blocks(offsets):              # BLAS per block of an expert's rows
-        pool.run_tasks(lambda t, _: np.matmul(a[t[1]:t[2]], weight(w, t[0], trans_w),
-                                              out=out[t[1]:t[2]]), pool.row_tasks(offsets))
+        half = M // 2 if w.swiglu else 0
+        run_gemm(a, np.arange(a.shape[0], dtype=np.int64), False, w.panels, trans_w, M, half,
+                 expert_tiles(offsets, num_panels(M, half), a.shape[1]), out)
         return out
-    elif few_rows(offsets):                  # decoding: weights streamed once
-        run_stream(a, np.ascontiguousarray(w), trans_w, offsets, out)
-        return out
-    else:
-        b, half = np.ascontiguousarray(w), 0
-    run_gemm(a, np.arange(a.shape[0], dtype=np.int64), False, b, trans_w, M, half,
-             expert_tiles(offsets, num_panels(M, half), a.shape[1]), out)
+    light = streamed(offsets)
+    if light.any():                          # a few rows: the expert's weights streamed once
+        run_stream(a, np.ascontiguousarray(w), trans_w, offsets, out, light)
+    pool.run_tasks(lambda t, _: np.matmul(a[t[1]:t[2]], weight(w, t[0], trans_w),
+                                          out=out[t[1]:t[2]]),
+                   pool.row_tasks(offsets, experts=~light))    # BLAS per block of rows
     return out
 
 

@@ -11,9 +11,9 @@ from .activations import activate, activate_backward, activation_code, hidden_wi
 from .dispatch import combine, combine_backward, make_plan, permute, permute_backward
 from ..kernels.common import SWIGLU
 from . import pool
-from .gemm import (PackedWeights, blas_weight_grads, check_weights, expert_tiles, few_rows,
+from .gemm import (PackedWeights, blas_weight_grads, check_weights, expert_runs, expert_tiles,
                    grouped_gemm, grouped_gemm_backward, large_blocks, num_panels, run_gemm,
-                   run_stream, weight, weight_grad)
+                   run_stream, streamed, weight, weight_grad)
 from ..kernels.cpu.activations import activate_backward_rows, activate_rows
 from .routing import (check_sigmoid_options, router_logits, sigmoid_topk, sigmoid_topk_backward,
                       softmax_topk, softmax_topk_backward)
@@ -115,21 +115,12 @@ def experts_forward(xs, w1, w2, offsets, activation, trans_w=False, keep=False):
     if d != xs.shape[1]:
         got = repr(w2) if isinstance(w2, PackedWeights) else f"shape {tuple(w2.shape)}"
         raise ValueError(f"w2: expected {xs.shape[1]} output columns (xs.shape[1]), got {got}")
-    if not isinstance(w1, PackedWeights) and not isinstance(w2, PackedWeights) \
-            and large_blocks(offsets):
-        return _experts_forward_blas(xs, w1, w2, offsets, code, h, trans_w, keep)
-    if not isinstance(w1, PackedWeights) and few_rows(offsets):   # decoding: streamed
-        h_pre = np.empty((N, H1), xs.dtype)
-        run_stream(xs, np.ascontiguousarray(w1), trans_w, offsets, h_pre)
-        h_act = np.empty((N, h), xs.dtype)
-        activate_rows(h_pre, code, h_act)
-        return (h_pre if keep else None), h_act, grouped_gemm(h_act, w2, offsets, trans_w)
+    if not isinstance(w1, PackedWeights) and not isinstance(w2, PackedWeights):
+        return _experts_forward_raw(xs, w1, w2, offsets, code, h, trans_w, keep)
     if isinstance(w1, PackedWeights):
         b, fused = w1.panels, w1.swiglu == swiglu
-    elif large_blocks(offsets):      # w2 packed: BLAS per expert for w1, activation apart
+    else:                            # w2 packed: w1's product by grouped_gemm, activation apart
         b, fused = None, False
-    else:                            # packed tile by tile, swiglu halves side by side
-        b, fused = np.ascontiguousarray(w1), True
     if not fused:                    # swiglu panels for another activation (or the reverse)
         h_pre = grouped_gemm(xs, w1, offsets, trans_w)
         h_act = activate(h_pre, activation)
@@ -144,17 +135,27 @@ def experts_forward(xs, w1, w2, offsets, activation, trans_w=False, keep=False):
     return (h_pre if keep else None), h_act, ys
 
 
-def _experts_forward_blas(xs, w1, w2, offsets, code, h, trans_w, keep, tokens=None):
+def _experts_forward_raw(xs, w1, w2, offsets, code, h, trans_w, keep, tokens=None):
     # xs (N, d), w1 (E, d, H1), w2 (E, h, d) [trans_w: transposed] -> (h_pre, h_act, ys)
-    # Per task, one block of an expert's rows: h_pre = xs_b @ B1_e (BLAS), h_act = act(h_pre)
-    # while the block is in cache, ys_b = h_act @ B2_e (BLAS); h_pre goes to the thread's
-    # scratch unless kept. tokens (N,): xs is then x (T, d), and each task gathers its rows
-    # x[tokens[lo:hi]] into scratch (permute fused: xs is never written); h_act, not kept,
-    # also stays in scratch (returned as None).
+    # Raw weights, a way per expert (ops/gemm.py: streamed): the experts with a few rows
+    # together through stream_kernel (both products; the activation apart, on their rows);
+    # the others per task, one block of an expert's rows: h_pre = xs_b @ B1_e (BLAS),
+    # h_act = act(h_pre) while the block is in cache, ys_b = h_act @ B2_e (BLAS), h_pre in
+    # the thread's scratch unless kept. tokens (N,): xs is then x (T, d), and its rows are
+    # gathered, x[tokens[lo:hi]] (permute fused: xs is never written); h_act, not kept,
+    # stays in scratch too (returned as None).
     N, H1 = offsets[-1], w1.shape[1] if trans_w else w1.shape[2]
     h_pre = np.empty((N, H1), xs.dtype) if keep else None
     h_act = np.empty((N, h), xs.dtype) if keep or tokens is None else None
     ys = np.empty((N, xs.shape[1]), xs.dtype)
+    light = streamed(offsets)
+    if light.any():
+        hp = h_pre if keep else np.empty((N, H1), xs.dtype)     # only light rows touched
+        ha = np.empty((N, h), xs.dtype) if h_act is None else h_act
+        run_stream(xs, np.ascontiguousarray(w1), trans_w, offsets, hp, light, tokens)
+        for lo, hi in expert_runs(offsets, light):
+            activate_rows(hp[lo:hi], code, ha[lo:hi])
+        run_stream(ha, np.ascontiguousarray(w2), trans_w, offsets, ys, light)
 
     def task(t, scratch):
         e, lo, hi = t
@@ -170,7 +171,7 @@ def _experts_forward_blas(xs, w1, w2, offsets, code, h, trans_w, keep, tokens=No
         activate_rows(hp, code, ha)
         np.matmul(ha, weight(w2, e, trans_w), out=ys[lo:hi])
 
-    pool.run_tasks(task, pool.row_tasks(offsets))
+    pool.run_tasks(task, pool.row_tasks(offsets, experts=~light))
     return h_pre, h_act, ys
 
 
@@ -178,7 +179,7 @@ FUSED_MAX_ROWS = 512   # an expert with at most this many rows is one backward t
 
 
 def _experts_backward_blas(d_ys, xs, h_pre, h_act, w1, w2, offsets, code, trans_w, into=None):
-    # The gradients of _experts_forward_blas. An expert with <= FUSED_MAX_ROWS rows is one task:
+    # The gradients of _experts_forward_raw's BLAS tasks. An expert with <= FUSED_MAX_ROWS rows is one task:
     # d_h_act = d_ys_e @ B2_e^T, d_h_pre = act'(...), d_xs_e = d_h_pre @ B1_e^T and its weight
     # gradients while its rows are in cache (d_h_pre in the thread's scratch). A larger expert
     # runs per block of rows (d_h_pre kept), then its weight gradients per block of columns
@@ -363,9 +364,10 @@ def moe_forward(x, router_w, w1, w2, k, activation="swiglu", router="softmax_top
         r, plan, router_state = route(router, x, logits, k, capacity, router_options,
                                       check_finite)
     plan = make_plan(r.experts, E, capacity) if plan is None else plan
-    if be != CUDA and not return_context and large_blocks(plan.offsets):
-        ys = _experts_forward_blas(x, w1, w2, plan.offsets, activation_code(activation), h,
-                                   trans_w, False, plan.rows // plan.top_k)[2]   # fused permute
+    if be != CUDA and not return_context:    # permute fused into the experts' row loads
+        tokens = np.ascontiguousarray(plan.rows // plan.top_k, dtype=np.int64)
+        ys = _experts_forward_raw(x, w1, w2, plan.offsets, activation_code(activation), h,
+                                  trans_w, False, tokens)[2]
     else:
         xs = permute(x, plan)
         h_pre, h_act, ys = experts_forward(xs, w1, w2, plan.offsets, activation, trans_w,

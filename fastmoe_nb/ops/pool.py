@@ -113,10 +113,11 @@ def buffer(scratch, name, rows, cols, dtype):
 ROWS = 256    # rows of a task: a block of this many rows of an expert (shape-fixed cuts)
 
 
-def row_tasks(offsets, rows=ROWS):
-    """[(e, lo, hi)]: expert e's rows offsets[e]..offsets[e+1] cut into blocks of <= rows."""
+def row_tasks(offsets, rows=ROWS, experts=None):
+    """[(e, lo, hi)]: expert e's rows offsets[e]..offsets[e+1] cut into blocks of <= rows,
+    for every expert (or those where the (E,) bool mask `experts` is True)."""
     return [(e, lo, min(lo + rows, int(offsets[e + 1])))
-            for e in range(offsets.shape[0] - 1)
+            for e in range(offsets.shape[0] - 1) if experts is None or experts[e]
             for lo in range(int(offsets[e]), int(offsets[e + 1]), rows)]
 
 

@@ -271,9 +271,10 @@ STREAM_SUB = 512   # columns of a piece of four depth rows, kept in L1 across th
 
 
 @njit(parallel=True, cache=True, fastmath={"contract", "reassoc"})
-def stream_kernel(src, w, trans, offsets, tasks, part):
+def stream_kernel(src, ridx, w, trans, offsets, tasks, part):
     # Few rows an expert (decoding): each selected expert's weights are read once.
-    # src (N, K) A's rows in expert order; w (E, K, M) [trans: (E, M, K)]; offsets (E+1,);
+    # src (*, K), ridx (N,): A's rows src[ridx[r]] in expert order (a fused permute, or
+    # arange); w (E, K, M) [trans: (E, M, K)]; offsets (E+1,);
     # tasks (n, 6): (e, p0, p1, c0, c1, base) -> part[base : base + m*(c1-c0)], as (m, c1-c0):
     #   the partial product src[rows of e, p0:p1] @ B_e[p0:p1, c0:c1] (m: e's rows);
     # stream_sum adds a column block's partials up in depth order.
@@ -291,7 +292,7 @@ def stream_kernel(src, w, trans, offsets, tasks, part):
             for j in range(nc):
                 wc = w[e, c0 + j]
                 for i in range(m):
-                    xi = src[lo + i]
+                    xi = src[ridx[lo + i]]
                     s = part.dtype.type(0.0)
                     for p in range(np.uint64(p0), np.uint64(p1)):   # unsigned: vectorized
                         s += xi[p] * wc[p]
@@ -309,7 +310,7 @@ def stream_kernel(src, w, trans, offsets, tasks, part):
                 b_1, b_2, b_3 = (b[p + 1, s0:s1], b[p + 2, s0:s1], b[p + 3, s0:s1]) \
                     if q == 4 else (b_0, b_0, b_0)
                 for i in range(m):     # scalars a0..a3: not reloaded in the loop
-                    xi = src[lo + i]
+                    xi = src[ridx[lo + i]]
                     ai = acc[i, s0 - c0:s1 - c0]
                     a0 = xi[p]
                     if q == 4:

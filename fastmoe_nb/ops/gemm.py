@@ -211,36 +211,14 @@ def expert_runs(offsets, experts):
     return runs
 
 
-def stream_tasks(offsets, K, M, trans_w, experts=None):
-    """The tasks of stream_kernel for every expert with rows (of the (E,) bool mask
-    `experts`, when given; cut from the shapes alone) -> (tasks (n, 6), groups (g, 2),
-    partials' size); see kernels/cpu/gemm.py."""
-    tasks, groups, size = [], [], 0
-    for e in range(offsets.shape[0] - 1):
-        m = int(offsets[e + 1] - offsets[e])
-        if m == 0 or (experts is not None and not experts[e]):
-            continue
-        if trans_w:
-            depth, cw = [(0, K)], kg.STREAM_CT
-        else:
-            depth = [(p0, min(p0 + kg.STREAM_KC, K)) for p0 in range(0, K, kg.STREAM_KC)]
-            cw = max(kg.STREAM_ACC // m, 256)
-        for c0 in range(0, M, cw):
-            c1 = min(c0 + cw, M)
-            groups.append((len(tasks), len(tasks) + len(depth)))
-            for p0, p1 in depth:
-                tasks.append((e, p0, p1, c0, c1, size))
-                size += m * (c1 - c0)
-    return (np.array(tasks, np.int64).reshape(-1, 6), np.array(groups, np.int64).reshape(-1, 2),
-            size)
-
-
 def run_stream(src, w, trans_w, offsets, out, experts=None, ridx=None):
     """out[rows of e] = src[rows] @ B_e for every expert with rows (of the (E,) bool mask
     `experts`, when given), each expert's weights streamed from memory once (stream_kernel,
     then stream_sum of the partial products). ridx (N,): the rows are src[ridx[rows]]."""
-    K = src.shape[1]
-    tasks, groups, size = stream_tasks(offsets, K, out.shape[1], trans_w, experts)
+    if experts is None:
+        experts = np.ones(offsets.shape[0] - 1, np.bool_)
+    tasks, groups, size = kg.stream_plan(offsets, experts, src.shape[1], out.shape[1],
+                                         trans_w)
     part = np.empty(size, out.dtype)
     if ridx is None:
         ridx = np.arange(out.shape[0], dtype=np.int64)

@@ -264,7 +264,7 @@ def grouped_gemm_kernel(src, ridx, trans, bp, w, wtrans, M, tiles, bounds, max_r
 # (whole rows while rows x M <= STREAM_ACC): decode-8's first GEMM 9-11 ms, where runs of a
 # 4 KiB page each (column blocks of the whole depth) took 18. Transposed (w (E, M, K)):
 # a task takes a block of STREAM_CT columns over the whole depth, which is one contiguous run.
-STREAM_KC = 128
+STREAM_KC = 256
 STREAM_ACC = 65536
 STREAM_CT = 256
 STREAM_SUB = 512   # columns of a piece of four depth rows, kept in L1 across the rows
@@ -323,10 +323,50 @@ def stream_kernel(src, ridx, w, trans, offsets, tasks, part):
             p += 4 if q == 4 else 1
 
 
+@njit(cache=True)
+def stream_plan(offsets, experts, K, M, trans):
+    # The tasks of stream_kernel for every expert e with rows and experts[e] (cut from the
+    # shapes alone): row layout, STREAM_KC depth rows x as many columns as STREAM_ACC allows
+    # (at least 256); trans, STREAM_CT columns x the whole depth
+    # -> tasks (n, 6) (e, p0, p1, c0, c1, base), groups (g, 2) [t0, t1): one column block's
+    #    tasks in depth order, and the partials' size
+    n, g, _ = _stream_blocks(offsets, experts, K, M, trans, np.empty((0, 6), np.int64),
+                             np.empty((0, 2), np.int64))
+    tasks, groups = np.empty((n, 6), np.int64), np.empty((g, 2), np.int64)
+    size = _stream_blocks(offsets, experts, K, M, trans, tasks, groups)[2]
+    return tasks, groups, size
+
+
+@njit(cache=True)
+def _stream_blocks(offsets, experts, K, M, trans, tasks, groups):
+    # stream_plan's loop: counts (n, g, size), and fills tasks / groups when they have room
+    fill = tasks.shape[0] > 0
+    n, g, size = 0, 0, 0
+    for e in range(offsets.shape[0] - 1):
+        m = offsets[e + 1] - offsets[e]
+        if m == 0 or not experts[e]:
+            continue
+        kc = K if trans else STREAM_KC
+        cw = STREAM_CT if trans else max(STREAM_ACC // m, 256)
+        for c0 in range(0, M, cw):
+            c1 = min(c0 + cw, M)
+            if fill:
+                groups[g, 0], groups[g, 1] = n, n + (K + kc - 1) // kc
+            g += 1
+            for p0 in range(0, K, kc):
+                if fill:
+                    tasks[n, 0], tasks[n, 1], tasks[n, 2] = e, p0, min(p0 + kc, K)
+                    tasks[n, 3], tasks[n, 4], tasks[n, 5] = c0, c1, size
+                n += 1
+                size += m * (c1 - c0)
+    return n, g, size
+
+
 @njit(parallel=True, cache=True)
 def stream_sum(part, tasks, groups, offsets, out):
     # groups (g, 2): [t0, t1) the tasks of one expert's column block, in depth order
     # -> out[rows of e, c0:c1] = their partials summed in that order (deterministic).
+    u0 = np.uint64(0)
     for g in prange(groups.shape[0]):
         t0, t1 = groups[g, 0], groups[g, 1]
         e, c0, c1 = tasks[t0, 0], tasks[t0, 3], tasks[t0, 4]
@@ -337,5 +377,6 @@ def stream_sum(part, tasks, groups, offsets, out):
             o[:] = part[b:b + nc]
             for t in range(t0 + 1, t1):
                 b = tasks[t, 5] + i * nc
-                for j in range(nc):
-                    o[j] += part[b + j]
+                pt = part[b:b + nc]
+                for j in range(u0, np.uint64(nc)):    # unsigned: vectorized
+                    o[j] += pt[j]

@@ -68,14 +68,19 @@ def softmax_topk(logits, k, renormalize=True, check_finite=True):
     return Routing(w, idx)
 
 
+LOGITS_LOOP_ROWS = 64   # up to this many tokens the logits come from a plain loop (decoding:
+                        # the grouped GEMM kernel's setup took 0.2-0.6 ms of a 5-15 ms layer)
+
+
 def router_logits(x, router_w, router_b=None):
     """The router's logits of the layer. x: (T, d), router_w: (d, E), router_b: (E,) or None
     (validated by the caller) -> logits: (T, E) = x @ router_w [+ router_b], in x's dtype.
 
     Every logit is one FMA chain over d in increasing order, whatever T, E or the thread count:
     on the CPU the product runs on the grouped GEMM kernel with one group (kernels/cpu/gemm.py
-    sums each output element alone, depth chunks in order), on CUDA on a GEMM that does the
-    same. BLAS rounds a column differently when the matrix is wider or taller or its thread
+    sums each output element alone, depth chunks in order), or for a few tokens on a plain
+    loop with the same chains (kernels/cpu/routing.py: logits_kernel), on CUDA on a GEMM that
+    does the same. BLAS rounds a column differently when the matrix is wider or taller or its thread
     count changes, and adding experts (surgery.add_experts) must leave the old experts'
     logits bit-identical, as must splitting tokens over ranks (fastmoe_nb.parallel)."""
     if backend_of(x=x, router_w=router_w, router_b=router_b) == CUDA:
@@ -86,10 +91,13 @@ def router_logits(x, router_w, router_b=None):
         return kc.add_rows(logits, kc.dev(router_b).reshape(1, router_b.shape[0]))
     (T, d), E = x.shape, router_w.shape[1]
     x = np.ascontiguousarray(x)
+    w = np.ascontiguousarray(router_w, dtype=x.dtype)
     logits = np.empty((T, E), x.dtype)
-    run_gemm(x, np.arange(T, dtype=np.int64), False,
-             np.ascontiguousarray(router_w, dtype=x.dtype)[None], False, E, 0,
-             expert_tiles(np.array([0, T], np.int64), num_panels(E, 0), d), logits)
+    if T <= LOGITS_LOOP_ROWS:
+        kr.logits_kernel(x, w, logits)
+    else:
+        run_gemm(x, np.arange(T, dtype=np.int64), False, w[None], False, E, 0,
+                 expert_tiles(np.array([0, T], np.int64), num_panels(E, 0), d), logits)
     if router_b is not None:
         logits += router_b
     return logits

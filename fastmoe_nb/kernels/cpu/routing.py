@@ -16,6 +16,21 @@ from .fastmath import div, exp, sigmoid
 ROWS = 64      # rows a parallel task takes (its scratch rows are allocated once per task)
 
 
+@njit(parallel=True, cache=True, fastmath={"contract"})
+def logits_kernel(x, w, out):
+    # x (T, d), w (d, E) -> out (T, E) = x @ w for a few tokens: each logit is one FMA chain
+    # over d in increasing order from 0, the bits of the grouped GEMM kernel's (ops/routing.py:
+    # router_logits); vectorized across the experts, which leaves every chain as it is
+    u0, E = np.uint64(0), np.uint64(w.shape[1])
+    for t in prange(x.shape[0]):
+        o, xt = out[t], x[t]
+        o[:] = 0.0
+        for p in range(x.shape[1]):
+            xv, wp = xt[p], w[p]
+            for e in range(u0, E):
+                o[e] += xv * wp[e]
+
+
 @njit(cache=True)
 def row_max(x):
     # x: (E,) -> float64 max

@@ -251,8 +251,8 @@ def check_weights(w, a, offsets, trans_w, name="w"):
 
 # Measured on this project's 2-core machines (Zen 3, AVX2; bench/compare.py and a per-expert
 # sweep): with raw weights and blocks of >= BLAS_MIN_ROWS rows an expert on average, OpenBLAS
-# called once per expert ran at 1.0-1.2x the Numba kernel (on raw weights, which it packs
-# tile by tile, more), and from 16 rows on average it also beat the streamed kernel
+# called once per expert ran at 1.0-1.2x the Numba kernel with packed weights (more with raw
+# ones, which it packs tile by tile), and from 16 rows on average it also beat the streamed kernel
 # (moe_forward: decode-8's shape with 192 tokens 237 -> 108 ms, deepseek-mini's with 512
 # tokens 247 -> 120 ms; a training step of fine-128's with 256 tokens 252 -> 146 ms). Below
 # that, per expert (STREAM_ROWS, from a sweep of 8-64 over the presets' shapes at 8-256

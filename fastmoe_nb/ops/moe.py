@@ -179,11 +179,12 @@ FUSED_MAX_ROWS = 512   # an expert with at most this many rows is one backward t
 
 
 def _experts_backward_blas(d_ys, xs, h_pre, h_act, w1, w2, offsets, code, trans_w, into=None):
-    # The gradients of _experts_forward_raw's BLAS tasks. An expert with <= FUSED_MAX_ROWS rows is one task:
-    # d_h_act = d_ys_e @ B2_e^T, d_h_pre = act'(...), d_xs_e = d_h_pre @ B1_e^T and its weight
-    # gradients while its rows are in cache (d_h_pre in the thread's scratch). A larger expert
-    # runs per block of rows (d_h_pre kept), then its weight gradients per block of columns
-    # (ops/gemm.py: blas_weight_grads), so that it alone still keeps every thread busy.
+    # The gradients of _experts_forward_raw's BLAS tasks. An expert with <= FUSED_MAX_ROWS
+    # rows is one task: d_h_act = d_ys_e @ B2_e^T, d_h_pre = act'(...), d_xs_e =
+    # d_h_pre @ B1_e^T and its weight gradients while its rows are in cache (d_h_pre in the
+    # thread's scratch). A larger expert runs per block of rows (d_h_pre kept), then its
+    # weight gradients per block of columns (ops/gemm.py: blas_weight_grads), so that it
+    # alone still keeps every thread busy.
     # Which way an expert goes depends on its row count only: results do not depend on threads.
     # into: (dw1, dw2), either None: arrays to add the weight gradients into (computed in
     # scratch, added while in cache: no fresh arrays, no pass over them afterwards).

@@ -80,8 +80,8 @@ def router_logits(x, router_w, router_b=None):
     on the CPU the product runs on the grouped GEMM kernel with one group (kernels/cpu/gemm.py
     sums each output element alone, depth chunks in order), or for a few tokens on a plain
     loop with the same chains (kernels/cpu/routing.py: logits_kernel), on CUDA on a GEMM that
-    does the same. BLAS rounds a column differently when the matrix is wider or taller or its thread
-    count changes, and adding experts (surgery.add_experts) must leave the old experts'
+    does the same. BLAS rounds a column differently when the matrix is wider or taller or its
+    thread count changes, and adding experts (surgery.add_experts) must leave the old experts'
     logits bit-identical, as must splitting tokens over ranks (fastmoe_nb.parallel)."""
     if backend_of(x=x, router_w=router_w, router_b=router_b) == CUDA:
         kc = cuda_module()

@@ -31,7 +31,7 @@ from numba import carray
 from ..common import SILU
 from .activations import act
 
-MR = 6     # rows of a micro-tile
+MR = 6     # rows of a micro-tile (pack_rows spells its six rows out)
 NR = 16    # columns of a micro-tile (2 AVX2 vectors of fp32)
 HN = NR // 2   # swiglu-interleaved panels: HN gate columns then HN up columns
 KC = 256   # depth chunk: a KC x NR panel of B stays in L1
@@ -94,19 +94,18 @@ def pack_rows(src, ridx, trans, r0, m, k0, k1, buf):
     #   trans:     A(i, p) = src[ridx[p], r0 + i]          (src (N, *): read transposed)
     nb = (m + MR - 1) // MR
     kc = np.uint64(k1 - k0)
-    if not trans:                    # MR rows side by side (MR = 6 named): one pass over
-        for b in range(nb):          # each row, MR-element runs written (2x faster than
-            i, last = r0 + b * MR, r0 + m - 1                    # row by row)
-            a0 = src[ridx[min(i, last)], k0:]
-            a1 = src[ridx[min(i + 1, last)], k0:]
-            a2 = src[ridx[min(i + 2, last)], k0:]
-            a3 = src[ridx[min(i + 3, last)], k0:]
-            a4 = src[ridx[min(i + 4, last)], k0:]
-            a5 = src[ridx[min(i + 5, last)], k0:]
+    if not trans:                    # a block's MR = 6 rows side by side (spelled out): one
+        last = r0 + m - 1            # pass over each row, runs of six written (2x faster
+        for b in range(nb):          # than a row at a time)
+            i = r0 + b * MR
+            a0, a1 = src[ridx[min(i, last)], k0:], src[ridx[min(i + 1, last)], k0:]
+            a2, a3 = src[ridx[min(i + 2, last)], k0:], src[ridx[min(i + 3, last)], k0:]
+            a4, a5 = src[ridx[min(i + 4, last)], k0:], src[ridx[min(i + 5, last)], k0:]
             bb = buf[b]
             for p in range(np.uint64(0), kc):
                 bp = bb[p]
-                bp[0], bp[1], bp[2], bp[3], bp[4], bp[5] = a0[p], a1[p], a2[p], a3[p], a4[p], a5[p]
+                bp[0], bp[1], bp[2] = a0[p], a1[p], a2[p]
+                bp[3], bp[4], bp[5] = a3[p], a4[p], a5[p]
     else:
         for p in range(k1 - k0):
             row = src[ridx[k0 + p]]

@@ -2,7 +2,7 @@
 
 On these machines (2 cores, Zen 3) OpenBLAS called once per expert from one thread, with its
 own threads, ran at 75-93% of a dense np.matmul; the Numba kernel of kernels/cpu/gemm.py at
-80-87% with weights packed beforehand, less on raw weights (packed tile by tile). So for
+65-80% with weights packed beforehand, less on raw weights (packed tile by tile). So for
 experts with blocks of rows large enough (ops/gemm.py: large_blocks, streamed) the expert
 layer runs as a list of independent tasks — an expert's block of rows, or of dW's columns —
 handed out to numba.get_num_threads() threads (the caller and pool workers); each task calls

@@ -290,6 +290,10 @@ outs += [fm.grouped_gemm(a[:13], wide, off),
          fm.grouped_gemm(a[:13], wide.transpose(0, 2, 1).copy(), off, trans_w=True),
          *fm.experts_forward(a[:13], wide[:, :, :600], wide[:, :, :300].transpose(0, 2, 1).copy(),
                              off, "swiglu", keep=True)]
+off = np.array([0, 3, 3, 43, 44])                  # streamed and BLAS experts side by side
+outs += [fm.grouped_gemm(a[:44], wide, off),
+         *fm.experts_forward(a[:44], wide[:, :, :600], wide[:, :, :300].transpose(0, 2, 1).copy(),
+                             off, "swiglu", keep=True)]
 print(hashlib.sha256(b"".join(o.tobytes() for o in outs)).hexdigest())
 """
 

@@ -29,8 +29,8 @@ SHAPES = [
     ((0, 0, 0), 100, 64),
     ((1,), 100, 37),
     ((2, 0, 8, 5), 781, 150),                    # decode-sized: at most 8 rows an expert
-    ((16, 1, 0, 3), 130, 5000),                  # streamed in depth chunks with a tail, two
-                                                 # column blocks of 16 rows, L1 pieces
+    ((12, 1, 0, 3), 300, 5500),                  # streamed in depth chunks with a tail, two
+                                                 # column blocks of 12 rows, L1 pieces
     ((3, 0, 5), 600, 100),
     ((0, 17, 1, 0), 781, 33),
     ((40, 9, 0, 23), 64, 781),
@@ -38,6 +38,18 @@ SHAPES = [
     ((65, 1, 0, 1, 1, 1), 33, 70),               # few rows on average, one expert too many
                                                  # to stream: streamed and BLAS side by side
 ]
+
+
+def test_the_decoding_shape_streams_in_depth_chunks_and_column_blocks():
+    """SHAPES' decoding case keeps covering what its comment says as the constants move."""
+    from fastmoe_nb.kernels.cpu import gemm as kg
+    from fastmoe_nb.ops.gemm import streamed
+    offsets = np.array([0, 12, 13, 13, 16])
+    light = streamed(offsets)
+    assert light.tolist() == [True, True, False, True]
+    tasks, _, _ = kg.stream_plan(offsets, light, 300, 5500, False)
+    first = tasks[tasks[:, 0] == 0]
+    assert len(set(first[:, 1])) == 2 and len(set(first[:, 3])) == 2
 
 
 @pytest.mark.parametrize("packed", [False, True])

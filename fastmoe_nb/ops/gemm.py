@@ -117,8 +117,8 @@ def pack_weights(w, trans_w=False, swiglu=False):
     """w: (E, K, M) [trans_w: (E, M, K)] -> PackedWeights, reused by grouped_gemm and
     experts_forward until the next weight update. swiglu=True (M even, [gate | up]) lays the
     halves side by side for the fused swiglu epilogue; grouped_gemm's result is unchanged.
-    PackedWeights always run the Numba kernel: with large expert blocks (BLAS_MIN_ROWS) raw
-    weights, which go to per-expert BLAS, are faster on these machines."""
+    PackedWeights always run the Numba kernel; raw weights take faster ways on these machines
+    (per-expert BLAS for larger blocks, streaming for a few rows an expert)."""
     w = chk.check_float("w", as_host("w", w), ndim=3)
     trans_w = bool(trans_w)
     M = w.shape[1] if trans_w else w.shape[2]
@@ -211,12 +211,10 @@ def expert_runs(offsets, experts):
     return runs
 
 
-def run_stream(src, w, trans_w, offsets, out, experts=None, ridx=None):
-    """out[rows of e] = src[rows] @ B_e for every expert with rows (of the (E,) bool mask
-    `experts`, when given), each expert's weights streamed from memory once (stream_kernel,
-    then stream_sum of the partial products). ridx (N,): the rows are src[ridx[rows]]."""
-    if experts is None:
-        experts = np.ones(offsets.shape[0] - 1, np.bool_)
+def run_stream(src, w, trans_w, offsets, out, experts, ridx=None):
+    """out[rows of e] = src[rows] @ B_e for every expert with rows where the (E,) bool mask
+    `experts` is True, each expert's weights streamed from memory once (stream_kernel, then
+    stream_sum of the partial products). ridx (N,): the rows are src[ridx[rows]]."""
     tasks, groups, size = kg.stream_plan(offsets, experts, src.shape[1], out.shape[1],
                                          trans_w)
     part = np.empty(size, out.dtype)
@@ -252,8 +250,8 @@ def check_weights(w, a, offsets, trans_w, name="w"):
 # Measured on this project's 2-core machines (Zen 3, AVX2; bench/compare.py and a per-expert
 # sweep): with raw weights and blocks of >= BLAS_MIN_ROWS rows an expert on average, OpenBLAS
 # called once per expert ran at 1.1-1.4x the Numba kernel with packed weights (more with raw
-# ones, which it packs tile by tile), and from 16 rows on average it also beat the streamed kernel
-# (moe_forward: decode-8's shape with 192 tokens 237 -> 108 ms, deepseek-mini's with 512
+# ones, which it packs tile by tile), and from 16 rows on average it also beat the streamed
+# kernel (moe_forward: decode-8's shape with 192 tokens 237 -> 108 ms, deepseek-mini's with 512
 # tokens 247 -> 120 ms; a training step of fine-128's with 256 tokens 252 -> 146 ms). Below
 # that, per expert (STREAM_ROWS, from a sweep of 8-64 over the presets' shapes at 8-256
 # tokens, uniform and Zipf-routed): streaming won up to ~12 rows, BLAS from there on, and

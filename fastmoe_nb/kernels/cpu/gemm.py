@@ -95,8 +95,8 @@ def pack_rows(src, ridx, trans, r0, m, k0, k1, buf):
     nb = (m + MR - 1) // MR
     kc = np.uint64(k1 - k0)
     if not trans:                    # a block's MR = 6 rows side by side (spelled out): one
-        last = r0 + m - 1            # pass over each row, runs of six written (2x faster
-        for b in range(nb):          # than a row at a time)
+        last = r0 + m - 1            # pass over each row, runs of six written (11 vs 14-15
+        for b in range(nb):          # us a 96 x 256 block, a row at a time)
             i = r0 + b * MR
             a0, a1 = src[ridx[min(i, last)], k0:], src[ridx[min(i + 1, last)], k0:]
             a2, a3 = src[ridx[min(i + 2, last)], k0:], src[ridx[min(i + 3, last)], k0:]

@@ -15,6 +15,7 @@ from .gemm import (PackedWeights, blas_weight_grads, check_weights, expert_runs,
                    grouped_gemm, grouped_gemm_backward, large_blocks, num_panels, run_gemm,
                    run_stream, streamed, weight, weight_grad)
 from ..kernels.cpu.activations import activate_backward_rows, activate_rows
+from ..kernels.cpu.dispatch import permute_rows
 from .routing import (check_sigmoid_options, router_logits, sigmoid_topk, sigmoid_topk_backward,
                       softmax_topk, softmax_topk_backward)
 
@@ -163,7 +164,7 @@ def _experts_forward_raw(xs, w1, w2, offsets, code, h, trans_w, keep, tokens=Non
             xb = xs[lo:hi]
         else:
             xb = pool.buffer(scratch, "xs", hi - lo, xs.shape[1], xs.dtype)
-            np.take(xs, tokens[lo:hi], axis=0, out=xb)
+            permute_rows(xs, tokens[lo:hi], 1, xb)
         hp = h_pre[lo:hi] if keep else pool.buffer(scratch, "h_pre", hi - lo, H1, xs.dtype)
         np.matmul(xb, weight(w1, e, trans_w), out=hp)
         ha = pool.buffer(scratch, "h_act", hi - lo, h, xs.dtype) if h_act is None \

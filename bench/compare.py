@@ -15,12 +15,15 @@ first three), on the same weights and tokens:
       fastmoe_nb, a NumPy per-expert loop, a dense np.matmul of the layer's FLOPs, and HF
       transformers' Mixtral experts block ('eager', 'grouped_mm') when torch and
       transformers are installed (pip install 'fastmoe-nb[bench]') -> seconds
-  decode: the bytes of the selected experts' weights over the measured read bandwidth.
+  decode: the bytes of the selected experts' weights over the read bandwidth (timed with the layer).
   train (--train): forward + backward of the layer (moe_forward with return_context, then
       moe_backward with a random dy) against HF's block with 'grouped_mm' (forward, and
       backward of the sum) and a dense np.matmul of 3x the forward FLOPs -> seconds.
 
-Timings are medians of --repeat calls after one warm-up; the first call of each kernel
+Timings are medians of --repeat calls after one warm-up; fastmoe_nb and the baselines it is
+divided by (dense matmul, NumPy loop, read bandwidth) are timed interleaved, one call of each
+per round (baselines.time_interleaved), so that the machine's drift hits both sides of a ratio
+alike. The first call of each kernel
 (compilation, or loading numba's cache) is reported apart, as is the peak extra memory of
 moe_forward (tracemalloc) against the unavoidable activations N*2h + N*d plus packed weights.
 """
@@ -46,6 +49,11 @@ def med(fn, repeat):
     return float(np.median(bl.time_calls(fn, repeat)))
 
 
+def meds(fns, repeat):
+    """Medians of fns timed interleaved (baselines.time_interleaved) -> list of seconds."""
+    return [float(t) for t in np.median(bl.time_interleaved(fns, repeat), axis=1)]
+
+
 def first_layer_seconds():
     """Import fastmoe_nb and run a first small layer in a fresh process (numba cache warm
     after this process's calls) -> seconds."""
@@ -60,7 +68,7 @@ def first_layer_seconds():
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def run_preset(p, zipf, repeat, with_hf, bandwidth, train):
+def run_preset(p, zipf, repeat, with_hf, train):
     T, d, h, E, k = p.shape
     inp = bl.layer_inputs(p, zipf=zipf)
     x, router_w, w1, w2 = inp["x"], inp["router_w"], inp["w1"], inp["w2"]
@@ -78,25 +86,26 @@ def run_preset(p, zipf, repeat, with_hf, bandwidth, train):
     row["pack s"] = time.perf_counter() - t0
     gflop = 2.0 * N * d * p.h1 / 1e9
     a_dense, b_dense = bl.dense_operands(N, d, p.h1)
-    row["gemm fm GF/s"] = gflop / med(lambda: fm.grouped_gemm(xs, w1, off), repeat)
-    row["gemm numba packed GF/s"] = gflop / med(lambda: fm.grouped_gemm(xs, pw1, off), repeat)
-    row["gemm numpy GF/s"] = gflop / med(lambda: bl.numpy_grouped_gemm(xs, w1, off), repeat)
-    row["gemm dense GF/s"] = gflop / med(lambda: a_dense @ b_dense, repeat)
+    times = meds([lambda: fm.grouped_gemm(xs, w1, off), lambda: fm.grouped_gemm(xs, pw1, off),
+                  lambda: bl.numpy_grouped_gemm(xs, w1, off), lambda: a_dense @ b_dense], repeat)
+    for name, t in zip(("fm", "numba packed", "numpy", "dense"), times):
+        row[f"gemm {name} GF/s"] = gflop / t
     row["gemm fm/dense"] = row["gemm fm GF/s"] / row["gemm dense GF/s"]
     del a_dense, b_dense
 
     # the layer
     layer = lambda: fm.moe_forward(x, router_w, w1, w2, **kw)   # noqa: E731
-    row["moe fm s"] = med(layer, repeat)
-    row["moe numpy s"] = med(lambda: bl.numpy_moe_forward(x, router_w, w1, w2, **kw), repeat)
     a_dense, b_dense = bl.dense_operands(N, d, p.h1 + h)
-    row["moe dense s"] = med(lambda: a_dense @ b_dense, repeat)
-    del a_dense, b_dense
+    pw2 = fm.pack_weights(w2) if T > 64 else w2
+    fns = [layer, lambda: bl.numpy_moe_forward(x, router_w, w1, w2, **kw),
+           lambda: a_dense @ b_dense,
+           lambda: fm.experts_forward(xs, pw1, pw2, off, p.activation)]
+    probe, nbytes = bl.read_probe()
+    times = meds(fns + [probe] if T <= 64 else fns, repeat)
+    for name, t in zip(("moe fm s", "moe numpy s", "moe dense s", "experts packed s"), times):
+        row[name] = t
+    del a_dense, b_dense, pw2
     row["moe fm/dense rate"] = row["moe dense s"] / row["moe fm s"]
-    pw2 = fm.pack_weights(w2)
-    row["experts packed s"] = med(lambda: fm.experts_forward(xs, pw1, w2 if T <= 64 else pw2,
-                                                             off, p.activation), repeat)
-    del pw2
     tracemalloc.start()
     layer()
     peak = tracemalloc.get_traced_memory()[1]
@@ -117,18 +126,19 @@ def run_preset(p, zipf, repeat, with_hf, bandwidth, train):
         def step():
             _, ctx = fm.moe_forward(x, router_w, w1, w2, return_context=True, **kw)
             return fm.moe_backward(dy, ctx)
-        row["train fm s"] = med(step, repeat)
         a_dense, b_dense = bl.dense_operands(N, d, 3 * (p.h1 + h))
-        row["train dense s"] = med(lambda: a_dense @ b_dense, repeat)
+        row["train fm s"], row["train dense s"] = meds([step, lambda: a_dense @ b_dense],
+                                                      repeat)
         del a_dense, b_dense
         row["train fm/dense rate"] = row["train dense s"] / row["train fm s"]
         if with_hf and bl.hf_supports(p) is None:
             _, hf_step = bl.hf_mixtral_block(inp, k, "grouped_mm")
             row["train hf grouped_mm s"] = med(hf_step, repeat)
             row["train hf/fm"] = row["train hf grouped_mm s"] / row["train fm s"]
-    if T <= 64:
+    if T <= 64:                      # the bandwidth timed interleaved with the layer
         selected = np.unique(r.experts).size
-        floor = 4.0 * selected * d * (p.h1 + h) / (bandwidth * 1e9)
+        row["read GB/s"] = nbytes / times[-1] / 1e9
+        floor = 4.0 * selected * d * (p.h1 + h) / (row["read GB/s"] * 1e9)
         row["decode floor s"] = floor
         row["decode fm/floor"] = row["moe fm s"] / floor
     return row
@@ -156,14 +166,13 @@ def main(argv=None):
                                  np.array([0, 4, 8, 12, 16]))
         print(f"first calls (compile or cache load): {time.perf_counter() - t0:.2f} s; "
               f"import + first layer in a new process: {first_layer_seconds():.2f} s")
-        bandwidth = bl.read_bandwidth()
-        print(f"read bandwidth {bandwidth:.1f} GB/s, dense fp32 GEMM "
+        print(f"read bandwidth {bl.read_bandwidth():.1f} GB/s, dense fp32 GEMM "
               f"{bl.matmul_rate():.1f} GFLOP/s")
         rows = []
         for name in args.presets.split(","):
             p = get_preset(name)
             for zipf in ([None, ZIPF_A] if p.tokens > 64 and not args.no_zipf else [None]):
-                rows.append(run_preset(p, zipf, args.repeat, with_hf, bandwidth, args.train))
+                rows.append(run_preset(p, zipf, args.repeat, with_hf, args.train))
                 print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in rows[-1].items()), flush=True)
     keys = list(dict.fromkeys(k for r in rows for k in r))

@@ -84,6 +84,25 @@ def time_calls(fn, repeat=5, warmup=1):
     return out
 
 
+def time_interleaved(fns, repeat=5, warmup=1):
+    """Seconds of `repeat` rounds of calls, each round one call of every fn in turn, each
+    call after settle() (`warmup` untimed rounds first) -> (len(fns), repeat) float64.
+    A shared machine's speed drifts by 20-30% within minutes here; interleaved, the drift
+    hits every fn alike, so the ratios of their medians are steadier than from runs one
+    after the other."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    out = np.empty((len(fns), repeat))
+    for i in range(repeat):
+        for j, fn in enumerate(fns):
+            settle()
+            t0 = time.perf_counter()
+            fn()
+            out[j, i] = time.perf_counter() - t0
+    return out
+
+
 def _optional(module):
     """The module, or None when it is not installed."""
     import importlib  # noqa: PLC0415
@@ -232,12 +251,17 @@ def _read_kernel(words, chunks):
     return out
 
 
-def read_bandwidth(nbytes=256 << 20, repeat=5):
-    """The machine's read bandwidth in GB/s: median time for numba's threads (see
-    thread_limits) to stream an nbytes array much larger than the caches."""
+def read_probe(nbytes=256 << 20):
+    """(fn, nbytes): each call of fn makes numba's threads (see thread_limits) stream an
+    nbytes array much larger than the caches; nbytes / its time is the read bandwidth."""
     words = np.ones(nbytes // 8, np.uint64)
-    t = np.median(time_calls(lambda: _read_kernel(words, 256), repeat))
-    return words.nbytes / t / 1e9
+    return (lambda: _read_kernel(words, 256)), words.nbytes
+
+
+def read_bandwidth(nbytes=256 << 20, repeat=5):
+    """The machine's read bandwidth in GB/s: median time of read_probe's call."""
+    fn, n = read_probe(nbytes)
+    return n / np.median(time_calls(fn, repeat)) / 1e9
 
 
 # --------------------------------------------------------------------------- HF transformers

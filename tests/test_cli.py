@@ -369,3 +369,12 @@ def test_layer_inputs_skew_the_routing():
 def test_machine_measurements_are_positive():
     assert B.read_bandwidth(nbytes=1 << 20, repeat=2) > 0
     assert B.matmul_rate(shape=(64, 32, 48), repeat=2) > 0
+
+
+def test_time_interleaved_calls_each_fn_once_a_round(monkeypatch):
+    monkeypatch.setattr(B, "settle", lambda: None)
+    calls = []
+    t = B.time_interleaved([lambda: calls.append("a"), lambda: calls.append("b")], repeat=3,
+                           warmup=1)
+    assert calls == ["a", "b"] * 4                    # a warm-up round, then three timed ones
+    assert t.shape == (2, 3) and np.all(t >= 0)

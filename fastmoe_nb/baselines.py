@@ -85,18 +85,18 @@ def time_calls(fn, repeat=5, warmup=1):
 
 
 def time_interleaved(fns, repeat=5, warmup=1):
-    """Seconds of `repeat` rounds of calls, each round one call of every fn in turn, each
-    call after settle() (`warmup` untimed rounds first) -> (len(fns), repeat) float64.
+    """Seconds of `repeat` rounds of calls, each round every fn in turn: settle(), `warmup`
+    untimed calls, one timed call -> (len(fns), repeat) float64.
     A shared machine's speed drifts by 20-30% within minutes here; interleaved, the drift
     hits every fn alike, so the ratios of their medians are steadier than from runs one
-    after the other."""
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
+    after the other. The untimed calls wake the threads (and caches) that the pause put
+    to sleep, so each timed call runs as it would among back-to-back calls."""
     out = np.empty((len(fns), repeat))
     for i in range(repeat):
         for j, fn in enumerate(fns):
             settle()
+            for _ in range(warmup):
+                fn()
             t0 = time.perf_counter()
             fn()
             out[j, i] = time.perf_counter() - t0

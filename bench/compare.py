@@ -15,17 +15,19 @@ first three), on the same weights and tokens:
       fastmoe_nb, a NumPy per-expert loop, a dense np.matmul of the layer's FLOPs, and HF
       transformers' Mixtral experts block ('eager', 'grouped_mm') when torch and
       transformers are installed (pip install 'fastmoe-nb[bench]') -> seconds
-  decode: the bytes of the selected experts' weights over the read bandwidth (timed with the layer).
+  decode: the bytes of the selected experts' weights over the read bandwidth (timed along
+      with the layer).
   train (--train): forward + backward of the layer (moe_forward with return_context, then
       moe_backward with a random dy) against HF's block with 'grouped_mm' (forward, and
       backward of the sum) and a dense np.matmul of 3x the forward FLOPs -> seconds.
 
-Timings are medians of --repeat calls after one warm-up; fastmoe_nb and the baselines it is
-divided by (dense matmul, NumPy loop, read bandwidth) are timed interleaved, one call of each
-per round (baselines.time_interleaved), so that the machine's drift hits both sides of a ratio
-alike. The first call of each kernel
-(compilation, or loading numba's cache) is reported apart, as is the peak extra memory of
-moe_forward (tracemalloc) against the unavoidable activations N*2h + N*d plus packed weights.
+Timings are medians of --repeat calls. fastmoe_nb and the baselines it is divided by (dense
+matmul, NumPy loop, read bandwidth) are timed interleaved, one call of each per round, each
+after a pause and an untimed call (baselines.time_interleaved), so that the machine's drift
+hits both sides of a ratio alike; HF's blocks after one warm-up, in a run of their own. The
+first call of each kernel (compilation, or loading numba's cache) is reported apart, as is
+the peak extra memory of moe_forward (tracemalloc) against the unavoidable activations
+N*2h + N*d plus packed weights.
 """
 from __future__ import annotations
 

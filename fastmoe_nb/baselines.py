@@ -84,9 +84,10 @@ def time_calls(fn, repeat=5, warmup=1):
     return out
 
 
-def time_interleaved(fns, repeat=5, warmup=1):
+def time_interleaved(fns, repeat=5, warmup=1, after=None):
     """Seconds of `repeat` rounds of calls, each round every fn in turn: settle(), `warmup`
-    untimed calls, one timed call -> (len(fns), repeat) float64.
+    untimed calls, one timed call -> (len(fns), repeat) float64. after(j), if given, runs
+    after fns[j]'s timed call, outside the timing (a progress bar).
     A shared machine's speed drifts by 20-30% within minutes here; interleaved, the drift
     hits every fn alike, so the ratios of their medians are steadier than from runs one
     after the other. The untimed calls wake the threads (and caches) that the pause put
@@ -100,6 +101,8 @@ def time_interleaved(fns, repeat=5, warmup=1):
             t0 = time.perf_counter()
             fn()
             out[j, i] = time.perf_counter() - t0
+            if after is not None:
+                after(j)
     return out
 
 

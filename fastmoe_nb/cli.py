@@ -517,26 +517,33 @@ def _stats(timed):
 MIN_SAMPLE_S = 2e-3   # calls faster than this are timed in groups (the clock's noise)
 
 
-def _timed(fn, sync, repeat, progress, what):
-    """Seconds per call of fn, `repeat` samples; a sample times n calls, n chosen so that it
-    lasts MIN_SAMPLE_S or more -> ((repeat,) seconds per call, n). Starts after
-    baselines.settle() (BLAS threads woken by a baseline spin on the cores for a while)."""
-    from .baselines import settle  # noqa: PLC0415
+def _timed(runs, repeat, progress):
+    """runs: [(what, fn, sync)] -> [((repeat,) seconds per call, n)] in the same order.
+    A sample times n calls of fn (and one sync), n chosen per fn from a call timed after
+    baselines.settle() so that a sample lasts MIN_SAMPLE_S or more. The samples are taken
+    in rounds, each round one sample of every fn in turn, each after the pause and one
+    untimed sample (baselines.time_interleaved): the machine's drift over the run then
+    hits fastmoe_nb and its baselines alike, and their ratios do not depend on which of
+    them ran while a neighbour was busy."""
+    from .baselines import settle, time_interleaved  # noqa: PLC0415
 
-    settle()
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    n = max(1, math.ceil(MIN_SAMPLE_S / max(time.perf_counter() - t0, 1e-9)))
-    out = np.empty(repeat)
-    for i in range(repeat):
+    samples, counts = [], []
+    for _, fn, sync in runs:
+        settle()
         t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
+        fn()
         sync()
-        out[i] = (time.perf_counter() - t0) / n
-        progress.step(what)
-    return out, n
+        n = max(1, math.ceil(MIN_SAMPLE_S / max(time.perf_counter() - t0, 1e-9)))
+
+        def sample(fn=fn, sync=sync, n=n):
+            for _ in range(n):
+                fn()
+            sync()
+
+        samples.append(sample)
+        counts.append(n)
+    t = time_interleaved(samples, repeat, after=lambda j: progress.step(runs[j][0]))
+    return [(t[j] / n, n) for j, n in enumerate(counts)]
 
 
 def _rates(entry, flops, nbytes, machine, cpu):
@@ -593,19 +600,24 @@ def bench_one(args, op, p, be, threads, machine, compare):
             progress.step(f"{op}: reference check")
             if not res["correct"]:
                 return res
-            res.update(_stats(_timed(case.run, be.sync, args.repeat, progress, op)))
-            res["compile_s"] = max(res["first_call_s"] - res["median_s"], 0.0)
-            _rates(res, case.flops, case.nbytes, machine, be.name == "cpu")
             res["baselines"], res["skipped_baselines"] = [], {}
+            runs, entries = [(op, case.run, be.sync)], []
             for name, b in wanted.items():
                 if isinstance(b, str):
                     res["skipped_baselines"][name] = b
                     continue
                 first = b.run()
                 progress.step(f"{name}: first call")
-                entry = {"name": name, "max_rel_err": b.check(first) if b.check else None}
+                entries.append(({"name": name,
+                                 "max_rel_err": b.check(first) if b.check else None}, b))
                 del first
-                entry.update(_stats(_timed(b.run, _Host.sync, args.repeat, progress, name)))
+                runs.append((name, b.run, _Host.sync))
+            timed = _timed(runs, args.repeat, progress)
+            res.update(_stats(timed[0]))
+            res["compile_s"] = max(res["first_call_s"] - res["median_s"], 0.0)
+            _rates(res, case.flops, case.nbytes, machine, be.name == "cpu")
+            for (entry, b), t in zip(entries, timed[1:]):
+                entry.update(_stats(t))
                 flops = case.flops if b.flops is None else b.flops
                 nbytes = case.nbytes if b.nbytes is None else b.nbytes
                 entry["flops"], entry["bytes"] = flops, nbytes

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from importlib import metadata
 
 import numpy as np
@@ -378,3 +379,25 @@ def test_time_interleaved_calls_each_fn_once_a_round(monkeypatch):
                            warmup=1)
     assert calls == ["a", "a", "b", "b"] * 3          # a warm-up call before each timed one
     assert t.shape == (2, 3) and np.all(t >= 0)
+
+
+def test_bench_times_the_op_and_its_baselines_in_rounds(monkeypatch):
+    # cli._timed: one n-choosing call each, then per round a warm-up sample and a timed
+    # sample of every fn in turn; a fast fn is timed n calls (and one sync) a sample
+    monkeypatch.setattr(B, "settle", lambda: None)
+    log, steps = [], []
+
+    def slow():
+        log.append("op")
+        time.sleep(cli.MIN_SAMPLE_S)
+
+    progress = type("P", (), {"step": lambda self, what: steps.append(what)})()
+    runs = [("op", slow, lambda: log.append("sync-op")),
+            ("fast", lambda: log.append("fast"), lambda: log.append("sync-fast"))]
+    (t_op, n_op), (t_fast, n_fast) = cli._timed(runs, 2, progress)
+    assert n_op == 1 and n_fast > 1
+    assert t_op.shape == t_fast.shape == (2,) and t_op.min() >= cli.MIN_SAMPLE_S
+    first = ["op", "sync-op", "fast", "sync-fast"]
+    one = (["op", "sync-op"] * 2 + (["fast"] * n_fast + ["sync-fast"]) * 2)
+    assert log == first + one * 2
+    assert steps == ["op", "fast"] * 2

@@ -69,7 +69,7 @@ def test_make_plan():
     _raises(ValueError, r"experts: expected expert ids in 0..num_experts-1 = 0..2, found 3",
             fm.make_plan, e, 3)
     _raises(ValueError, "found -1", fm.make_plan, np.array([[0, -1]], np.int32), 3)
-    _raises(ValueError, "num_experts: expected a positive integer", fm.make_plan, e, 0)
+    _raises(ValueError, "num_experts: expected an integer in 1..2147483647", fm.make_plan, e, 0)
     _raises(ValueError, "capacity: expected a non-negative integer or None, got -1",
             fm.make_plan, e, 4, capacity=-1)
     _raises(TypeError, "capacity: expected an integer, got float", fm.make_plan, e, 4, 2.5)
@@ -118,8 +118,10 @@ def test_moe_forward(layer):
     call = fm.moe_forward
     _raises(ValueError, r"router_w: expected shape \(8, \*\)", call, L["x"],
             L["router_w"][:7], L["w1"], L["w2"], k=2)
-    _raises(ValueError, r"w1: expected shape \(4, 8, 8\)", call, L["x"], L["router_w"],
-            L["w1"][:3], L["w2"], k=2)
+    _raises(ValueError, r"router_w, w1: router_w has 4 expert columns but w1 holds 3",
+            call, L["x"], L["router_w"], L["w1"][:3], L["w2"], k=2)
+    _raises(ValueError, r"w1: expected shape \(4, 8, 8\), got \(4, 7, 8\)", call, L["x"],
+            L["router_w"], L["w1"][:, :7], L["w2"], k=2)
     _raises(ValueError, r"w2: expected shape \(4, 4, 8\)", call, L["x"], L["router_w"],
             L["w1"], L["w2"][:, :3], k=2)
     _raises(ValueError, "w1: swiglu expects an even hidden width", call, L["x"],
@@ -156,3 +158,83 @@ def test_host_and_device_arrays_do_not_mix(layer):
     L["x"] = _FakeDeviceArray()
     _raises(TypeError, "mixed host and device arrays: x on the GPU but router_w, w1, w2 on "
             "the host", fm.moe_forward, **L, k=2)
+
+
+# --------------------------------------------------------------------------- plans from outside
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_PLAN_INDEX_FIELDS = ("rows", "offsets", "counts", "slots", "dropped")
+
+
+def _plan_calls(plan, d=3):
+    """Every public op that indexes with a plan, on valid arrays for it."""
+    T, k, N = plan.num_tokens, plan.top_k, plan.num_rows
+    x, ys = np.ones((T, d), f32), np.ones((N, d), f32)
+    w, dy = np.ones((T, k), f32), np.ones((T, d), f32)
+    return [lambda p: fm.permute(x, p), lambda p: fm.combine(ys, p, w),
+            lambda p: fm.permute_backward(ys, p), lambda p: fm.combine_backward(dy, ys, p, w)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(T=st.integers(1, 6), E=st.integers(1, 4), data=st.data(),
+       field=st.sampled_from(_PLAN_INDEX_FIELDS),
+       value=st.one_of(st.integers(-3, 12), st.sampled_from([-2**31, 2**31 - 1, 10**6])))
+def test_a_perturbed_plan_is_refused_naming_its_field(T, E, data, field, value):
+    # Any single-entry change to rows / offsets / counts / slots (or a negative dropped count)
+    # leaves a plan inconsistent; every op must refuse it before a kernel indexes with it
+    # (today's main: out-of-bounds reads, writes, or a segfault).
+    k = data.draw(st.integers(1, E))
+    cap = data.draw(st.one_of(st.none(), st.integers(0, T)))
+    experts = np.array([data.draw(st.permutations(range(E)))[:k] for _ in range(T)], np.int32)
+    plan = fm.make_plan(experts, E, capacity=cap)
+    a = getattr(plan, field).copy()
+    if a.size == 0:
+        return
+    i = data.draw(st.integers(0, a.size - 1))
+    old = int(a.reshape(-1)[i])
+    if value == old or (field == "dropped" and value >= 0):
+        return   # not a change, or one a kernel never reads
+    a.reshape(-1)[i] = np.array(value).astype(a.dtype)
+    bad = plan._replace(**{field: a})
+    for call in _plan_calls(plan):
+        with pytest.raises(ValueError, match=r"^plan\.(rows|offsets|counts|slots|dropped): "):
+            call(bad)
+        call(plan)   # the untouched plan still runs
+
+
+def test_plan_fields_of_the_wrong_kind():
+    plan = fm.make_plan(np.array([[0, 1], [1, 0]], np.int32), 2)
+    x = np.arange(8, dtype=f32).reshape(2, 4)
+    _raises(TypeError, r"plan\.rows: expected dtype int32, got float64", fm.permute, x,
+            plan._replace(rows=plan.rows.astype(f64)))
+    _raises(TypeError, r"plan\.offsets: expected dtype int64, got int32", fm.permute, x,
+            plan._replace(offsets=plan.offsets.astype(np.int32)))
+    _raises(ValueError, r"plan\.slots: expected a 2-D array", fm.permute, x,
+            plan._replace(slots=plan.slots.reshape(-1)))
+    _raises(ValueError, r"plan\.offsets: expected shape \(3,\)", fm.permute, x,
+            plan._replace(offsets=plan.offsets[:2]))
+    _raises(TypeError, r"plan\.rows: expected an array, got list", fm.permute, x,
+            plan._replace(rows=[0, 1, 2, 3]))
+    _raises(ValueError, r"plan\.rows: expected assignment ids in 0..T\*k-1 = 0..3, got "
+            r"rows\[0\] = -1", fm.permute, x, plan._replace(rows=plan.rows - 1))
+    _raises(ValueError, r"plan\.capacity: expected a non-negative integer", fm.permute, x,
+            plan._replace(capacity=-1))
+
+
+def test_make_plan_huge_sizes_name_their_argument():
+    ex = np.zeros((2, 2), np.int32)
+    _raises(ValueError, r"num_experts: expected an integer in 1\.\.2147483647", fm.make_plan,
+            ex, 2**63)
+    _raises(ValueError, r"num_experts: expected an integer in 1\.\.2147483647", fm.make_plan,
+            ex, 2**62)
+    plan = fm.make_plan(ex, 2, capacity=2**63)   # larger than T*k: drops nothing
+    assert plan.capacity == 2**63 and plan.num_rows == 4 and not plan.dropped.any()
+    np.testing.assert_array_equal(plan.rows, fm.make_plan(ex, 2).rows)
+
+
+def test_router_columns_and_experts_disagree(layer):
+    with pytest.raises(ValueError, match=r"router_w, w1: router_w has 3 expert columns but w1 "
+                                         r"holds 4 experts"):
+        fm.moe_forward(layer["x"], layer["router_w"][:, :-1], layer["w1"], layer["w2"], 2)

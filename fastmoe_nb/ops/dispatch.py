@@ -10,6 +10,9 @@ from ..kernels.cpu import dispatch as kd
 from ..types import Plan
 
 
+MAX_EXPERTS = 2**31 - 1
+
+
 def _capacity(capacity):
     if capacity is None:
         return None
@@ -25,7 +28,8 @@ def make_plan(experts, num_experts, capacity=None):
     `capacity` assignments in token order (then choice order); the rest are dropped (slot -1,
     they add zero in combine) and counted per expert in `dropped`.
     """
-    E = chk.check_int("num_experts", num_experts, 1, None, what="a positive integer")
+    E = chk.check_int("num_experts", num_experts, 1, MAX_EXPERTS,
+                      what=f"an integer in 1..{MAX_EXPERTS} (expert ids are int32)")
     capacity = _capacity(capacity)
     if backend_of(experts=experts) == CUDA:
         chk.check_int_array("experts", experts, ndim=2)
@@ -40,13 +44,69 @@ def make_plan(experts, num_experts, capacity=None):
     n = flat.shape[0]   # first come, first kept: capacity is claimed in token order
     rows, offsets, counts, slots, dropped = kd.plan_kernel(
         flat, np.arange(n, dtype=np.int64), np.zeros(n, np.bool_), E,
-        -1 if capacity is None else capacity)
+        -1 if capacity is None else min(capacity, n))   # above T*k it drops nothing
     return Plan(rows, offsets, counts, slots.reshape(experts.shape), dropped, capacity)
 
 
+_PLAN_DTYPES = {"rows": np.int32, "offsets": np.int64, "counts": np.int64, "slots": np.int32,
+                "dropped": np.int64}
+
+
+def _plan_error(name, code, i, v, N, E, n):
+    f = {kd.PLAN_OFFSET0: ("offsets", f"offsets[0] = 0, got {v}"),
+         kd.PLAN_OFFSET_ORDER: ("offsets", f"non-decreasing offsets, but offsets[{i}] = {v} "
+                                           f"is below offsets[{i - 1}]"),
+         kd.PLAN_OFFSET_END: ("offsets", f"offsets[E] = N = {N} (the length of rows), got {v}"),
+         kd.PLAN_COUNT: ("counts", f"counts[e] = offsets[e+1] - offsets[e], but counts[{i}] "
+                                   f"= {v}"),
+         kd.PLAN_DROPPED: ("dropped", f"non-negative counts, got dropped[{i}] = {v}"),
+         kd.PLAN_ROW_RANGE: ("rows", f"assignment ids in 0..T*k-1 = 0..{n - 1}, got "
+                                     f"rows[{i}] = {v}"),
+         kd.PLAN_SLOT_RANGE: ("slots", f"slots in -1..N-1 = -1..{N - 1}, got {v} at flat "
+                                       f"index {i}"),
+         kd.PLAN_ROW_SLOT: ("rows", f"rows and slots to be inverses (slots[rows[i]] == i), "
+                                    f"but rows[{i}] = {v} and slots there is not {i}"),
+         kd.PLAN_KEPT: ("slots", f"N = {N} kept slots (one per row), found {v}")}[code]
+    return ValueError(f"{name}.{f[0]}: expected {f[1]}; pass a Plan from make_plan, or keep "
+                      f"its fields consistent")
+
+
 def check_plan(plan, name="plan"):
+    """A Plan whose every indexing field is consistent, checked before any kernel reads it:
+    dtypes and shapes, offsets from 0 to N non-decreasing, counts their differences, rows in
+    0..T*k-1 and slots in -1..N-1 inverse to each other. A Plan is a public NamedTuple that
+    users may build or _replace; an inconsistent one would otherwise make the kernels read or
+    write out of bounds. O(T*k) in one Numba pass (device plans are copied to the host for it)."""
     if not isinstance(plan, Plan):
         raise TypeError(f"{name}: expected a Plan from make_plan, got {type(plan).__name__}")
+    fields = {}
+    for f, dt in _PLAN_DTYPES.items():
+        a = getattr(plan, f)
+        chk.check_array(f"{name}.{f}", a, ndim=2 if f == "slots" else 1)
+        if chk.dtype_of(a) != np.dtype(dt):
+            raise TypeError(f"{name}.{f}: expected dtype {np.dtype(dt)}, got {chk.dtype_of(a)}")
+        fields[f] = a
+    E = fields["counts"].shape[0]
+    if E < 1:
+        raise ValueError(f"{name}.counts: expected at least one expert, got shape (0,)")
+    for f, want in (("offsets", E + 1), ("dropped", E)):
+        if fields[f].shape[0] != want:
+            raise ValueError(f"{name}.{f}: expected shape ({want},) (E = {E} from "
+                             f"{name}.counts), got {tuple(fields[f].shape)}")
+    if plan.capacity is not None:
+        chk.check_int(f"{name}.capacity", plan.capacity, 0, None,
+                      what="a non-negative integer or None")
+    if backend_of(**fields) == CUDA:
+        dev = cuda_module().dev
+        fields = {f: dev(a).copy_to_host() for f, a in fields.items()}
+    N = fields["rows"].shape[0]
+    flat = np.ascontiguousarray(fields["slots"]).reshape(-1)
+    code, i, v = kd.check_plan_kernel(np.ascontiguousarray(fields["rows"]),
+                                      np.ascontiguousarray(fields["offsets"]),
+                                      np.ascontiguousarray(fields["counts"]), flat,
+                                      np.ascontiguousarray(fields["dropped"]))
+    if code != kd.PLAN_OK:
+        raise _plan_error(name, code, int(i), int(v), N, E, flat.shape[0])
     return plan
 
 

@@ -60,6 +60,9 @@ def _check_layer(x, router_w, w1, w2, k, activation, trans_w, shared_w1, shared_
                          if be == CUDA else router_b)
     activation_code(activation)
     w1 = chk.check_float("w1", host("w1", w1), ndim=3, dtype=dt)
+    if w1.shape[0] != E:
+        raise ValueError(f"router_w, w1: router_w has {E} expert columns but w1 holds "
+                         f"{w1.shape[0]} experts; expected the same E in both")
     H1 = w1.shape[1] if trans_w else w1.shape[2]
     chk.check_array("w1", w1, shape=(E, H1, d) if trans_w else (E, d, H1))
     h = hidden_width(H1, activation)

@@ -36,6 +36,46 @@ def plan_kernel(flat, order, skip, num_experts, capacity):
     return rows, offsets, counts, slots, wanted - counts
 
 
+# check_plan_kernel's findings: (code, index, value); code 0 = a consistent plan
+PLAN_OK, PLAN_OFFSET0, PLAN_OFFSET_ORDER, PLAN_OFFSET_END, PLAN_COUNT, PLAN_DROPPED, \
+    PLAN_ROW_RANGE, PLAN_SLOT_RANGE, PLAN_ROW_SLOT, PLAN_KEPT = range(10)
+
+
+@njit(cache=True)
+def check_plan_kernel(rows, offsets, counts, slots, dropped):
+    # rows: (N,), offsets: (E+1,), counts: (E,), slots: (T*k,), dropped: (E,)
+    #   -> (code, index, value): the first inconsistency that a kernel indexing with the plan
+    #      would read or write out of bounds on, or compute garbage from
+    N, E, n = rows.shape[0], counts.shape[0], slots.shape[0]
+    if offsets[0] != 0:
+        return PLAN_OFFSET0, 0, offsets[0]
+    for e in range(E):
+        if offsets[e + 1] < offsets[e]:
+            return PLAN_OFFSET_ORDER, e + 1, offsets[e + 1]
+        if counts[e] != offsets[e + 1] - offsets[e]:
+            return PLAN_COUNT, e, counts[e]
+        if dropped[e] < 0:
+            return PLAN_DROPPED, e, dropped[e]
+    if offsets[E] != N:
+        return PLAN_OFFSET_END, E, offsets[E]
+    kept = 0
+    for i in range(n):
+        s = slots[i]
+        if s < -1 or s >= N:
+            return PLAN_SLOT_RANGE, i, s
+        if s >= 0:
+            kept += 1
+    if kept != N:
+        return PLAN_KEPT, 0, kept
+    for i in range(N):   # with kept == N, slots[rows[i]] == i makes rows and slots inverses
+        r = rows[i]
+        if r < 0 or r >= n:
+            return PLAN_ROW_RANGE, i, r
+        if slots[r] != i:
+            return PLAN_ROW_SLOT, i, r
+    return PLAN_OK, 0, 0
+
+
 PERMUTE_ROWS = 64   # rows a parallel task of permute_kernel copies
 
 

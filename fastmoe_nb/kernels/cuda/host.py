@@ -147,7 +147,7 @@ def make_plan(experts, E, capacity=None):
         raise ValueError(f"experts: expected expert ids in 0..num_experts-1 = 0..{E - 1}, "
                          f"found {bad_h[np.flatnonzero(bad_h)[0]]}")
     _scan(hist, E * C)
-    cap = -1 if capacity is None else int(capacity)
+    cap = -1 if capacity is None else min(int(capacity), n)   # above T*k it drops nothing
     first, offsets = _empty(E, np.int64), _empty(E + 1, np.int64)
     dropped = _empty(E, np.int64)
     _launch(kd.specs, "plan_sizes", f32, E + 1, threads, hist, C, cap, first, offsets, dropped)

@@ -64,14 +64,15 @@ GROW = [dict(k=2), dict(k=3, renormalize=False), dict(k=4, router_bias=True),
         dict(k=2, router="sigmoid_topk"), dict(k=1, renormalize=False)]
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("kw", GROW, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
-def test_add_experts_keeps_routing_weights_and_output_bit_for_bit(kw):
-    moe = layer(d=24, E=4, seed=3, **kw)
+def test_add_experts_keeps_routing_weights_and_output_bit_for_bit(kw, dtype):
+    moe = layer(d=24, E=4, seed=3, dtype=dtype, **kw)
     if hasattr(moe, "router_b"):
         moe.router_b.value[...] = [0.3, -0.2, 0.0, 0.1]
-    x = tokens(200, 24, seed=4) * 3.0                   # logits of a few units
+    x = tokens(200, 24, dtype, seed=4) * 3.0            # logits of a few units
     y0 = moe.forward(x)
-    r0, dy = moe.ctx.routing, tokens(200, 24, seed=5)
+    r0, dy = moe.ctx.routing, tokens(200, 24, dtype, seed=5)
     moe.zero_grad()
     dx0 = moe.backward(dy)
     g0 = {n: getattr(moe, n).grad.copy() for n in ("w1", "w2", "router_w")}

@@ -40,14 +40,42 @@ def row_max(x):
     return m
 
 
-@njit(cache=True, fastmath={"reassoc"})
+LANES = 8      # sum_lanes' accumulators: one 512-bit or two 256-bit vectors of float64
+
+
+@njit(cache=True)
 def sum_lanes(p):
-    # p: (E,) float64 -> float64 sum, in vector lanes: the order is fixed by the compiled code
-    # (and E), so the result does not depend on the thread count
-    s = 0.0
-    for e in range(np.uint64(0), np.uint64(p.shape[0])):
-        s += p[e]
-    return s
+    # p: (E,) float64 -> float64 sum: p[e] goes to lane e % LANES in increasing e, the lanes
+    # then add in a fixed tree. The order depends on no compiler choice, E or thread count,
+    # and zeros appended to p leave the bits unchanged (surgery's add_experts relies on it).
+    n = np.uint64(p.shape[0])
+    body = n - n % np.uint64(LANES)
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+    for e in range(np.uint64(0), body, np.uint64(LANES)):
+        s0 += p[e]
+        s1 += p[e + np.uint64(1)]
+        s2 += p[e + np.uint64(2)]
+        s3 += p[e + np.uint64(3)]
+        s4 += p[e + np.uint64(4)]
+        s5 += p[e + np.uint64(5)]
+        s6 += p[e + np.uint64(6)]
+        s7 += p[e + np.uint64(7)]
+    r = n - body   # the tail continues the same lanes: zeros there change nothing
+    if r > 0:
+        s0 += p[body]
+    if r > 1:
+        s1 += p[body + np.uint64(1)]
+    if r > 2:
+        s2 += p[body + np.uint64(2)]
+    if r > 3:
+        s3 += p[body + np.uint64(3)]
+    if r > 4:
+        s4 += p[body + np.uint64(4)]
+    if r > 5:
+        s5 += p[body + np.uint64(5)]
+    if r > 6:
+        s6 += p[body + np.uint64(6)]
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
 
 
 @njit(cache=True)

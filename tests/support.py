@@ -9,15 +9,17 @@ import numpy as np
 RTOL = {np.float32: 1e-5, np.float64: 1e-12}
 
 
-def assert_close(got, want, dtype=None, rtol=None):
-    """Max abs error relative to the largest |want| (0-size arrays compare by shape)."""
+def assert_close(got, want, dtype=None, rtol=None, floor=1e-30):
+    """Max abs error relative to the largest |want|, or to floor where that is smaller (0-size
+    arrays compare by shape). floor is the size of the terms the true value is summed from:
+    where that sum is mathematically zero, rounding leaves noise of that scale times eps."""
     got, want = np.asarray(got), np.asarray(want)
     assert got.shape == want.shape, (got.shape, want.shape)
     assert got.dtype == want.dtype, (got.dtype, want.dtype)
     if got.size == 0:
         return
     rtol = rtol if rtol is not None else RTOL[np.dtype(dtype or want.dtype).type]
-    scale = max(float(np.abs(want).max()), 1e-30)
+    scale = max(float(np.abs(want).max()), floor)
     err = float(np.abs(got.astype(np.float64) - want.astype(np.float64)).max()) / scale
     assert err <= rtol, f"relative error {err:.3e} > {rtol:.1e}"
 

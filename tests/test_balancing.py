@@ -63,7 +63,10 @@ def test_load_balancing_loss_matches_reference(rng, T, E, k, dtype):
             assert got == pytest.approx(rref.load_balancing_loss(logits, experts, norm, m),
                                         rel=1e-6, abs=1e-12)
             d = R.load_balancing_loss_backward(0.7, logits, experts, norm, mask=m)
-            assert_close(d, rref.load_balancing_loss_backward(0.7, logits, experts, norm, m))
+            # k = E: every token picks every expert, the gradient is exactly 0 in exact
+            # arithmetic; its terms are O(0.7 / T) (a coefficient times probabilities / T)
+            assert_close(d, rref.load_balancing_loss_backward(0.7, logits, experts, norm, m),
+                         floor=0.7 / max(T, 1))
 
 
 @pytest.mark.parametrize("normalization", ["mixtral", "switch", "megablocks", "deepspeed"])

@@ -109,3 +109,132 @@ def test_bad_arguments(tmp_path):
         nn.save(tmp_path / "x.npz", model(), optimizer="adam")
     with pytest.raises(FileNotFoundError):
         nn.load(tmp_path / "missing.npz", model())
+
+
+# ----------------------------------------------------------------------------- failed loads
+
+def snapshot(m, opt):
+    return ([p.value.copy() for p in m.parameters()], opt.t,
+            {k: np.array(a, copy=True) for k, a in opt.state_dict().items()})
+
+
+def assert_unchanged(m, opt, snap):
+    values, t, sd = snap
+    assert all(np.array_equal(a, p.value) for a, p in zip(values, m.parameters()))
+    assert opt.t == t
+    now = opt.state_dict()
+    assert set(now) == set(sd)
+    assert all(np.array_equal(sd[k], now[k]) for k in sd)
+
+
+def tampered(tmp_path, **changes):
+    """A checkpoint of trained() with some optim/ entries replaced."""
+    m, opt = trained()
+    path = tmp_path / "ckpt.npz"
+    nn.save(path, m, opt)
+    with np.load(path) as f:
+        data = {k: f[k] for k in f.files}
+    data.update({"optim/" + k: v for k, v in changes.items()})
+    np.savez(path, **data)
+    return path
+
+
+def fresh():
+    m = model(seed=5)
+    return m, nn.AdamW(m, lr=0.01)
+
+
+def last_slot_key():
+    return list(fresh()[1].state_dict())[-1]
+
+
+def test_failed_optimizer_load_changes_nothing(tmp_path):
+    key = last_slot_key()
+    shape = fresh()[1].state_dict()[key].shape
+    path = tampered(tmp_path, t=np.array(99, np.int64), **{key: np.full(shape, "x")})
+    m, opt = fresh()
+    snap = snapshot(m, opt)
+    with pytest.raises(TypeError, match=f"{key} expected a real floating array of dtype "
+                                        "float32, got dtype <U1"):
+        nn.load(path, m, opt)
+    assert_unchanged(m, opt, snap)
+    # the same through load_state_dict
+    with np.load(path) as f:
+        sd = {k[len("optim/"):]: f[k] for k in f.files if k.startswith("optim/")}
+    with pytest.raises(TypeError, match=key):
+        opt.load_state_dict(sd)
+    assert_unchanged(m, opt, snap)
+
+
+def test_complex_optimizer_state_is_rejected(tmp_path):
+    key = last_slot_key()
+    shape = fresh()[1].state_dict()[key].shape
+    path = tampered(tmp_path, **{key: np.ones(shape, np.complex64) * 1j})
+    m, opt = fresh()
+    snap = snapshot(m, opt)
+    with pytest.raises(TypeError, match=f"{key} expected a real floating array of dtype "
+                                        "float32, got dtype complex64"):
+        nn.load(path, m, opt)
+    assert_unchanged(m, opt, snap)
+
+
+@pytest.mark.parametrize("t, exc, msg", [
+    (np.arange(3), ValueError, r"t expected a scalar \(shape \(\)\), got shape \(3,\)"),
+    (np.array(2.5), TypeError, "t expected an integer scalar, got dtype float64"),
+    (np.array(True), TypeError, "t expected an integer scalar, got dtype bool"),
+    (np.array(-1), ValueError, "t expected a non-negative step count, got -1"),
+])
+def test_bad_step_count_is_rejected(tmp_path, t, exc, msg):
+    path = tampered(tmp_path, t=t)
+    m, opt = fresh()
+    snap = snapshot(m, opt)
+    with pytest.raises(exc, match=msg):
+        nn.load(path, m, opt)
+    assert_unchanged(m, opt, snap)
+
+
+def test_optimizer_shape_mismatch_changes_nothing(tmp_path):
+    key = last_slot_key()
+    path = tampered(tmp_path, **{key: np.zeros((1, 1), np.float32)})
+    m, opt = fresh()
+    snap = snapshot(m, opt)
+    with pytest.raises(ValueError, match=f"{key} expected shape"):
+        nn.load(path, m, opt)
+    assert_unchanged(m, opt, snap)
+
+
+def test_single_npy_file_is_rejected(tmp_path):
+    path = tmp_path / "w.npy"
+    np.save(path, np.ones(3))
+    m, opt = fresh()
+    snap = snapshot(m, opt)
+    with pytest.raises(ValueError, match=r"w\.npy.*expected an \.npz checkpoint written by "
+                                         r"nn\.save"):
+        nn.load(path, m, opt)
+    assert_unchanged(m, opt, snap)
+
+
+def test_save_into_a_missing_directory_raises_and_leaves_nothing(tmp_path):
+    m, opt = trained()
+    blocker = tmp_path / "some_file"
+    blocker.write_bytes(b"not a directory")
+    for path in (blocker / "sub" / "ckpt.npz", tmp_path / "absent" / "ckpt.npz"):
+        with pytest.raises(FileNotFoundError, match="cannot save the checkpoint: its directory "
+                                                    ".* does not exist or is not a directory"):
+            nn.save(path, m, opt)
+    assert sorted(os.listdir(tmp_path)) == ["some_file"]
+    assert blocker.read_bytes() == b"not a directory"
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Linear(4, 3, rng=0),
+    lambda: nn.Embedding(7, 4, rng=0),
+    lambda: nn.RMSNorm(4),
+    lambda: nn.LayerNorm(4),
+    lambda: nn.MLP(4, 3, rng=0),
+    lambda: nn.MoE(4, 3, num_experts=4, k=2, rng=0),
+])
+def test_backward_before_forward_is_a_runtime_error(make):
+    m = make()
+    with pytest.raises(RuntimeError, match=r"\.backward: call forward first"):
+        m.backward(np.ones((2, 4), np.float32))

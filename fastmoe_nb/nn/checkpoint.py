@@ -7,6 +7,8 @@ dtype before it changes anything.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import tempfile
 
@@ -35,6 +37,9 @@ def save(path, model, optimizer=None):
         arrays.update({OPTIM + k: a for k, a in optimizer.state_dict().items()})
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(errno.ENOENT, f"cannot save the checkpoint: its directory "
+                                f"{folder} does not exist or is not a directory", path)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -43,19 +48,30 @@ def save(path, model, optimizer=None):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise
     return path
+
+
+def _read(path):
+    """{key: array} of the .npz checkpoint at path."""
+    f = np.load(os.fspath(path), allow_pickle=False)
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: holds a single array (.npy format), not a checkpoint: "
+                         f"expected an .npz checkpoint written by nn.save")
+    with f:
+        return {k: f[k] for k in f.files}
 
 
 def load(path, model, optimizer=None):
     """Read a checkpoint written by save into model (and optimizer), in place.
 
-    Raises ValueError naming the missing / unexpected parameters, or the first parameter whose
-    shape or dtype differs, before any parameter is changed."""
+    Every parameter name, shape and dtype, and every optimizer key, shape, dtype and the step
+    count's kind, is checked first; then all of it is written, or (on any ValueError /
+    TypeError) nothing is."""
     _check_types(model, optimizer)
-    with np.load(os.fspath(path), allow_pickle=False) as f:
-        data = {k: f[k] for k in f.files}
+    data = _read(path)
     params = dict(model.named_parameters())
     stored = {k[len(PARAM):]: a for k, a in data.items() if k.startswith(PARAM)}
     if set(stored) != set(params):
@@ -66,14 +82,18 @@ def load(path, model, optimizer=None):
         if a.shape != p.shape or a.dtype != p.dtype:
             raise ValueError(f"{path}: parameter {n}: the model expects shape {p.shape} "
                              f"{p.dtype}, the file holds {a.shape} {a.dtype}")
+    checked = None
     if optimizer is not None:
         osd = {k[len(OPTIM):]: a for k, a in data.items() if k.startswith(OPTIM)}
         if not osd:
             raise ValueError(f"{path}: holds no optimizer state (saved without an optimizer)")
         try:
-            optimizer.load_state_dict(osd)   # validates everything before writing
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+            checked = optimizer.check_state_dict(osd)   # validates, changes nothing
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{path}: {e}") from None
+    # everything is checked: from here on nothing can fail
+    if checked is not None:
+        optimizer.apply_state_dict(checked)
     for n, p in params.items():
         p.value[...] = stored[n]
     return model

@@ -47,7 +47,7 @@ class Linear(Module):
 
     def backward(self, dy):
         # dy: (T, d_out) -> dx: (T, d_in); w.grad += x.T @ dy, b.grad += sum_t dy
-        self.w.accumulate(self.x.T @ dy)
+        self.w.accumulate(self._saved("x").T @ dy)
         if self.b is not None:
             self.b.accumulate(dy.sum(axis=0))
         return dy @ self.w.value.T
@@ -76,8 +76,9 @@ class Embedding(Module):
 
     def backward(self, dy):
         # dy: (..., d) -> None; w.grad[ids] += dy
+        ids = self._saved("ids")
         if self.w.requires_grad:
-            np.add.at(self.w.grad, self.ids.reshape(-1), dy.reshape(-1, self.w.shape[1]))
+            np.add.at(self.w.grad, ids.reshape(-1), dy.reshape(-1, self.w.shape[1]))
         return None
 
 
@@ -106,7 +107,7 @@ class RMSNorm(Module):
         # dy: (T, d) -> dx: (T, d)
         # dx = r * (dy*g - xhat * mean(dy*g*xhat)), minus its row mean for LayerNorm;
         # g.grad += sum_t dy * xhat, b.grad += sum_t dy
-        xhat = self.xhat
+        xhat = self._saved("xhat")
         self.g.accumulate((dy * xhat).sum(axis=0))
         if self.center:
             self.b.accumulate(dy.sum(axis=0))
@@ -150,7 +151,7 @@ class MLP(Module):
 
     def backward(self, dy):
         # dy: (T, d) -> dx: (T, d)
-        self.w2.accumulate(self.h_act.T @ dy)
+        self.w2.accumulate(self._saved("h_act").T @ dy)
         dh_pre = activate_backward(dy @ self.w2.value.T, self.h_pre, self.activation)
         self.w1.accumulate(self.x.T @ dh_pre)
         return dh_pre @ self.w1.value.T

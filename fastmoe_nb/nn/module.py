@@ -64,6 +64,14 @@ class Module:
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
 
+    def _saved(self, name):
+        """The attribute forward kept for backward; RuntimeError when forward has not run."""
+        try:
+            return vars(self)[name]
+        except KeyError:
+            raise RuntimeError(f"{type(self).__name__}.backward: call forward first (backward "
+                               f"needs what forward keeps)") from None
+
     # ------------------------------------------------------------------ traversal
 
     def _children(self):

@@ -144,7 +144,7 @@ class MoE(Module):
 
     def backward(self, dy):
         # dy: (T, d) -> dx: (T, d); accumulates the gradient of every trainable weight
-        ctx = self.ctx
+        ctx = self._saved("ctx")
         into = {n: getattr(self, n).grad for n in ("w1", "w2")   # added into per expert, in
                 if getattr(self, n).requires_grad}               # cache (no (E, ...) arrays)
         dx, grads = moe_backward(dy, ctx, grads=into)

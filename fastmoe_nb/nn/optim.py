@@ -86,23 +86,53 @@ class Optimizer:
                 out[f"{s}/{n}"] = a
         return out
 
-    def load_state_dict(self, sd):
-        """The inverse of state_dict; every key and shape is checked before anything changes."""
+    def check_state_dict(self, sd):
+        """Validate sd against this optimizer without changing anything: the same keys, "t" a
+        non-negative integer scalar, every slot a real floating array of its slot's shape and
+        dtype. Returns (t, {key: array}) ready for apply; raises ValueError / TypeError naming
+        the key and what was expected."""
+        if not hasattr(sd, "keys"):
+            raise TypeError(f"optimizer state: expected a mapping, got {type(sd).__name__}")
         want = set(self.state_dict())
         got = set(sd)
         if want != got:
             raise ValueError("optimizer state: "
                              + _describe_mismatch(sorted(want - got), sorted(got - want)))
+        t = np.asarray(sd["t"])
+        if t.shape != ():
+            raise ValueError(f"optimizer state: t expected a scalar (shape ()), got shape "
+                             f"{t.shape}")
+        if t.dtype.kind not in "iu":
+            raise TypeError(f"optimizer state: t expected an integer scalar, got dtype {t.dtype}")
+        if int(t) < 0:
+            raise ValueError(f"optimizer state: t expected a non-negative step count, got "
+                             f"{int(t)}")
+        arrays = {}
         for n, st in self.state.items():
             for s, a in st.items():
-                b = np.asarray(sd[f"{s}/{n}"])
+                key = f"{s}/{n}"
+                b = np.asarray(sd[key])
                 if b.shape != a.shape:
-                    raise ValueError(f"optimizer state: {s}/{n} expected shape {a.shape}, "
+                    raise ValueError(f"optimizer state: {key} expected shape {a.shape}, "
                                      f"got {b.shape}")
-        self.t = int(np.asarray(sd["t"]))
+                if b.dtype != a.dtype:
+                    raise TypeError(f"optimizer state: {key} expected a real floating array of "
+                                    f"dtype {a.dtype}, got dtype {b.dtype}")
+                arrays[key] = b
+        return int(t), arrays
+
+    def apply_state_dict(self, checked):
+        """Write a (t, arrays) pair returned by check_state_dict (cannot fail)."""
+        t, arrays = checked
         for n, st in self.state.items():
             for s, a in st.items():
-                a[...] = sd[f"{s}/{n}"]
+                a[...] = arrays[f"{s}/{n}"]
+        self.t = t
+
+    def load_state_dict(self, sd):
+        """The inverse of state_dict; every key, shape and dtype (and t's kind) is checked
+        before anything changes: on any error the optimizer is left as it was."""
+        self.apply_state_dict(self.check_state_dict(sd))
 
 
 def _describe_mismatch(missing, unexpected):

@@ -112,6 +112,9 @@ class ExpertParallelMoE(Module):
     def backward(self, dy):
         # dy: (T_r, d) -> dx: (T_r, d); the replicated weights get this rank's share only
         # (sync_gradients reduces them), the experts the sum over every rank's tokens
+        if self.ctx is None:
+            raise RuntimeError(f"{type(self).__name__}.backward: call forward first (backward "
+                               f"needs what forward keeps)")
         dx, grads = ep_moe_backward(dy, self.ctx, reduce=None)
         for n, g in grads.items():
             getattr(self, n).accumulate(g)

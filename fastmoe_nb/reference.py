@@ -8,7 +8,7 @@ kernels against these functions; when a kernel and this file disagree, this file
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import erf as _erf
+from scipy.special import erfc as _erfc
 from scipy.special import expit as _sigmoid
 
 from .types import Plan, Routing
@@ -145,15 +145,34 @@ def grouped_gemm(a, w, offsets, trans_w=False):
     return out.astype(a.dtype)
 
 
+def _phi(x):
+    """Phi(x) = 0.5 (1 + erf(x / sqrt 2)), as 0.5 erfc(-x / sqrt 2): accurate for x < 0 too."""
+    return 0.5 * _erfc(-x / np.sqrt(2.0))
+
+
+def _gelu_tanh_2u(x):
+    """2u = 2 sqrt(2/pi) (x + 0.044715 x^3); +-inf where x^3 overflows (sigmoid(+-inf) is
+    exactly 1 / 0 there, which is the true value to rounding)."""
+    with np.errstate(over="ignore"):
+        return 2.0 * np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)
+
+
+# gelu_tanh' = s + x s(2u) s(-2u) 2u': for |x| >= 30, |2u| > 1974, so s(2u) is exactly 1 or 0
+# and the second term underflows to 0 in float64; clamping x there keeps x^2 (which overflows
+# near 1.3e154) out of 0 * inf = NaN without changing any result.
+_GELU_TANH_CLAMP = 30.0
+
+
 def activate(h, activation):
     """h: (N, h) -> (N, h), or for swiglu h: (N, 2h) = [gate | up] -> silu(gate) * up (N, h)."""
     x = _f64(h)
     if activation == "relu":
         out = np.maximum(x, 0.0)
     elif activation == "gelu":
-        out = 0.5 * x * (1.0 + _erf(x / np.sqrt(2.0)))
+        out = x * _phi(x)
     elif activation == "gelu_tanh":
-        out = 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
+        # 0.5 x (1 + tanh(u)) = x sigmoid(2u): no 1 + tanh(u) cancellation for x < 0
+        out = x * _sigmoid(_gelu_tanh_2u(x))
     elif activation == "silu":
         out = x * _sigmoid(x)
     elif activation == "swiglu":
@@ -317,24 +336,28 @@ def activate_backward(dy, h, activation):
     g = _f64(dy)
 
     def silu_grad(v):
-        s = 1.0 / (1.0 + np.exp(-v))
-        return s + v * s * (1.0 - s)
+        # s + v s (1 - s), with 1 - s = s(-v) computed directly (no cancellation)
+        s = _sigmoid(v)
+        return s + v * s * _sigmoid(-v)
 
     if activation == "relu":
         dh = g * (x > 0)
     elif activation == "gelu":
-        dh = g * (0.5 * (1.0 + _erf(x / np.sqrt(2.0))) + x * np.exp(-0.5 * x * x)
-                  / np.sqrt(2.0 * np.pi))
+        with np.errstate(over="ignore"):      # x^2 -> inf: exp(-inf) = 0, exact
+            xphi = x * np.exp(-0.5 * x * x) / np.sqrt(2.0 * np.pi)
+        dh = g * (_phi(x) + xphi)
     elif activation == "gelu_tanh":
-        c = np.sqrt(2.0 / np.pi)
-        th = np.tanh(c * (x + 0.044715 * x ** 3))
-        dh = g * (0.5 * (1.0 + th) + 0.5 * x * (1.0 - th ** 2) * c * (1.0 + 3 * 0.044715 * x ** 2))
+        xc = np.clip(x, -_GELU_TANH_CLAMP, _GELU_TANH_CLAMP)
+        u2 = _gelu_tanh_2u(xc)
+        du2 = 2.0 * np.sqrt(2.0 / np.pi) * (1.0 + 3 * 0.044715 * xc ** 2)
+        s = _sigmoid(u2)
+        dh = g * (s + xc * s * _sigmoid(-u2) * du2)
     elif activation == "silu":
         dh = g * silu_grad(x)
     elif activation == "swiglu":
         half = x.shape[1] // 2
         gate, up = x[:, :half], x[:, half:]
-        dh = np.concatenate([g * up * silu_grad(gate), g * gate / (1.0 + np.exp(-gate))], axis=1)
+        dh = np.concatenate([g * up * silu_grad(gate), g * gate * _sigmoid(gate)], axis=1)
     else:
         raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
     return dh.astype(h.dtype)

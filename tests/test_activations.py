@@ -54,3 +54,51 @@ def test_row_block_functions_write_only_their_rows(rng, dtype):
         np.testing.assert_array_equal(out[5:30], fm.activate(h[5:30], activation))
         np.testing.assert_array_equal(dh[5:30], fm.activate_backward(dy[5:30], h[5:30],
                                                                      activation))
+
+
+# --------------------------------------------------------------------------- float limits
+
+def _extremes(dtype):
+    """(x, sign) at the float limits: +-1e-30, +-1e30, +-dtype max (float64: also +-1e200,
+    where x^2 overflows)."""
+    big = np.finfo(dtype).max
+    vals = [1e-30, 1e20, 1e30, big] + ([1e200] if dtype == np.float64 else [])
+    x = np.array([v * s for v in vals for s in (1, -1)], dtype)
+    return x
+
+
+def _forward_limit(x, activation):
+    """The analytic value to rounding: x for x >> 0, 0 for x << 0, x/2 for |x| tiny (relu:
+    max(x, 0))."""
+    if activation == "relu":
+        return np.maximum(x, 0)
+    return np.where(np.abs(x) < 1, x / 2, np.where(x > 0, x, 0)).astype(x.dtype)
+
+
+@pytest.mark.parametrize("activation", fm.ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_activate_at_float_limits(activation, dtype):
+    x = _extremes(dtype)[None, :]
+    h = np.concatenate([x, np.ones_like(x)], 1) if activation == "swiglu" else x
+    want = _forward_limit(x, activation)
+    eps = np.finfo(dtype).eps
+    for name, got in (("kernel", fm.activate(h, activation)), ("reference",
+                                                               ref.activate(h, activation))):
+        assert np.isfinite(got).all(), (name, got)
+        np.testing.assert_allclose(got, want, rtol=4 * eps, atol=0, err_msg=name)
+
+
+def test_reference_gelu_tanh_does_not_cancel_for_negative_x():
+    """reference.activate's gelu_tanh to ~ulp against 50-digit mpmath, also deep in the left
+    tail (0.5 x (1 + tanh u) gives 0 or a cancelled value there: 1.6e-12 off at x = -4)."""
+    import mpmath
+    mpmath.mp.dps = 50
+    x = np.array([-0.5, -1.0, -2.0, -3.0, -4.0, -5.5, -7.0, -9.0, -12.0])
+    got = ref.activate(x[None, :], "gelu_tanh")[0]
+    for xi, gi in zip(x, got):
+        X = mpmath.mpf(xi)
+        u = mpmath.sqrt(2 / mpmath.pi) * (X + mpmath.mpf(0.044715) * X ** 3)
+        want = float(X / (1 + mpmath.exp(-2 * u)))
+        # rounding of x^3 inside e^-2u is magnified by ~3|2u| (the function's own condition)
+        tol = 4e-16 * (1 + 3 * abs(float(2 * u)))
+        assert want != 0 and abs(gi - want) <= tol * abs(want), (xi, gi, want)

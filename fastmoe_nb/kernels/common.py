@@ -19,6 +19,7 @@ ACTIVATION_CODES = {"relu": RELU, "gelu": GELU, "gelu_tanh": GELU_TANH, "silu": 
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_GELU_TANH_CLAMP = 30.0
 
 
 @njit(cache=True)
@@ -51,6 +52,10 @@ def act_grad_scalar(x, code):
         return 0.5 * (1.0 + math.erf(x * _INV_SQRT_2)) + x * math.exp(-0.5 * x * x) * (
             _INV_SQRT_2 / math.sqrt(math.pi))
     if code == GELU_TANH:
+        # clamped like kernels/cpu/fastmath.py's gelu_tanh_grad: exactly 1 or 0 beyond +-30,
+        # where x^3 would overflow further out (x * 0 * inf = NaN)
+        x = _GELU_TANH_CLAMP if x > _GELU_TANH_CLAMP else x
+        x = -_GELU_TANH_CLAMP if x < -_GELU_TANH_CLAMP else x
         u = _SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
         th = math.tanh(u)
         du = _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x)

@@ -228,9 +228,18 @@ def gelu_tanh(x):
     return x * sigmoid(u2)
 
 
+GELU_TANH_CLAMP = 30.0   # |x| beyond which gelu_tanh's gradient is exactly 1 or 0
+
+
 @njit(inline="always")
 def gelu_tanh_grad(x):
-    """d gelu_tanh / dx = s + x s (1 - s) 2u', s = sigmoid(2u)."""
+    """d gelu_tanh / dx = s + x s (1 - s) 2u', s = sigmoid(2u), at x clamped to +-30: there
+    |2u| ~ 1974, e^-1974 underflows in float32 and float64, so the gradient is exactly 1 or 0
+    already, and x^3 cannot overflow (x * 0 * inf = NaN beyond ~1.9e19 in float32). The clamp
+    is a select: NaN stays NaN."""
+    lim = like(x, GELU_TANH_CLAMP)
+    x = lim if x > lim else x
+    x = -lim if x < -lim else x
     u2 = like(x, 2.0 * _SQRT_2_OVER_PI) * (x + like(x, _GELU_C) * x * x * x)
     du2 = like(x, 2.0 * _SQRT_2_OVER_PI) * (like(x, 1.0) + like(x, 3.0 * _GELU_C) * x * x)
     s, q = sigmoid_pair(u2)

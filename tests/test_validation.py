@@ -238,3 +238,28 @@ def test_router_columns_and_experts_disagree(layer):
     with pytest.raises(ValueError, match=r"router_w, w1: router_w has 3 expert columns but w1 "
                                          r"holds 4 experts"):
         fm.moe_forward(layer["x"], layer["router_w"][:, :-1], layer["w1"], layer["w2"], 2)
+
+
+def test_edited_packed_weights_are_refused():
+    w = np.ones((3, 8, 6), f32)
+    a, off = np.ones((5, 8), f32), np.array([0, 2, 2, 5])
+    pw = fm.pack_weights(w)
+    pw.panels = pw.panels[:2]
+    _raises(ValueError, r"w\.panels: expected a C-contiguous array of shape \(3, 1, 8, 16\)",
+            fm.grouped_gemm, a, pw, off)
+    pw = fm.pack_weights(w)
+    pw.shape = (3, 8, 600)   # more columns than the panels hold: reads past them
+    _raises(ValueError, r"w\.panels: expected a C-contiguous array of shape \(3, 38, 8, 16\)",
+            fm.grouped_gemm, a, pw, off)
+    pw = fm.pack_weights(w)
+    pw.shape = [3, 8, 6]
+    _raises(ValueError, r"w\.shape: expected the \(E, K, M\) tuple", fm.grouped_gemm, a, pw, off)
+
+
+def test_a_context_with_an_edited_plan_is_refused(layer):
+    import dataclasses  # noqa: PLC0415
+
+    L = layer
+    y, ctx = fm.moe_forward(L["x"], L["router_w"], L["w1"], L["w2"], 2, return_context=True)
+    bad = dataclasses.replace(ctx, plan=ctx.plan._replace(slots=ctx.plan.slots + 10**6))
+    _raises(ValueError, r"^plan\.slots: ", fm.moe_backward, np.ones_like(y), bad)

@@ -20,6 +20,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import numba
+import numbers
+
 import numpy as np
 
 from .. import errors as chk
@@ -232,9 +234,33 @@ def expert_tiles(offsets, P, K):
     return make_tiles(np.diff(offsets), lo, lo, np.arange(E), np.zeros(E), np.full(E, K), P)
 
 
+def _check_packed(w, name):
+    """PackedWeights' fields agree with each other (a user may build or edit one): panels a
+    C-contiguous float (E, P, K, NR) array with P and NR those pack_weights makes for shape."""
+    shape = w.shape
+    if (not isinstance(shape, tuple) or len(shape) != 3
+            or not all(isinstance(s, numbers.Integral) and s >= 0 for s in shape)):
+        raise ValueError(f"{name}.shape: expected the (E, K, M) tuple of the packed weights, "
+                         f"got {shape!r}")
+    if not isinstance(w.panels, np.ndarray):
+        raise TypeError(f"{name}.panels: expected a NumPy array from pack_weights, got "
+                        f"{type(w.panels).__name__}")
+    chk.check_float(f"{name}.panels", w.panels, ndim=4)
+    M, half = w.out_features, w.out_features // 2 if w.swiglu else 0
+    if w.swiglu and M % 2:
+        raise ValueError(f"{name}.swiglu: expected an even number of output columns, got {M}")
+    P = -(-(half if half else M) // (kg.HN if half else kg.NR))
+    want = (shape[0], P, w.in_features, kg.NR)
+    if tuple(w.panels.shape) != want or not w.panels.flags.c_contiguous:
+        raise ValueError(f"{name}.panels: expected a C-contiguous array of shape {want} for "
+                         f"{w!r}, got shape {tuple(w.panels.shape)}; pack again with "
+                         f"pack_weights")
+
+
 def check_weights(w, a, offsets, trans_w, name="w"):
     """w: an array (validated like check_gemm_args) or PackedWeights -> (w, offsets, M)."""
     if isinstance(w, PackedWeights):
+        _check_packed(w, name)
         if w.dtype != a.dtype:
             raise TypeError(f"{name}: expected dtype {a.dtype} (the dtype of a; mixed dtypes "
                             f"are not cast), got PackedWeights of {w.dtype}")

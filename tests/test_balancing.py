@@ -213,3 +213,20 @@ def test_loss_validation_errors(rng):
     bad[0, 0] = np.inf
     with pytest.raises(ValueError, match="finite"):
         R.z_loss(bad)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("big", [1e30, "max"])
+def test_z_loss_backward_at_the_float_limits(dtype, big):
+    # d/dl z_loss = 2 lse softmax(l): the experts whose probability is 0 get exactly 0, even
+    # where 2 lse itself overflows (it gave inf * 0 = NaN); the top one 2 lse, inf only where
+    # that value is not representable
+    v = float(np.finfo(dtype).max) if big == "max" else big
+    for sign in (1, -1):
+        logits = np.array([[sign * v, 0.0, -sign * v, 1.0]], dtype)
+        g = R.z_loss_backward(1.0, logits)
+        top = 0 if sign > 0 else 2
+        assert g.dtype == dtype and not np.isnan(g).any()
+        assert (np.delete(g[0], top) == 0).all()
+        with np.errstate(over="ignore"):
+            assert g[0, top] == dtype(2.0 * v)

@@ -214,9 +214,10 @@ def z_loss_backward_kernel(logits, scale, mask, has_mask, d_logits):
         p = np.empty(E, np.float64)
         m = row_max(logits[t])
         s = row_exp_sum(logits[t], m, p)
-        c = scale * 2.0 * (m + math.log(s)) * (np.float64(mask[t]) if has_mask else 1.0) / s
-        for e in range(E):
-            d_logits[t, e] = c * p[e]
+        lse_s = (m + math.log(s)) / s
+        c = scale * 2.0 * (np.float64(mask[t]) if has_mask else 1.0)
+        for e in range(E):   # lse first: 2 lse alone may overflow where p[e] = 0 (inf * 0)
+            d_logits[t, e] = (lse_s * p[e]) * c
 
 
 @njit(cache=True)

@@ -15,7 +15,8 @@ from typing import Any, NamedTuple
 from .. import errors as chk
 from ..backend import CUDA, as_host, backend_of
 from ..ops.activations import activation_code, hidden_width
-from ..ops.dispatch import combine, combine_backward, make_plan, permute, permute_backward
+from ..ops.dispatch import (combine_backward, combine_planned, make_plan, permute_backward,
+                            permute_planned)
 from ..ops.moe import experts_backward, experts_forward
 
 
@@ -75,10 +76,10 @@ def routed_experts(x, experts, weights, w1, w2, activation="swiglu", trans_w=Fal
     x, experts, weights, w1, w2, E = check_experts_args(x, experts, weights, w1, w2, activation,
                                                         trans_w)
     plan = make_plan(experts, E)
-    xs = permute(x, plan)
+    xs = permute_planned(x, plan)
     h_pre, h_act, ys = experts_forward(xs, w1, w2, plan.offsets, activation, trans_w,
                                        keep=return_context)
-    y = combine(ys, plan, weights)
+    y = combine_planned(ys, plan, weights)
     if not return_context:
         return y
     return y, ExpertsContext(plan, xs, h_pre, h_act, ys, weights, w1, w2, activation, trans_w)

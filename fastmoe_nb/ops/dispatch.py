@@ -112,7 +112,11 @@ def check_plan(plan, name="plan"):
 
 def permute(x, plan):
     """x: (T, d) -> xs: (N, d), the tokens in expert order: xs[i] = x[plan.rows[i] // k]."""
-    check_plan(plan)
+    return permute_planned(x, check_plan(plan))
+
+
+def permute_planned(x, plan):
+    """permute with a plan the caller made with make_plan (not checked again)."""
     if backend_of(x=x, rows=plan.rows) == CUDA:
         chk.check_float("x", x, shape=(plan.num_tokens, None))
         return cuda_module().permute(x, plan)
@@ -129,7 +133,11 @@ def combine(ys, plan, weights=None):
     adding zero. Each token is summed by one thread in that order, never with atomics: the
     result is bitwise the same for any thread count.
     """
-    check_plan(plan)
+    return combine_planned(ys, check_plan(plan), weights)
+
+
+def combine_planned(ys, plan, weights=None):
+    """combine with a plan the caller made with make_plan (not checked again)."""
     if backend_of(ys=ys, weights=weights, rows=plan.rows) == CUDA:
         chk.check_float("ys", ys, shape=(plan.num_rows, None))
         if weights is not None:

@@ -8,7 +8,8 @@ from .. import errors as chk
 from ..backend import CUDA, as_host, backend_of, cuda_module
 from ..types import MoEContext
 from .activations import activate, activate_backward, activation_code, hidden_width
-from .dispatch import combine, combine_backward, make_plan, permute, permute_backward
+from .dispatch import (combine, combine_backward, combine_planned, make_plan, permute,
+                       permute_backward, permute_planned)
 from ..kernels.common import SWIGLU
 from . import pool
 from .gemm import (PackedWeights, blas_weight_grads, check_weights, expert_runs, expert_tiles,
@@ -374,10 +375,10 @@ def moe_forward(x, router_w, w1, w2, k, activation="swiglu", router="softmax_top
         ys = _experts_forward_raw(x, w1, w2, plan.offsets, activation_code(activation), h,
                                   trans_w, False, tokens)[2]
     else:
-        xs = permute(x, plan)
+        xs = permute_planned(x, plan)
         h_pre, h_act, ys = experts_forward(xs, w1, w2, plan.offsets, activation, trans_w,
                                            keep=return_context)
-    y = combine(ys, plan, r.weights)
+    y = combine_planned(ys, plan, r.weights)
     shared = None
     if shared_w1 is not None:
         s, shared = shared_forward(x, shared_w1, shared_w2, shared_gate_w, activation)

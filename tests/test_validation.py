@@ -263,3 +263,14 @@ def test_a_context_with_an_edited_plan_is_refused(layer):
     y, ctx = fm.moe_forward(L["x"], L["router_w"], L["w1"], L["w2"], 2, return_context=True)
     bad = dataclasses.replace(ctx, plan=ctx.plan._replace(slots=ctx.plan.slots + 10**6))
     _raises(ValueError, r"^plan\.slots: ", fm.moe_backward, np.ones_like(y), bad)
+
+
+@pytest.mark.parametrize("make,name", [
+    (lambda: fm.nn.MoE(2**63, 4, 4, 1), "router_w"),
+    (lambda: fm.nn.MoE(4, 4, 2**62, 1), "router_w"),
+    (lambda: fm.nn.MoE(4, 2**40, 4, 1), "w1"), (lambda: fm.nn.Linear(2**62, 3), "w"),
+    (lambda: fm.nn.Embedding(2**40, 3), "w")])
+def test_layers_too_large_for_memory_name_their_parameter(make, name):
+    with pytest.raises(ValueError, match=rf"^{name}: a parameter of shape .* more than this "
+                                         r"machine's memory"):
+        make()

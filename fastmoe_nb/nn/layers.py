@@ -6,6 +6,9 @@ NumPy Generator or a seed) for its initialization. Inputs are (T, d); callers fl
 """
 from __future__ import annotations
 
+import math
+import os
+
 import numpy as np
 
 from .. import errors as chk
@@ -17,7 +20,22 @@ def as_rng(rng):
     return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
 
 
-def normal(rng, shape, std, dtype):
+def _memory_bytes():
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):   # not POSIX: let NumPy decide
+        return None
+
+
+def normal(rng, shape, std, dtype, name="parameter"):
+    """A parameter's initial values; a shape too large for this machine's memory (the float64
+    draw counts) is a ValueError naming it, not NumPy's bare overflow or an out-of-memory
+    kill while the draw fills it."""
+    need, limit = math.prod(shape) * 8, _memory_bytes()
+    if need > np.iinfo(np.int64).max or (limit is not None and need > limit):
+        raise ValueError(f"{name}: a parameter of shape {tuple(shape)} needs {need:.3g} "
+                         f"bytes to initialize, more than this machine's memory: check the "
+                         f"layer's sizes")
     return (as_rng(rng).standard_normal(shape) * std).astype(dtype)
 
 
@@ -34,7 +52,7 @@ class Linear(Module):
     def __init__(self, d_in, d_out, bias=True, dtype=np.float32, rng=None, std=None):
         d_in = chk.check_int("d_in", d_in, 1)
         d_out = chk.check_int("d_out", d_out, 1)
-        self.w = Parameter(normal(rng, (d_in, d_out), std or d_in ** -0.5, dtype))
+        self.w = Parameter(normal(rng, (d_in, d_out), std or d_in ** -0.5, dtype, "w"))
         self.b = Parameter(np.zeros(d_out, dtype), decay=False) if bias else None
 
     def forward(self, x):
@@ -62,7 +80,7 @@ class Embedding(Module):
     def __init__(self, num_embeddings, d, dtype=np.float32, rng=None, std=1.0):
         V = chk.check_int("num_embeddings", num_embeddings, 1)
         d = chk.check_int("d", d, 1)
-        self.w = Parameter(normal(rng, (V, d), std, dtype))
+        self.w = Parameter(normal(rng, (V, d), std, dtype, "w"))
 
     def forward(self, ids):
         # ids: (...) int -> (..., d)
@@ -135,8 +153,8 @@ class MLP(Module):
         self.activation = activation
         rng = as_rng(rng)
         H1 = 2 * h if activation == "swiglu" else h
-        self.w1 = Parameter(normal(rng, (d, H1), d ** -0.5, dtype))
-        self.w2 = Parameter(normal(rng, (h, d), h ** -0.5, dtype))
+        self.w1 = Parameter(normal(rng, (d, H1), d ** -0.5, dtype, "w1"))
+        self.w2 = Parameter(normal(rng, (h, d), h ** -0.5, dtype, "w2"))
 
     @property
     def hidden(self):

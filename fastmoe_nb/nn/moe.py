@@ -85,17 +85,19 @@ class MoE(Module):
             self.options.update(n_group=n_group, topk_group=topk_group, scale=scale)
         self.rng = as_rng(rng)
         H1 = 2 * h if activation == "swiglu" else h
-        self.router_w = Parameter(normal(self.rng, (d, E), d ** -0.5, dtype))
+        self.router_w = Parameter(normal(self.rng, (d, E), d ** -0.5, dtype, "router_w"))
         if router_bias:
             self.router_b = Parameter(np.zeros(E, dtype), decay=False)
-        self.w1 = Parameter(normal(self.rng, (E, d, H1), d ** -0.5, dtype))
-        self.w2 = Parameter(normal(self.rng, (E, h, d), h ** -0.5, dtype))
+        self.w1 = Parameter(normal(self.rng, (E, d, H1), d ** -0.5, dtype, "w1"))
+        self.w2 = Parameter(normal(self.rng, (E, h, d), h ** -0.5, dtype, "w2"))
         if shared_h:
             S1 = 2 * shared_h if activation == "swiglu" else shared_h
-            self.shared_w1 = Parameter(normal(self.rng, (d, S1), d ** -0.5, dtype))
-            self.shared_w2 = Parameter(normal(self.rng, (shared_h, d), shared_h ** -0.5, dtype))
+            self.shared_w1 = Parameter(normal(self.rng, (d, S1), d ** -0.5, dtype, "shared_w1"))
+            self.shared_w2 = Parameter(normal(self.rng, (shared_h, d), shared_h ** -0.5, dtype,
+                                              "shared_w2"))
             if shared_gate:
-                self.shared_gate_w = Parameter(normal(self.rng, (d, 1), d ** -0.5, dtype))
+                self.shared_gate_w = Parameter(normal(self.rng, (d, 1), d ** -0.5, dtype,
+                                                      "shared_gate_w"))
         if router == "sigmoid_topk":
             self.bias = Parameter(np.zeros(E, dtype), requires_grad=False, decay=False)
         self.monitor = RoutingMonitor(E, window=window)

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import fastmoe_nb as fm
+import fastmoe_nb.nn  # noqa: F401  (fm.nn)
 
 f32, f64 = np.float32, np.float64
 

@@ -238,3 +238,160 @@ def test_backward_before_forward_is_a_runtime_error(make):
     m = make()
     with pytest.raises(RuntimeError, match=r"\.backward: call forward first"):
         m.backward(np.ones((2, 4), np.float32))
+
+
+# ------------------------------------------------- property-based: corrupted checkpoints (MoE)
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+MOE_OPTIMIZERS = {
+    "adamw": lambda m: nn.AdamW(m, lr=0.01),
+    "sgd_momentum": lambda m: nn.SGD(m, lr=0.01, momentum=0.9),
+}
+
+
+def moe_trained(opt_name, seed, steps):
+    m = nn.MoE(4, 3, num_experts=4, k=2, rng=seed)
+    opt = MOE_OPTIMIZERS[opt_name](m)
+    x = np.random.default_rng(seed).standard_normal((5, 4)).astype(np.float32)
+    for _ in range(steps):
+        m.forward(x)
+        m.zero_grad()
+        m.backward(np.ones((5, 4), np.float32))
+        opt.step()
+    return m, opt
+
+
+_SAVED = {}
+
+
+def moe_saved(opt_name, tmp_dir):
+    """{key: array} of a checkpoint of a trained MoE (built once per optimizer)."""
+    if opt_name not in _SAVED:
+        m, opt = moe_trained(opt_name, seed=0, steps=3)
+        path = os.path.join(tmp_dir, f"src_{opt_name}.npz")
+        nn.save(path, m, opt)
+        with np.load(path) as f:
+            _SAVED[opt_name] = {k: f[k] for k in f.files}
+    return _SAVED[opt_name]
+
+
+def model_snapshot(m, opt):
+    return ({n: p.value.copy() for n, p in m.named_parameters()}, opt.t,
+            {k: np.array(a, copy=True) for k, a in opt.state_dict().items()})
+
+
+def assert_model_unchanged(m, opt, snap):
+    values, t, sd = snap
+    now_p = dict(m.named_parameters())
+    assert set(now_p) == set(values)
+    for n, a in values.items():
+        assert now_p[n].value.dtype == a.dtype and np.array_equal(now_p[n].value, a), n
+    assert opt.t == t
+    now = opt.state_dict()
+    assert set(now) == set(sd)
+    for k, a in sd.items():
+        assert now[k].dtype == a.dtype and np.array_equal(now[k], a), k
+
+
+def short_name(key):
+    for prefix in ("param/", "optim/"):
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+def wrong_dtypes(a):
+    if a.dtype.kind in "iu":      # the step count: any integer kind is a valid step count
+        return [np.complex64, np.float64, np.float32, np.bool_, "<U3"]
+    other = np.float64 if a.dtype == np.float32 else np.float32
+    return [np.complex64, np.complex128, "<U3", np.int64, np.int32, np.bool_, other]
+
+
+@st.composite
+def corruptions(draw, data):
+    """(new data dict, key the error must name)."""
+    data = dict(data)
+    kind = draw(st.sampled_from(["truncate", "dtype", "rank", "drop", "unknown"]))
+    if kind == "unknown":
+        key = draw(st.sampled_from(["param/ghost", "param/w1.extra", "optim/m/ghost",
+                                    "optim/momentum/router_w2", "optim/lr", "junk",
+                                    "extra_param"]))
+        data[key] = np.zeros(draw(st.sampled_from([(), (3,), (4, 4)])), np.float32)
+        return data, key
+    key = draw(st.sampled_from(sorted(data)))
+    a = data[key]
+    if kind == "drop":
+        del data[key]
+    elif kind == "truncate":
+        if a.ndim == 0:
+            data[key] = np.zeros((0,), a.dtype)
+        else:
+            axis = draw(st.integers(0, a.ndim - 1))
+            n = draw(st.integers(0, a.shape[axis] - 1))
+            data[key] = np.take(a, np.arange(n), axis=axis)
+    elif kind == "dtype":
+        dt = np.dtype(draw(st.sampled_from(wrong_dtypes(a))))
+        data[key] = np.full(a.shape, "abc", dt) if dt.kind == "U" else a.astype(dt)
+    else:  # rank
+        if a.ndim >= 2 and draw(st.booleans()):
+            data[key] = a.reshape(-1)
+        elif a.ndim >= 1 and draw(st.booleans()):
+            data[key] = a[None]
+        else:
+            data[key] = a[..., None]
+    return data, key
+
+
+@pytest.mark.parametrize("opt_name", sorted(MOE_OPTIMIZERS))
+def test_any_corrupted_entry_is_rejected_and_changes_nothing(tmp_path_factory, opt_name):
+    src_dir = str(tmp_path_factory.mktemp("src"))
+    base = moe_saved(opt_name, src_dir)
+    assert "optim/t" in base and any(k.startswith("param/") for k in base)
+
+    @settings(max_examples=40, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(corruptions(base))
+    def check(case):
+        data, key = case
+        path = tmp_path_factory.mktemp("bad") / "ckpt.npz"
+        np.savez(path, **data)
+        m, opt = moe_trained(opt_name, seed=7, steps=2)
+        snap = model_snapshot(m, opt)
+        with pytest.raises((ValueError, TypeError)) as info:
+            nn.load(path, m, opt)
+        assert type(info.value) in (ValueError, TypeError), type(info.value)
+        msg = str(info.value)
+        assert key in msg or short_name(key) in msg, (key, msg)
+        assert_model_unchanged(m, opt, snap)
+
+    check()
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.1, 0.9, 0.99])
+@pytest.mark.parametrize("opt_name", sorted(MOE_OPTIMIZERS))
+def test_truncated_file_is_a_value_error_naming_the_path(tmp_path, opt_name, fraction):
+    src, src_opt = moe_trained(opt_name, seed=0, steps=3)
+    path = tmp_path / "ckpt.npz"
+    nn.save(path, src, src_opt)
+    b = path.read_bytes()
+    path.write_bytes(b[:int(len(b) * fraction)])
+    m, opt = moe_trained(opt_name, seed=7, steps=2)
+    snap = model_snapshot(m, opt)
+    with pytest.raises(ValueError) as info:
+        nn.load(path, m, opt)
+    assert type(info.value) is ValueError
+    assert str(path) in str(info.value)
+    assert "not a readable checkpoint" in str(info.value)
+    assert_model_unchanged(m, opt, snap)
+
+
+def test_garbage_file_is_a_value_error_naming_the_path(tmp_path):
+    path = tmp_path / "ckpt.npz"
+    path.write_bytes(b"\x00garbage, not a zip" * 10)
+    m, opt = moe_trained("adamw", seed=7, steps=1)
+    snap = model_snapshot(m, opt)
+    with pytest.raises(ValueError, match="not a readable checkpoint") as info:
+        nn.load(path, m, opt)
+    assert str(path) in str(info.value)
+    assert_model_unchanged(m, opt, snap)

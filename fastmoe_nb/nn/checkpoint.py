@@ -11,6 +11,8 @@ import contextlib
 import errno
 import os
 import tempfile
+import zipfile
+import zlib
 
 import numpy as np
 
@@ -55,13 +57,27 @@ def save(path, model, optimizer=None):
 
 
 def _read(path):
-    """{key: array} of the .npz checkpoint at path."""
-    f = np.load(os.fspath(path), allow_pickle=False)
-    if not isinstance(f, np.lib.npyio.NpzFile):
+    """{key: array} of the .npz checkpoint at path. A missing file is FileNotFoundError; a
+    file that cannot be read as an .npz (truncated, corrupt, not a zip) is a ValueError."""
+    try:
+        f = np.load(os.fspath(path), allow_pickle=False)
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            if isinstance(f, np.ndarray):
+                raise _NotNpz
+            raise ValueError("unexpected content")
+        with f:
+            return {k: f[k] for k in f.files}
+    except _NotNpz:
         raise ValueError(f"{path}: holds a single array (.npy format), not a checkpoint: "
-                         f"expected an .npz checkpoint written by nn.save")
-    with f:
-        return {k: f[k] for k in f.files}
+                         f"expected an .npz checkpoint written by nn.save") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, KeyError,
+            NotImplementedError) as e:
+        raise ValueError(f"{path}: not a readable checkpoint (truncated or corrupt .npz "
+                         f"file?): {type(e).__name__}: {e}") from e
+
+
+class _NotNpz(Exception):
+    pass
 
 
 def load(path, model, optimizer=None):
@@ -72,6 +88,10 @@ def load(path, model, optimizer=None):
     TypeError) nothing is."""
     _check_types(model, optimizer)
     data = _read(path)
+    foreign = sorted(k for k in data if not k.startswith((PARAM, OPTIM)))
+    if foreign:
+        raise ValueError(f"{path}: unexpected keys (neither {PARAM}... nor {OPTIM}...): "
+                         + ", ".join(foreign[:8]) + (" ..." if len(foreign) > 8 else ""))
     params = dict(model.named_parameters())
     stored = {k[len(PARAM):]: a for k, a in data.items() if k.startswith(PARAM)}
     if set(stored) != set(params):

@@ -56,28 +56,31 @@ def save(path, model, optimizer=None):
     return path
 
 
+_UNREADABLE = (zipfile.BadZipFile, zlib.error, EOFError, ValueError, KeyError,
+               NotImplementedError)   # what NumPy raises on a truncated or corrupt file
+
+
 def _read(path):
     """{key: array} of the .npz checkpoint at path. A missing file is FileNotFoundError; a
-    file that cannot be read as an .npz (truncated, corrupt, not a zip) is a ValueError."""
+    file that cannot be read as an .npz (truncated, corrupt, a single .npy array) is a
+    ValueError naming the path."""
     try:
         f = np.load(os.fspath(path), allow_pickle=False)
-        if not isinstance(f, np.lib.npyio.NpzFile):
-            if isinstance(f, np.ndarray):
-                raise _NotNpz
-            raise ValueError("unexpected content")
+    except _UNREADABLE as e:
+        raise _unreadable(path, e) from e
+    if isinstance(f, np.ndarray):
+        raise ValueError(f"{path}: holds a single array (.npy format), not a checkpoint: "
+                         f"expected an .npz checkpoint written by nn.save")
+    try:
         with f:
             return {k: f[k] for k in f.files}
-    except _NotNpz:
-        raise ValueError(f"{path}: holds a single array (.npy format), not a checkpoint: "
-                         f"expected an .npz checkpoint written by nn.save") from None
-    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, KeyError,
-            NotImplementedError) as e:
-        raise ValueError(f"{path}: not a readable checkpoint (truncated or corrupt .npz "
-                         f"file?): {type(e).__name__}: {e}") from e
+    except _UNREADABLE as e:
+        raise _unreadable(path, e) from e
 
 
-class _NotNpz(Exception):
-    pass
+def _unreadable(path, e):
+    return ValueError(f"{path}: not a readable checkpoint (truncated or corrupt .npz file?): "
+                      f"{type(e).__name__}: {e}")
 
 
 def load(path, model, optimizer=None):

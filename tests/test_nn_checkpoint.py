@@ -3,6 +3,8 @@ import os
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fastmoe_nb.nn as nn
 
@@ -114,17 +116,32 @@ def test_bad_arguments(tmp_path):
 # ----------------------------------------------------------------------------- failed loads
 
 def snapshot(m, opt):
-    return ([p.value.copy() for p in m.parameters()], opt.t,
+    return ({n: p.value.copy() for n, p in m.named_parameters()}, opt.t,
             {k: np.array(a, copy=True) for k, a in opt.state_dict().items()})
 
 
 def assert_unchanged(m, opt, snap):
+    """Every parameter, optimizer array (dtype included) and the step count as in snap."""
     values, t, sd = snap
-    assert all(np.array_equal(a, p.value) for a, p in zip(values, m.parameters()))
+    now_p = dict(m.named_parameters())
+    assert set(now_p) == set(values)
+    for n, a in values.items():
+        assert now_p[n].value.dtype == a.dtype and np.array_equal(now_p[n].value, a), n
     assert opt.t == t
     now = opt.state_dict()
     assert set(now) == set(sd)
-    assert all(np.array_equal(sd[k], now[k]) for k in sd)
+    for k, a in sd.items():
+        assert now[k].dtype == a.dtype and np.array_equal(now[k], a), k
+
+
+def assert_load_refused(path, m, opt, exc, match=None):
+    """nn.load(path) raises exactly exc (message matching) and changes nothing; -> message."""
+    snap = snapshot(m, opt)
+    with pytest.raises(exc, match=match) as info:
+        nn.load(path, m, opt)
+    assert type(info.value) in (exc if isinstance(exc, tuple) else (exc,)), type(info.value)
+    assert_unchanged(m, opt, snap)
+    return str(info.value)
 
 
 def tampered(tmp_path, **changes):
@@ -154,10 +171,8 @@ def test_failed_optimizer_load_changes_nothing(tmp_path):
     path = tampered(tmp_path, t=np.array(99, np.int64), **{key: np.full(shape, "x")})
     m, opt = fresh()
     snap = snapshot(m, opt)
-    with pytest.raises(TypeError, match=f"{key} expected a real floating array of dtype "
-                                        "float32, got dtype <U1"):
-        nn.load(path, m, opt)
-    assert_unchanged(m, opt, snap)
+    assert_load_refused(path, m, opt, TypeError,
+                        f"{key} expected a real floating array of dtype float32, got dtype <U1")
     # the same through load_state_dict
     with np.load(path) as f:
         sd = {k[len("optim/"):]: f[k] for k in f.files if k.startswith("optim/")}
@@ -171,11 +186,9 @@ def test_complex_optimizer_state_is_rejected(tmp_path):
     shape = fresh()[1].state_dict()[key].shape
     path = tampered(tmp_path, **{key: np.ones(shape, np.complex64) * 1j})
     m, opt = fresh()
-    snap = snapshot(m, opt)
-    with pytest.raises(TypeError, match=f"{key} expected a real floating array of dtype "
-                                        "float32, got dtype complex64"):
-        nn.load(path, m, opt)
-    assert_unchanged(m, opt, snap)
+    assert_load_refused(path, m, opt, TypeError,
+                        f"{key} expected a real floating array of dtype float32, got dtype "
+                        "complex64")
 
 
 @pytest.mark.parametrize("t, exc, msg", [
@@ -187,31 +200,22 @@ def test_complex_optimizer_state_is_rejected(tmp_path):
 def test_bad_step_count_is_rejected(tmp_path, t, exc, msg):
     path = tampered(tmp_path, t=t)
     m, opt = fresh()
-    snap = snapshot(m, opt)
-    with pytest.raises(exc, match=msg):
-        nn.load(path, m, opt)
-    assert_unchanged(m, opt, snap)
+    assert_load_refused(path, m, opt, exc, msg)
 
 
 def test_optimizer_shape_mismatch_changes_nothing(tmp_path):
     key = last_slot_key()
     path = tampered(tmp_path, **{key: np.zeros((1, 1), np.float32)})
     m, opt = fresh()
-    snap = snapshot(m, opt)
-    with pytest.raises(ValueError, match=f"{key} expected shape"):
-        nn.load(path, m, opt)
-    assert_unchanged(m, opt, snap)
+    assert_load_refused(path, m, opt, ValueError, f"{key} expected shape")
 
 
 def test_single_npy_file_is_rejected(tmp_path):
     path = tmp_path / "w.npy"
     np.save(path, np.ones(3))
     m, opt = fresh()
-    snap = snapshot(m, opt)
-    with pytest.raises(ValueError, match=r"w\.npy.*expected an \.npz checkpoint written by "
-                                         r"nn\.save"):
-        nn.load(path, m, opt)
-    assert_unchanged(m, opt, snap)
+    assert_load_refused(path, m, opt, ValueError,
+                        r"w\.npy.*expected an \.npz checkpoint written by nn\.save")
 
 
 def test_save_into_a_missing_directory_raises_and_leaves_nothing(tmp_path):
@@ -241,8 +245,6 @@ def test_backward_before_forward_is_a_runtime_error(make):
 
 
 # ------------------------------------------------- property-based: corrupted checkpoints (MoE)
-
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 MOE_OPTIMIZERS = {
     "adamw": lambda m: nn.AdamW(m, lr=0.01),
@@ -274,24 +276,6 @@ def moe_saved(opt_name, tmp_dir):
         with np.load(path) as f:
             _SAVED[opt_name] = {k: f[k] for k in f.files}
     return _SAVED[opt_name]
-
-
-def model_snapshot(m, opt):
-    return ({n: p.value.copy() for n, p in m.named_parameters()}, opt.t,
-            {k: np.array(a, copy=True) for k, a in opt.state_dict().items()})
-
-
-def assert_model_unchanged(m, opt, snap):
-    values, t, sd = snap
-    now_p = dict(m.named_parameters())
-    assert set(now_p) == set(values)
-    for n, a in values.items():
-        assert now_p[n].value.dtype == a.dtype and np.array_equal(now_p[n].value, a), n
-    assert opt.t == t
-    now = opt.state_dict()
-    assert set(now) == set(sd)
-    for k, a in sd.items():
-        assert now[k].dtype == a.dtype and np.array_equal(now[k], a), k
 
 
 def short_name(key):
@@ -357,13 +341,8 @@ def test_any_corrupted_entry_is_rejected_and_changes_nothing(tmp_path_factory, o
         path = tmp_path_factory.mktemp("bad") / "ckpt.npz"
         np.savez(path, **data)
         m, opt = moe_trained(opt_name, seed=7, steps=2)
-        snap = model_snapshot(m, opt)
-        with pytest.raises((ValueError, TypeError)) as info:
-            nn.load(path, m, opt)
-        assert type(info.value) in (ValueError, TypeError), type(info.value)
-        msg = str(info.value)
+        msg = assert_load_refused(path, m, opt, (ValueError, TypeError))
         assert key in msg or short_name(key) in msg, (key, msg)
-        assert_model_unchanged(m, opt, snap)
 
     check()
 
@@ -377,21 +356,13 @@ def test_truncated_file_is_a_value_error_naming_the_path(tmp_path, opt_name, fra
     b = path.read_bytes()
     path.write_bytes(b[:int(len(b) * fraction)])
     m, opt = moe_trained(opt_name, seed=7, steps=2)
-    snap = model_snapshot(m, opt)
-    with pytest.raises(ValueError) as info:
-        nn.load(path, m, opt)
-    assert type(info.value) is ValueError
-    assert str(path) in str(info.value)
-    assert "not a readable checkpoint" in str(info.value)
-    assert_model_unchanged(m, opt, snap)
+    msg = assert_load_refused(path, m, opt, ValueError, "not a readable checkpoint")
+    assert str(path) in msg
 
 
 def test_garbage_file_is_a_value_error_naming_the_path(tmp_path):
     path = tmp_path / "ckpt.npz"
     path.write_bytes(b"\x00garbage, not a zip" * 10)
     m, opt = moe_trained("adamw", seed=7, steps=1)
-    snap = model_snapshot(m, opt)
-    with pytest.raises(ValueError, match="not a readable checkpoint") as info:
-        nn.load(path, m, opt)
-    assert str(path) in str(info.value)
-    assert_model_unchanged(m, opt, snap)
+    msg = assert_load_refused(path, m, opt, ValueError, "not a readable checkpoint")
+    assert str(path) in msg

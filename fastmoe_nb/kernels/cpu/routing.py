@@ -43,38 +43,28 @@ def row_max(x):
 LANES = 8      # sum_lanes' accumulators: one 512-bit or two 256-bit vectors of float64
 
 
+@njit(inline="always")
+def _at(p, i, n):
+    # p[i], or 0.0 past the end: adding it leaves a lane's bits as they are
+    return p[i] if i < n else 0.0
+
+
 @njit(cache=True)
 def sum_lanes(p):
     # p: (E,) float64 -> float64 sum: p[e] goes to lane e % LANES in increasing e, the lanes
     # then add in a fixed tree. The order depends on no compiler choice, E or thread count,
     # and zeros appended to p leave the bits unchanged (surgery's add_experts relies on it).
     n = np.uint64(p.shape[0])
-    body = n - n % np.uint64(LANES)
     s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
-    for e in range(np.uint64(0), body, np.uint64(LANES)):
+    for e in range(np.uint64(0), n, np.uint64(LANES)):
         s0 += p[e]
-        s1 += p[e + np.uint64(1)]
-        s2 += p[e + np.uint64(2)]
-        s3 += p[e + np.uint64(3)]
-        s4 += p[e + np.uint64(4)]
-        s5 += p[e + np.uint64(5)]
-        s6 += p[e + np.uint64(6)]
-        s7 += p[e + np.uint64(7)]
-    r = n - body   # the tail continues the same lanes: zeros there change nothing
-    if r > 0:
-        s0 += p[body]
-    if r > 1:
-        s1 += p[body + np.uint64(1)]
-    if r > 2:
-        s2 += p[body + np.uint64(2)]
-    if r > 3:
-        s3 += p[body + np.uint64(3)]
-    if r > 4:
-        s4 += p[body + np.uint64(4)]
-    if r > 5:
-        s5 += p[body + np.uint64(5)]
-    if r > 6:
-        s6 += p[body + np.uint64(6)]
+        s1 += _at(p, e + np.uint64(1), n)
+        s2 += _at(p, e + np.uint64(2), n)
+        s3 += _at(p, e + np.uint64(3), n)
+        s4 += _at(p, e + np.uint64(4), n)
+        s5 += _at(p, e + np.uint64(5), n)
+        s6 += _at(p, e + np.uint64(6), n)
+        s7 += _at(p, e + np.uint64(7), n)
     return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
 
 

@@ -273,20 +273,10 @@ def check_weights(w, a, offsets, trans_w, name="w"):
     return w, offsets, M
 
 
-# Measured on this project's 2-core machines (Zen 3, AVX2; bench/compare.py and a per-expert
-# sweep): with raw weights and blocks of >= BLAS_MIN_ROWS rows an expert on average, OpenBLAS
-# called once per expert ran at 1.1-1.4x the Numba kernel with packed weights (more with raw
-# ones, which it packs tile by tile), and from 16 rows on average it also beat the streamed
-# kernel (moe_forward: decode-8's shape with 192 tokens 237 -> 108 ms, deepseek-mini's with 512
-# tokens 247 -> 120 ms; a training step of fine-128's with 256 tokens 252 -> 146 ms). Below
-# that, per expert (STREAM_ROWS, from a sweep of 8-64 over the presets' shapes at 8-256
-# tokens, uniform and Zipf-routed): streaming won up to ~12 rows, BLAS from there on, and
-# the Numba kernel on raw weights never (it packs each expert's weights for few rows):
-# with Zipf-routed batches of 128 tokens, where one expert got ~120 rows and most a few,
-# deepseek-mini's shape went 120-123 -> 49-50 ms, fine-128's 51-57 -> 27-29 ms (the Numba
-# kernel before; old and new code in alternating runs).
-# BLAS runs on ops/pool.py's threads, one BLAS thread each, never inside a prange region; its
-# results do not depend on the thread count.
+# From this many rows an expert on average, per-expert OpenBLAS calls beat both the packed
+# Numba kernel and streaming (which wins below STREAM_ROWS); re-derive with
+# `python bench/compare.py` at 8-512 tokens (figures: docs/performance.md). BLAS runs on
+# ops/pool.py's threads, one BLAS thread each, never inside a prange region.
 BLAS_MIN_ROWS = 16
 
 

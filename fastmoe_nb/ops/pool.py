@@ -1,16 +1,14 @@
 """Per-expert BLAS products on a pool of worker threads, one BLAS thread each.
 
-On these machines (2 cores, Zen 3) OpenBLAS called once per expert from one thread, with its
-own threads, ran at 75-93% of a dense np.matmul; the Numba kernel of kernels/cpu/gemm.py at
-65-80% with weights packed beforehand, less on raw weights (packed tile by tile). So for
-experts with blocks of rows large enough (ops/gemm.py: large_blocks, streamed) the expert
-layer runs as a list of independent tasks — an expert's block of rows, or of dW's columns —
-handed out to numba.get_num_threads() threads (the caller and pool workers); each task calls
-single-threaded BLAS and, in the expert pipeline, the activation on its own rows while they
-are in cache. One level of parallelism: OpenBLAS is held at one thread meanwhile, so our calls
-never wake its worker threads (after a multi-threaded BLAS call they spin for ~0.1 s and slowed
-the next Numba parallel kernel 1.6-3x; threads woken by someone else's earlier call still spin
-until then: see README, OPENBLAS_THREAD_TIMEOUT).
+OpenBLAS called once per expert from one thread runs closer to a dense matmul's rate than
+the Numba kernel of kernels/cpu/gemm.py does on such blocks (figures: docs/performance.md).
+So for experts with blocks of rows large enough (ops/gemm.py: large_blocks, streamed) the
+expert layer runs as a list of independent tasks — an expert's block of rows, or of dW's
+columns — handed out to numba.get_num_threads() threads (the caller and pool workers); each
+task calls single-threaded BLAS and, in the expert pipeline, the activation on its own rows
+while they are in cache. One level of parallelism: OpenBLAS is held at one thread meanwhile,
+so our calls never wake its worker threads, which spin for a while after a multi-threaded
+call and slow the next Numba parallel kernel (README: OPENBLAS_THREAD_TIMEOUT).
 
 A task's result does not depend on which thread runs it, nor on how many threads there are:
 tasks are cut from the shapes alone, so outputs are bitwise the same for any thread count.

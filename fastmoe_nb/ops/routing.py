@@ -68,8 +68,8 @@ def softmax_topk(logits, k, renormalize=True, check_finite=True):
     return Routing(w, idx)
 
 
-LOGITS_LOOP_ROWS = 64   # up to this many tokens the logits come from a plain loop (decoding:
-                        # the grouped GEMM kernel's setup took 0.2-0.6 ms of a 5-15 ms layer)
+LOGITS_LOOP_ROWS = 64   # up to this many tokens a plain loop: the grouped GEMM kernel's setup
+                        # outweighs a few rows (`fastmoe-nb bench layer --preset decode-8`)
 
 
 def router_logits(x, router_w, router_b=None):

@@ -3,9 +3,9 @@ expert GEMMs — as plain NumPy calls over hand-written Numba kernels (@njit on 
 @cuda.jit on NVIDIA GPUs)."""
 from .ops.activations import ACTIVATIONS, activate, activate_backward
 from .ops.dispatch import combine, combine_backward, make_plan, permute, permute_backward
+from .ops.experts import experts_backward, experts_forward, shared_backward, shared_forward
 from .ops.gemm import PackedWeights, grouped_gemm, grouped_gemm_backward, pack_weights
-from .ops.moe import (ROUTERS, experts_backward, experts_forward, moe_backward, moe_forward,
-                      shared_backward, shared_forward)
+from .moe import ROUTERS, moe_backward, moe_forward, routed_experts, routed_experts_backward
 from .ops.routing import (sigmoid_topk, sigmoid_topk_backward, softmax, softmax_backward,
                           softmax_topk, softmax_topk_backward, topk)
 from .types import MoEContext, Plan, Routing
@@ -16,9 +16,10 @@ __version__ = "0.1.0"
 __all__ = [
     "ACTIVATIONS", "ROUTERS", "MoEContext", "Plan", "Routing", "__version__", "activate",
     "combine", "experts_backward", "experts_forward", "grouped_gemm", "grouped_gemm_backward",
-    "make_plan", "PackedWeights", "pack_weights", "moe_forward", "permute",
+    "make_plan", "PackedWeights", "pack_weights", "moe_forward", "permute", "routed_experts",
     "shared_forward", "sigmoid_topk", "softmax", "softmax_topk", "topk",
     # backward of every op (training)
     "activate_backward", "combine_backward", "moe_backward", "permute_backward",
-    "shared_backward", "sigmoid_topk_backward", "softmax_backward", "softmax_topk_backward",
+    "routed_experts_backward", "shared_backward", "sigmoid_topk_backward", "softmax_backward",
+    "softmax_topk_backward",
 ]

@@ -40,9 +40,19 @@ def as_host(name, a):
     raise TypeError(f"{name}: expected an array, got {type(a).__name__}")
 
 
-def cuda_module():
-    """The CUDA kernels' package; the one clear error when CUDA cannot run here."""
-    from .kernels import cuda as kc  # noqa: PLC0415  (imported lazily: numba.cuda is heavy)
+def to_host(a):
+    """A host (NumPy) copy of a device array (any __cuda_array_interface__ array); host
+    arrays as they are."""
+    if is_device_array(a) and not hasattr(a, "copy_to_host"):
+        from numba import cuda  # noqa: PLC0415  (only with a device array: numba.cuda is heavy)
+        a = cuda.as_cuda_array(a)
+    return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
 
+
+def cuda_module():
+    """The CUDA backend (backends/cuda.py); the one clear error when CUDA cannot run here."""
+    from .kernels import cuda as kc  # noqa: PLC0415  (imported on use: numba.cuda is heavy)
     kc.require()
-    return kc
+    from .backends import cuda  # noqa: PLC0415
+    return cuda
+

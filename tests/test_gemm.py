@@ -43,9 +43,9 @@ SHAPES = [
 def test_the_decoding_shape_streams_in_depth_chunks_and_column_blocks():
     """SHAPES' decoding case keeps covering what its comment says as the constants move."""
     from fastmoe_nb.kernels.cpu import gemm as kg
-    from fastmoe_nb.ops.gemm import streamed
+    from fastmoe_nb.backends.cpu import route
     offsets = np.array([0, 12, 13, 13, 16])
-    light = streamed(offsets)
+    light = route(offsets).stream
     assert light.tolist() == [True, True, False, True]
     tasks, _, _ = kg.stream_plan(offsets, light, 300, 5500, False)
     first = tasks[tasks[:, 0] == 0]
@@ -207,8 +207,8 @@ def test_experts_forward_swiglu_with_plain_packing():
 
 # --------------------------------------------------------------------------- BLAS pool path
 
-# Blocks averaging >= BLAS_MIN_ROWS rows go to per-expert BLAS on ops/pool.py's threads: tasks
-# of <= pool.ROWS rows and dW tasks of <= gemm.COLS columns, so these shapes cut experts into
+# Blocks averaging >= BLAS_MIN_ROWS rows go to per-expert BLAS on backends/pool.py's threads:
+# tasks of <= TASK_ROWS rows and dW tasks of <= TASK_COLS columns (kernels/cpu/config.py), so these shapes cut experts into
 # several row blocks and dW into several column blocks, with an empty expert among them.
 BLAS_CASES = [((300, 0, 70, 513), 33, 600), ((64,), 1030, 17), ((129, 64), 5, 1100)]
 
@@ -217,7 +217,7 @@ BLAS_CASES = [((300, 0, 70, 513), 33, 600), ((64,), 1030, 17), ((129, 64), 5, 11
 @pytest.mark.parametrize("trans_w", [False, True])
 @pytest.mark.parametrize("counts,K,M", BLAS_CASES)
 def test_blas_path_matches_reference(counts, K, M, trans_w, dtype):
-    from fastmoe_nb.ops.gemm import large_blocks
+    from fastmoe_nb.backends.cpu import large_blocks
     a, w, offsets = make_case(counts, K, M, dtype=dtype, trans_w=trans_w, seed=3)
     assert large_blocks(offsets)                  # the path under test
     dy = np.random.default_rng(4).standard_normal((a.shape[0], M)).astype(dtype)
@@ -238,7 +238,7 @@ def test_experts_pipeline_matches_reference(activation, trans_w, keep, counts):
     """The per-block pipeline (BLAS, activation in cache, BLAS) and its backward: experts of
     <= FUSED_MAX_ROWS rows as one task each, a larger one per block of rows and of dW's
     columns."""
-    from fastmoe_nb.ops.gemm import large_blocks
+    from fastmoe_nb.backends.cpu import large_blocks
     d, h = 37, 21
     H1 = 2 * h if activation == "swiglu" else h
     xs, w1, offsets = make_case(counts, d, H1, trans_w=trans_w, seed=5)
@@ -330,7 +330,7 @@ def test_pool_survives_fork_and_reraises_task_errors():
     an exception in a task reaches the caller."""
     import multiprocessing as mp
 
-    from fastmoe_nb.ops import pool
+    from fastmoe_nb.backends import pool
     a, w, offsets = make_case((300, 200), 16, 24, seed=2)
     want = fm.grouped_gemm(a, w, offsets)                 # the parent's pool is running
     ctx = mp.get_context("fork")

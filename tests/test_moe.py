@@ -126,9 +126,9 @@ def test_non_contiguous_inputs(rng):
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 def test_every_gemm_route_matches_the_reference(rng, monkeypatch, route, activation):
     """Raw weights take a way per expert in the forward: streamed with at most STREAM_ROWS
-    rows, else BLAS, and all BLAS when the experts average BLAS_MIN_ROWS rows (ops/gemm.py);
+    rows, else BLAS, and all BLAS when the experts average BLAS_MIN_ROWS rows (backends/cpu.py);
     force each on the same layer, two kinds of experts side by side in the last."""
-    import fastmoe_nb.ops.gemm as g
+    import fastmoe_nb.backends.cpu as g
     args, _ = _layer_args(rng, "mixtral", 90, 100, 20, 4, np.float32, activation)
     offsets = fm.moe_forward(*args, k=2, activation=activation,
                              return_context=True)[1].plan.offsets
@@ -137,7 +137,7 @@ def test_every_gemm_route_matches_the_reference(rng, monkeypatch, route, activat
     monkeypatch.setattr(g, "STREAM_ROWS", {"blas-per-expert": 10**9, "streamed": 10**9,
                                            "streamed-and-blas": int(counts[1])}[route])
     streamed = {"blas-per-expert": [0], "streamed": [4], "streamed-and-blas": [1, 2, 3]}
-    assert int(g.streamed(offsets).sum()) in streamed[route]     # experts streamed
+    assert int(g.route(offsets).stream.sum()) in streamed[route]     # experts streamed
     for trans_w in (False, True):
         a = list(args)
         if trans_w:

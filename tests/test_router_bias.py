@@ -151,7 +151,7 @@ def test_nn_moe_router_bias_gradcheck_with_balancing_losses(rng, one_thread, rou
 
 
 @pytest.mark.parametrize("T,d", [(1, 5), (3, 16), (64, 100), (65, 30), (257, 64)])   # both
-# sides of ops/routing.py's LOGITS_LOOP_ROWS: a plain loop, then the grouped GEMM kernel
+# sides of kernels/cpu/config.py's LOGITS_LOOP_ROWS: a plain loop, then the grouped GEMM kernel
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_router_logits_of_a_column_do_not_depend_on_the_width(rng, T, d, dtype):
     x = rng.standard_normal((T, d)).astype(dtype)

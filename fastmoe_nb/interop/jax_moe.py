@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import errors as chk
-from ..ops.moe import ROUTERS, moe_backward, moe_forward
-from .experts import check_expert_weights
+from ..checks import check_expert_weights
+from ..moe import ROUTERS, moe_backward, moe_forward
 
 _OPTIONS = ("activation", "router", "renormalize", "n_group", "topk_group", "scale",
             "capacity", "trans_w")
@@ -43,10 +43,8 @@ def _check_traced(x, router_w, w1, w2, bias, k, opts):
     chk.check_float("router_w", router_w, shape=(d, None), dtype=dt)
     E = int(router_w.shape[1])
     chk.check_int("k", k, 1, max(E, 1), what=f"1..E = 1..{E}")
-    if check_expert_weights(w1, w2, d, dt, opts.get("activation", "swiglu"),
-                            bool(opts.get("trans_w", False))) != E:
-        raise ValueError(f"w1: expected E = router_w.shape[1] = {E} experts, got "
-                         f"{int(w1.shape[0])}")
+    check_expert_weights(w1, w2, d, dt, opts.get("activation", "swiglu"),
+                         bool(opts.get("trans_w", False)), num_experts=E)
     if bias is not None:
         chk.check_float("bias", bias, shape=(E,), dtype=dt)
 

@@ -15,9 +15,8 @@ import math
 
 import torch
 
-from ..ops.moe import moe_backward, moe_forward
+from ..moe import moe_backward, moe_forward, routed_experts, routed_experts_backward
 from .arrays import as_array, to_torch
-from .experts import routed_experts, routed_experts_backward
 
 _GRAD_NAMES = ("router_w", "w1", "w2", "shared_w1", "shared_w2", "shared_gate_w", "router_b")
 

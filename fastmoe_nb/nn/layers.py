@@ -12,7 +12,8 @@ import os
 import numpy as np
 
 from .. import errors as chk
-from ..ops.activations import activate, activate_backward, activation_code, hidden_width
+from ..checks import activation_code, hidden_width
+from ..ops.activations import activate, activate_backward
 from .module import Module, Parameter
 
 

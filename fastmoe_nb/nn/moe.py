@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from .. import errors as chk
-from ..ops.activations import activation_code
-from ..ops.moe import ROUTERS, moe_backward, moe_forward
+from ..checks import activation_code
+from ..moe import ROUTERS, moe_backward, moe_forward
 from ..routing.losses import (NORMALIZATIONS, load_balancing_loss,
                               load_balancing_loss_backward, update_bias, z_loss, z_loss_backward)
 from ..routing.stats import RoutingMonitor, routing_stats

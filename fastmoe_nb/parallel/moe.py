@@ -21,23 +21,24 @@ sending; drops are counted globally (an Allreduce).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 
+from .. import backends
 from .. import errors as chk
 from ..backend import as_host
-from ..ops.activations import activation_code, hidden_width
-from ..ops.dispatch import combine, combine_backward, make_plan, permute, permute_backward
-from ..ops.moe import experts_backward, experts_forward, shared_backward, shared_forward
-from ..ops.routing import (check_sigmoid_options, router_logits, sigmoid_topk,
-                           sigmoid_topk_backward, softmax_topk, softmax_topk_backward)
+from ..checks import check_capacity, check_layer, check_shards
+from ..moe import run_experts
+from ..ops.dispatch import make_plan
+from ..ops.routing import router_logits
+from ..routing.registry import get_router, router_names
 from ..types import Plan, Routing
 from . import comm as mc
 
 REDUCTIONS = ("sum", "mean", None)
-ROUTERS = ("softmax_topk", "sigmoid_topk")   # the token-choice routers a rank applies alone
+ROUTERS = router_names(local=True)   # the token-choice routers a rank applies alone
 
 
 @dataclass
@@ -62,7 +63,7 @@ class EPContext:
     h_act: Any                  # (R, h)
     ys: Any                     # (N_r, d)     expert outputs back here, plan order
     dropped: Any                # (E,) int64   assignments dropped by capacity, all ranks
-    params: dict = field(default_factory=dict)
+    layer: Any = None           # checks.Layer: this rank's experts, the replicated weights
     shared: Optional[dict] = None
 
     @property
@@ -75,7 +76,7 @@ def expert_range(num_experts, comm=None):
     """(first, last + 1): the global ids of the experts this rank owns."""
     comm = mc.get_comm(comm)
     P, r = comm.Get_size(), comm.Get_rank()
-    _check_divisible(num_experts, P)
+    check_shards(num_experts, P)
     El = num_experts // P
     return r * El, (r + 1) * El
 
@@ -90,91 +91,32 @@ def shard_experts(w, comm=None):
     return np.array(w[lo:hi], copy=True)
 
 
-def _check_divisible(E, P, name="router_w"):
-    if E % P:
-        raise ValueError(f"{name}: E = {E} experts cannot be split evenly over the {P} ranks "
-                         f"of comm; expected a number of experts divisible by {P}")
-
-
-def _local_routing(x, router_w, k, router, renormalize, bias, n_group, topk_group, scale,
-                   check_finite):
-    # x: (T_r, d), router_w: (d, E) -> logits (T_r, E), Routing((T_r, k), (T_r, k))
-    logits = router_logits(x, router_w)    # as fm.moe_forward: width-free rounding
-    if router == "softmax_topk":
-        return logits, softmax_topk(logits, k, renormalize, check_finite=check_finite)
-    return logits, sigmoid_topk(logits, k, bias, n_group, topk_group, renormalize, scale,
-                                check_finite=check_finite)
-
-
 def _check_forward(P, x, router_w, w1, w2, k, activation, router, renormalize, bias, n_group,
                    topk_group, scale, capacity, trans_w, shared_w1, shared_w2, shared_gate_w,
                    check_finite):
-    """This rank's validation and routing -> (signature, (arrays, logits, routing))."""
-    chk.check_choice("router", router, ROUTERS)
-    activation_code(activation)
-    x = chk.check_float("x", as_host("x", x), ndim=2)
-    T, d = x.shape
-    dt = x.dtype
-    router_w = chk.check_float("router_w", as_host("router_w", router_w), shape=(d, None),
-                               dtype=dt)
-    E = router_w.shape[1]
-    if E < 1:
-        raise ValueError(f"router_w: expected at least one expert column, got shape {(d, E)}")
-    _check_divisible(E, P)
-    El = E // P
-    if router == "sigmoid_topk":
-        k, n_group, topk_group, scale = check_sigmoid_options(E, k, bias, n_group, topk_group,
-                                                              scale, dt)
-    else:
-        k = chk.check_int("k", k, 1, E, what=f"1..E = 1..{E}")
-        if bias is not None or n_group != 1 or topk_group != 1 or scale != 1.0:
-            raise ValueError("bias, n_group, topk_group, scale: only for router='sigmoid_topk'")
-    w1 = chk.check_float("w1", as_host("w1", w1), ndim=3, dtype=dt)
-    H1 = w1.shape[1] if trans_w else w1.shape[2]
-    lay = f"(E/P = {El}, {'h|2h, d' if trans_w else 'd, h|2h'}), this rank's experts"
-    if w1.shape[0] != El or (w1.shape[2] if trans_w else w1.shape[1]) != d:
-        raise ValueError(f"w1: expected shape {lay}, got {tuple(w1.shape)}")
-    h = hidden_width(H1, activation)
-    w2 = chk.check_float("w2", as_host("w2", w2), shape=(El, d, h) if trans_w else (El, h, d),
-                         dtype=dt)
-    if capacity is not None:
-        capacity = chk.check_int("capacity", capacity, 0, None, what="a non-negative integer")
-    if (shared_w1 is None) != (shared_w2 is None):
-        raise ValueError("shared_w1, shared_w2: expected both (a shared expert) or neither")
-    if shared_gate_w is not None and shared_w1 is None:
-        raise ValueError("shared_gate_w: given without shared_w1 / shared_w2")
-    gate_shape = None
-    if shared_w1 is not None:
-        shared_w1 = chk.check_float("shared_w1", as_host("shared_w1", shared_w1),
-                                    shape=(d, None), dtype=dt)
-        hs = hidden_width(shared_w1.shape[1], activation, "shared_w1")
-        shared_w2 = chk.check_float("shared_w2", as_host("shared_w2", shared_w2),
-                                    shape=(hs, d), dtype=dt)
-    if shared_gate_w is not None:
-        shared_gate_w = chk.check_float("shared_gate_w", as_host("shared_gate_w", shared_gate_w),
-                                        dtype=dt)
-        gate_shape = tuple(shared_gate_w.shape)
-        if gate_shape not in ((d,), (d, 1)):
-            raise ValueError(f"shared_gate_w: expected shape ({d},) or ({d}, 1), got "
-                             f"{gate_shape}")
-        shared_gate_w = shared_gate_w.reshape(d, 1)
-    x = np.ascontiguousarray(x)
-    logits, r = _local_routing(x, router_w, k, router, renormalize, bias, n_group, topk_group,
-                               scale, check_finite)
-    sig = (("d", d), ("dtype", str(dt)), ("E", E), ("w1 shape", tuple(w1.shape)),
-           ("w2 shape", tuple(w2.shape)), ("k", k), ("activation", activation),
-           ("router", router), ("renormalize", bool(renormalize)),
-           ("n_group, topk_group, scale", (n_group, topk_group, scale)),
-           ("bias given", bias is not None), ("capacity", capacity),
-           ("trans_w", bool(trans_w)),
-           ("shared expert shape", None if shared_w1 is None else tuple(shared_w1.shape)),
-           ("shared gate shape", gate_shape))
-    params = dict(router_w=router_w, w1=w1, w2=w2, k=k, activation=activation, router=router,
-                  renormalize=bool(renormalize), bias=bias, n_group=n_group,
-                  topk_group=topk_group, scale=scale, capacity=capacity, trans_w=bool(trans_w),
-                  shared_w1=shared_w1, shared_w2=shared_w2, shared_gate_w=shared_gate_w,
-                  shared_gate_shape=gate_shape, num_experts=E)
-    return sig, (x, params, logits, r)
+    """This rank's validation and routing -> (signature, (x, layer, logits, routing))."""
+    spec = get_router(router, local=True)
+    x, layer = check_layer(x, w1, w2, activation, trans_w, router_w, k, None, shared_w1,
+                           shared_w2, shared_gate_w, num_shards=P, host_only=True)
+    k, options = spec.check(layer.E, layer.k, capacity, dict(
+        renormalize=renormalize, bias=bias, n_group=n_group, topk_group=topk_group,
+        scale=scale), x.dtype)
+    layer = layer.with_router(router, k, options,
+                              check_capacity(capacity, what="a non-negative integer"))
+    logits = router_logits(x, layer.router_w)    # as fm.moe_forward: width-free rounding
+    r, _, _ = spec.forward(x, logits, k, None, options, check_finite)
+    o = layer.router_options
+    sig = (("d", layer.d), ("dtype", str(x.dtype)), ("E", layer.E),
+           ("w1 shape", tuple(layer.w1.shape)), ("w2 shape", tuple(layer.w2.shape)), ("k", k),
+           ("activation", activation), ("router", router),
+           ("renormalize", o["renormalize"]),
+           ("n_group, topk_group, scale", (o.get("n_group", 1), o.get("topk_group", 1),
+                                           o.get("scale", 1.0))),
+           ("bias given", o.get("bias") is not None), ("capacity", layer.capacity),
+           ("trans_w", layer.trans_w),
+           ("shared expert shape", None if shared_w1 is None else tuple(layer.shared_w1.shape)),
+           ("shared gate shape", layer.shared_gate_shape))
+    return sig, (x, layer, logits, r)
 
 
 def capped_plan(plan, keep):
@@ -236,39 +178,39 @@ def ep_moe_forward(x, router_w, w1, w2, k, comm=None, activation="swiglu",
     """
     comm = mc.get_comm(comm)
     P = comm.Get_size()
-    x, p, logits, r = mc.check_collectively(comm, lambda: _check_forward(
+    x, layer, logits, r = mc.check_collectively(comm, lambda: _check_forward(
         P, x, router_w, w1, w2, k, activation, router, renormalize, bias, n_group, topk_group,
         scale, capacity, bool(trans_w), shared_w1, shared_w2, shared_gate_w, check_finite),
         "ep_moe_forward")
-    E = p["num_experts"]
+    E, B = layer.E, backends.cpu
     El = E // P
     plan = make_plan(r.experts, E)
     dropped = np.zeros(E, np.int64)
-    if p["capacity"] is not None:
+    if layer.capacity is not None:
         before = mc.exscan_sum(comm, plan.counts)           # assignments of lower ranks
-        plan = capped_plan(plan, np.clip(p["capacity"] - before, 0, None))
+        plan = capped_plan(plan, np.clip(layer.capacity - before, 0, None))
         dropped = mc.allreduce_sum(comm, plan.dropped)
-        plan = plan._replace(capacity=p["capacity"])
-    xs = permute(x, plan)                                   # (N_r, d), by owner rank
+        plan = plan._replace(capacity=layer.capacity)
+    xs = B.permute(x, plan)                                 # (N_r, d), by owner rank
     recv_counts = mc.exchange_counts(comm, plan.counts.reshape(P, El))
     send_rows = plan.counts.reshape(P, El).sum(axis=1)
     recv_rows = recv_counts.sum(axis=1)
     xplan = exchange_plan(recv_counts)
-    xe = permute(mc.exchange_rows(comm, xs, send_rows, recv_rows), xplan)   # (R, d)
-    h_pre, h_act, ye = experts_forward(xe, p["w1"], p["w2"], xplan.offsets, p["activation"],
-                                       p["trans_w"], keep=return_context)
-    ys = mc.exchange_rows(comm, combine(ye, xplan), recv_rows, send_rows)    # (N_r, d)
-    y = combine(ys, plan, r.weights)
+    xr = mc.exchange_rows(comm, xs, send_rows, recv_rows)  # (R, d), by source rank
+    # the local experts in their order, back in received order (the layer's pipeline)
+    yr, xe, h_pre, h_act, _ = run_experts(xr, xplan, None, layer, return_context)
+    ys = mc.exchange_rows(comm, yr, recv_rows, send_rows)   # (N_r, d)
+    y = B.combine(ys, plan, r.weights)
     shared = None
-    if p["shared_w1"] is not None:
-        s, shared = shared_forward(x, p["shared_w1"], p["shared_w2"], p["shared_gate_w"],
-                                   p["activation"])
+    if layer.has_shared:
+        s, shared = B.shared_forward(x, layer.shared_w1, layer.shared_w2, layer.shared_gate_w,
+                                     layer.code)
         y += s
     if not return_context:
         return y
     return y, EPContext(comm=comm, x=x, logits=logits, routing=r, plan=plan, xplan=xplan,
                         send_rows=send_rows, recv_rows=recv_rows, xe=xe, h_pre=h_pre,
-                        h_act=h_act, ys=ys, dropped=dropped, params=p, shared=shared)
+                        h_act=h_act, ys=ys, dropped=dropped, layer=layer, shared=shared)
 
 
 def _check_backward(dy, ctx, reduce):
@@ -291,29 +233,26 @@ def ep_moe_backward(dy, ctx, reduce="sum"):
     if not isinstance(ctx, EPContext):
         raise TypeError(f"ctx: expected the EPContext of ep_moe_forward(..., "
                         f"return_context=True), got {type(ctx).__name__}")
-    comm, p, r, plan, xplan = ctx.comm, ctx.params, ctx.routing, ctx.plan, ctx.xplan
+    comm, ly, r, plan, xplan = ctx.comm, ctx.layer, ctx.routing, ctx.plan, ctx.xplan
+    B = backends.cpu
     dy = mc.check_collectively(comm, lambda: _check_backward(dy, ctx, reduce),
                                "ep_moe_backward")
-    d_ys, d_weights = combine_backward(dy, ctx.ys, plan, r.weights)          # (N_r, d)
-    d_ye = permute(mc.exchange_rows(comm, d_ys, ctx.send_rows, ctx.recv_rows), xplan)
-    d_xe, dw1, dw2 = experts_backward(d_ye, ctx.xe, ctx.h_pre, ctx.h_act, p["w1"], p["w2"],
-                                      xplan.offsets, p["activation"], p["trans_w"])
-    d_xs = mc.exchange_rows(comm, combine(d_xe, xplan), ctx.recv_rows, ctx.send_rows)
-    dx = permute_backward(d_xs, plan)
-    if p["router"] == "softmax_topk":
-        d_logits = softmax_topk_backward(d_weights, ctx.logits, r.experts, p["renormalize"])
-    else:
-        d_logits = sigmoid_topk_backward(d_weights, ctx.logits, r.experts, p["renormalize"],
-                                         p["scale"])
-    dx += d_logits @ p["router_w"].T
+    d_ys, d_weights = B.combine_backward(dy, ctx.ys, plan, r.weights)       # (N_r, d)
+    d_ye = B.permute(mc.exchange_rows(comm, d_ys, ctx.send_rows, ctx.recv_rows), xplan)
+    d_xe, dw1, dw2 = B.experts_backward(d_ye, ctx.xe, ctx.h_pre, ctx.h_act, ly.w1, ly.w2,
+                                        xplan.offsets, ly.code, ly.trans_w)
+    d_xs = mc.exchange_rows(comm, B.combine(d_xe, xplan), ctx.recv_rows, ctx.send_rows)
+    dx = B.permute_backward(d_xs, plan)
+    d_logits, _, _ = get_router(ly.router).backward(d_weights, ctx.x, ctx.logits, r, plan,
+                                                    ly.k, ly.router_options, {})
+    dx += d_logits @ ly.router_w.T
     replicated = {"router_w": ctx.x.T @ d_logits}
-    if p["shared_w1"] is not None:
-        dxs, replicated["shared_w1"], replicated["shared_w2"], dgate = shared_backward(
-            dy, ctx.x, p["shared_w1"], p["shared_w2"], p["shared_gate_w"], ctx.shared,
-            p["activation"])
+    if ly.has_shared:
+        dxs, replicated["shared_w1"], replicated["shared_w2"], dgate = B.shared_backward(
+            dy, ctx.x, ly.shared_w1, ly.shared_w2, ly.shared_gate_w, ctx.shared, ly.code)
         dx += dxs
         if dgate is not None:
-            replicated["shared_gate_w"] = dgate.reshape(p["shared_gate_shape"])
+            replicated["shared_gate_w"] = dgate.reshape(ly.shared_gate_shape)
     if reduce is not None:
         replicated = allreduce_grads(comm, replicated)
     grads = {"w1": dw1, "w2": dw2, **replicated}

@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 from .. import errors as chk
-from ..ops.activations import activation_code, hidden_width
-from ..ops.moe import experts_backward, experts_forward
+from .. import backends
+from ..checks import check_layer
 from ..ops.routing import softmax, softmax_backward
 from . import _checks
 
@@ -76,23 +76,11 @@ def soft_moe(x, phi, w1, w2, slots_per_expert=1, activation="gelu", seq_len=None
 
     T = B * seq_len (None: one sequence). Every expert processes its p slots of every sequence.
     """
-    x = chk.check_float("x", _checks.host("x", x), ndim=2)
-    T, d = x.shape
-    dt = x.dtype
-    trans_w = bool(trans_w)
-    w1 = chk.check_float("w1", _checks.host("w1", w1), ndim=3, dtype=dt)
-    E = w1.shape[0]
-    if E < 1:
-        raise ValueError("w1: expected at least one expert, got shape "
-                         f"{tuple(w1.shape)}")
+    x, layer = check_layer(_checks.host("x", x), _checks.host("w1", w1), _checks.host("w2", w2),
+                           activation, trans_w)
+    (T, d), E = x.shape, layer.E
     p = chk.check_int("slots_per_expert", slots_per_expert, 1, None, what="a positive integer")
-    phi = chk.check_float("phi", _checks.host("phi", phi), shape=(d, E * p), dtype=dt)
-    activation_code(activation)
-    H1 = w1.shape[1] if trans_w else w1.shape[2]
-    chk.check_array("w1", w1, shape=(E, H1, d) if trans_w else (E, d, H1))
-    h = hidden_width(H1, activation)
-    w2 = chk.check_float("w2", _checks.host("w2", w2), shape=(E, d, h) if trans_w else (E, h, d),
-                         dtype=dt)
+    phi = chk.check_float("phi", _checks.host("phi", phi), shape=(d, E * p), dtype=x.dtype)
     B, m = _seq(T, seq_len)
     x = np.ascontiguousarray(x)
     S = E * p
@@ -105,14 +93,15 @@ def soft_moe(x, phi, w1, w2, slots_per_expert=1, activation="gelu", seq_len=None
         np.matmul(dispatch.reshape(B, m, S).transpose(0, 2, 1), x.reshape(B, m, d))
         .transpose(1, 0, 2)).reshape(S * B, d)
     offsets = np.arange(E + 1, dtype=np.int64) * (p * B)
-    h_pre, h_act, ys = experts_forward(xs, w1, w2, offsets, activation, trans_w,
-                                       keep=return_context)
+    h_pre, h_act, ys = backends.cpu.experts_forward(xs, layer.w1, layer.w2, offsets,
+                                                    layer.code, layer.h, layer.trans_w,
+                                                    return_context)
     yb = ys.reshape(S, B, d).transpose(1, 0, 2)                   # (B, S, d)
     y = np.matmul(comb.reshape(B, m, S), yb).reshape(T, d)
     if not return_context:
         return y
-    ctx = dict(x=x, phi=phi, w1=w1, w2=w2, p=p, activation=activation, seq_len=seq_len,
-               trans_w=trans_w, B=B, m=m, logits=logits, dispatch=dispatch, combine=comb,
+    ctx = dict(x=x, phi=phi, w1=layer.w1, w2=layer.w2, p=p, activation=activation,
+               seq_len=seq_len, trans_w=layer.trans_w, layer=layer, B=B, m=m, logits=logits, dispatch=dispatch, combine=comb,
                xs=xs, offsets=offsets, h_pre=h_pre, h_act=h_act, ys=ys)
     return y, ctx
 
@@ -130,9 +119,10 @@ def soft_moe_backward(dy, ctx):
     d_comb = np.matmul(dyb, yb.transpose(0, 2, 1)).reshape(T, S)
     d_ys = np.ascontiguousarray(np.matmul(cb.transpose(0, 2, 1), dyb).transpose(1, 0, 2))
     d_ys = d_ys.reshape(S * B, d)
-    off, tw = ctx["offsets"], ctx["trans_w"]
-    d_xs, dw1, dw2 = experts_backward(d_ys, ctx["xs"], ctx["h_pre"], ctx["h_act"], ctx["w1"],
-                                      ctx["w2"], off, ctx["activation"], tw)
+    off = ctx["offsets"]
+    ly = ctx["layer"]
+    d_xs, dw1, dw2 = backends.cpu.experts_backward(d_ys, ctx["xs"], ctx["h_pre"], ctx["h_act"],
+                                                   ly.w1, ly.w2, off, ly.code, ly.trans_w)
     d_xsb = d_xs.reshape(S, B, d).transpose(1, 0, 2)              # (B, S, d)
     db = ctx["dispatch"].reshape(B, m, S)
     xb = x.reshape(B, m, d)

@@ -6,7 +6,7 @@ from cuda_helpers import close, dev, host
 
 import fastmoe_nb as fm
 from fastmoe_nb import reference as ref
-from fastmoe_nb.kernels import cuda as kc
+from fastmoe_nb.backends import cuda as kc
 from fastmoe_nb.kernels.common import ACTIVATION_CODES
 
 

@@ -18,9 +18,14 @@ permute); B is either packed per tile and depth chunk into a cache-resident (NC/
 buffer (pack_block), or packed once per weight update into (G, P, L, NR) panels
 (pack_panels, the public pack_weights).
 
-Compile these kernels with the SLP vectorizer on and the loop vectorizer off (see
-ops/gemm.py: compiled()), unsigned depth indices, and fastmath 'contract' (FMA only).
+The micro-kernel runs several times slower with Numba's default LLVM passes: it needs the
+SLP vectorizer on and the loop vectorizer off (slp_vectorized wraps the entry points the host
+calls), unsigned depth indices, and fastmath 'contract' (FMA only). Block sizes:
+kernels/cpu/config.py.
 """
+from functools import wraps
+
+import numba
 import numpy as np
 from numba import njit, prange, types
 from numba.core import cgutils
@@ -30,16 +35,27 @@ from numba import carray
 
 from ..common import SILU
 from .activations import act
-
-MR = 6     # rows of a micro-tile (pack_rows spells its six rows out)
-NR = 16    # columns of a micro-tile (2 AVX2 vectors of fp32)
-HN = NR // 2   # swiglu-interleaved panels: HN gate columns then HN up columns
-KC = 256   # depth chunk: a KC x NR panel of B stays in L1
-MC = 96    # rows of a tile (multiple of MR): the MC x KC block of A stays in L2
-NC = 256   # columns of a tile (multiple of NR)
-MR_NR = MR * NR   # a literal for _stack_empty
+from .config import HN, KC, MC, MR, MR_NR, NC, NR, STREAM_ACC, STREAM_CT, STREAM_KC, STREAM_SUB
 
 FLAGS = dict(cache=True, fastmath={"contract"})   # FMA contraction only: no reassociation
+
+
+def slp_vectorized(kernel):
+    """kernel, called with LLVM's SLP vectorizer on and its loop vectorizer off. Numba reads
+    these two flags when it compiles a function (on the first call with new argument types);
+    the micro-kernel vectorizes across its output columns only this way. The flags are put
+    back after the call."""
+    @wraps(kernel)
+    def call(*args):
+        old = numba.config.SLP_VECTORIZE, numba.config.LOOP_VECTORIZE
+        numba.config.SLP_VECTORIZE, numba.config.LOOP_VECTORIZE = 1, 0
+        try:
+            return kernel(*args)
+        finally:
+            numba.config.SLP_VECTORIZE, numba.config.LOOP_VECTORIZE = old
+
+    call.kernel = kernel
+    return call
 
 
 @intrinsic
@@ -56,6 +72,7 @@ def _stack_empty(typingctx, size, dtype):
     return types.CPointer(dtype.dtype)(size, dtype), impl
 
 
+@slp_vectorized
 @njit(parallel=True, **FLAGS)
 def pack_panels(w, trans, half, out):
     # w: (G, L, M) [trans: (G, M, L)] -> out: (G, P, L, NR), P = ceil(M' / NR), zero-padded:
@@ -95,8 +112,8 @@ def pack_rows(src, ridx, trans, r0, m, k0, k1, buf):
     nb = (m + MR - 1) // MR
     kc = np.uint64(k1 - k0)
     if not trans:                    # a block's MR = 6 rows side by side (spelled out): one
-        last = r0 + m - 1            # pass over each row, runs of six written (11 vs 14-15
-        for b in range(nb):          # us a 96 x 256 block, a row at a time)
+        last = r0 + m - 1            # pass over each row, runs of six written (faster than
+        for b in range(nb):          # a row at a time: docs/performance.md)
             i = r0 + b * MR
             a0, a1 = src[ridx[min(i, last)], k0:], src[ridx[min(i + 1, last)], k0:]
             a2, a3 = src[ridx[min(i + 2, last)], k0:], src[ridx[min(i + 3, last)], k0:]
@@ -214,6 +231,7 @@ def pack_block(w, trans, g, q0, q1, k0, k1, half, M, buf):
                     buf[q - q0, p - k0, j] = w[g, p, c] if c >= 0 else 0.0
 
 
+@slp_vectorized
 @njit(parallel=True, **FLAGS)
 def grouped_gemm_kernel(src, ridx, trans, bp, w, wtrans, M, tiles, bounds, max_rows, half,
                         out, act_out, code, store_out):
@@ -260,13 +278,9 @@ def grouped_gemm_kernel(src, ridx, trans, bp, w, wtrans, M, tiles, bounds, max_r
 # keeps its products in an accumulator of at most STREAM_ACC elements (rows x columns, in L2).
 # Row layout (w (E, K, M)): the task takes depth rows p0..p1 of w (STREAM_KC of them) across
 # as many columns as the accumulator allows, so that it reads one contiguous run per depth row
-# (whole rows while rows x M <= STREAM_ACC): decode-8's first GEMM 9-11 ms, where runs of a
-# 4 KiB page each (column blocks of the whole depth) took 18. Transposed (w (E, M, K)):
-# a task takes a block of STREAM_CT columns over the whole depth, which is one contiguous run.
-STREAM_KC = 256
-STREAM_ACC = 65536
-STREAM_CT = 256
-STREAM_SUB = 512   # columns of a piece of four depth rows, kept in L1 across the rows
+# (whole rows while rows x M <= STREAM_ACC), not a page-sized run per column block
+# (docs/performance.md has the comparison). Transposed (w (E, M, K)): a task takes a block of
+# STREAM_CT columns over the whole depth, which is one contiguous run.
 
 
 @njit(parallel=True, cache=True, fastmath={"contract", "reassoc"})

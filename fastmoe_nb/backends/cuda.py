@@ -1,24 +1,27 @@
-"""Host wrappers of the CUDA kernels: what fastmoe_nb/ops calls on the CUDA branch.
+"""The CUDA backend: the host side of every op over the kernels of kernels/cuda/.
 
-Each one takes device arrays (anything with __cuda_array_interface__: Numba, CuPy, PyTorch),
-allocates the outputs on the device, launches the kernels on the default stream and returns
-Numba device arrays. The ops have validated shapes and dtypes; what needs the data (expert ids
-in range, finite logits, offsets) is checked here, on the device, before any output is
-written, and raised as the same ValueError as on the CPU.
+Each function takes device arrays (anything with __cuda_array_interface__: Numba, CuPy,
+PyTorch), allocates the outputs on the device, launches the kernels on the default stream and
+returns Numba device arrays; the names and arguments mirror backends/cpu.py. The ops have
+validated shapes and dtypes (fastmoe_nb.checks); what needs the data (expert ids in range,
+finite logits, offsets) is checked here, on the device or on a small host copy, before any
+output is written, and raised as the same ValueError as on the CPU.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import cuda
 
-from ... import errors as chk
-from ...backend import is_device_array
-from ...types import Plan, Routing
-from . import activations as ka
-from . import dispatch as kd
-from . import gemm as kg
-from . import routing as kr
-from .launch import CONFIG, blocks, gemm_threads, kernel
+from .. import errors as chk
+from ..backend import is_device_array
+from ..checks import check_experts, check_gemm_weights, check_offsets
+from ..kernels.common import SWIGLU
+from ..kernels.cuda import activations as ka
+from ..kernels.cuda import dispatch as kd
+from ..kernels.cuda import gemm as kg
+from ..kernels.cuda import routing as kr
+from ..kernels.cuda.launch import CONFIG, blocks, gemm_threads, kernel
+from ..types import Plan, Routing
 
 
 def dev(a):
@@ -191,7 +194,7 @@ def _ones(shape, dtype):
 def activate(h, code):
     # h: (N, H) -> (N, H); swiglu: (N, 2H) -> (N, H)
     h = dev(h)
-    H = h.shape[1] // 2 if code == ka.SWIGLU else h.shape[1]
+    H = h.shape[1] // 2 if code == SWIGLU else h.shape[1]
     out = _empty((h.shape[0], H), h.dtype)
     _rows(ka.specs, "activate", h.dtype, out.shape, h, code, out)
     return out
@@ -218,21 +221,8 @@ def add_rows(y, s, gate=None):
 
 def _host_offsets(offsets, E, N):
     """offsets (host or device) -> validated host int64 copy (one small copy from the GPU)."""
-    from ...ops.gemm import check_offsets  # noqa: PLC0415  (ops import this module lazily)
-
     o = dev(offsets).copy_to_host() if is_device_array(offsets) else np.asarray(offsets)
     return check_offsets(o, E, N)
-
-
-def _check_gemm(a, w, trans_w):
-    chk.check_float("a", a, ndim=2)
-    chk.check_float("w", w, ndim=3, dtype=a.dtype)
-    K = a.shape[1]
-    if (w.shape[2] if trans_w else w.shape[1]) != K:
-        lay = "(E, M, K)" if trans_w else "(E, K, M)"
-        raise ValueError(f"w: expected shape {lay} with K = a.shape[1] = {K} "
-                         f"(trans_w={trans_w}), got {tuple(w.shape)}")
-    return w.shape[1] if trans_w else w.shape[2]
 
 
 def _gemm(a, w, offsets_h, trans_w, code, out):
@@ -241,7 +231,7 @@ def _gemm(a, w, offsets_h, trans_w, code, out):
     counts = np.diff(offsets_h)
     tiles = np.zeros(offsets_h.shape[0], np.int64)
     np.cumsum(-(-counts // BM), out=tiles[1:])
-    glu = code == ka.SWIGLU
+    glu = code == SWIGLU
     ncol = -(-out.shape[1] // (CONFIG["gemm_bn"] // (2 if glu else 1)))
     total = int(tiles[-1]) * ncol
     if total == 0:
@@ -256,9 +246,9 @@ def grouped_gemm(a, w, offsets, trans_w=False, code=-1):
     # a: (N, K), w: (E, K, M) [trans_w: (E, M, K)], offsets: (E+1,) -> (N, M),
     # or act(.) with an activation code (swiglu: (N, M/2))
     a, w = dev(a), dev(w)
-    M = _check_gemm(a, w, trans_w)
+    M = check_gemm_weights(a, w, trans_w)
     o = _host_offsets(offsets, w.shape[0], a.shape[0])
-    Mo = M // 2 if code == ka.SWIGLU else M
+    Mo = M // 2 if code == SWIGLU else M
     return _gemm(a, w, o, trans_w, code, _empty((a.shape[0], Mo), a.dtype))
 
 
@@ -313,8 +303,6 @@ def softmax_backward(dy, y):
 def _router_grad_args(d_weights, logits, experts):
     """Validated (d_weights, logits, experts int32) device arrays; the expert ids are checked
     on a host copy (T*k ints) with the CPU path's check."""
-    from ...ops.routing import check_experts  # noqa: PLC0415
-
     logits = dev(chk.check_float("logits", logits, ndim=2))
     T, E = logits.shape
     experts = dev(experts)
@@ -374,7 +362,7 @@ def grouped_gemm_backward(dy, a, w, offsets, trans_w=False):
     # dy: (N, M), a: (N, K), w: (E, K, M) [trans_w: (E, M, K)], offsets: (E+1,)
     # -> da (N, K) = the grouped GEMM of dy with w in the other layout, dw in w's layout
     a, w = dev(a), dev(w)
-    M = _check_gemm(a, w, trans_w)
+    M = check_gemm_weights(a, w, trans_w)
     dy = dev(chk.check_float("dy", dy, shape=(a.shape[0], M), dtype=a.dtype))
     o = _host_offsets(offsets, w.shape[0], a.shape[0])
     da = _gemm(dy, w, o, not trans_w, -1, _empty(a.shape, a.dtype))
@@ -402,11 +390,9 @@ def scale_rows(s, gate):
     return add_rows(None, s, gate)
 
 
-def shared_backward(ds, x, w1, w2, gate_w, cache, activation):
+def shared_backward(ds, x, w1, w2, gate_w, cache, code):
     # ds, x: (T, d), w1: (d, hs|2hs), w2: (hs, d), gate_w: (d, 1) or None, cache: shared_forward's
     # -> (dx (T, d), dw1, dw2, dgate_w (d, 1) or None); the CPU path's steps on the device
-    from ...ops.activations import activation_code  # noqa: PLC0415
-
     ds, x, w1, w2 = dev(ds), dev(x), dev(w1), dev(w2)
     h_pre, h_act, gate = dev(cache["h_pre"]), dev(cache["h_act"]), cache["gate"]
     dh_act = matmul(ds, w2.T)                                       # (T, hs)
@@ -419,9 +405,57 @@ def shared_backward(ds, x, w1, w2, gate_w, cache, activation):
         dh_act = scale_rows(dh_act, gate)
         ds = scale_rows(ds, gate)
     dw2 = matmul(h_act.T, ds)
-    dh_pre = activate_backward(dh_act, h_pre, activation_code(activation))
+    dh_pre = activate_backward(dh_act, h_pre, code)
     dw1 = matmul(x.T, dh_pre)
     dx = matmul(dh_pre, w1.T)
     if dx_gate is not None:
         dx = add_rows(dx, dx_gate)
     return dx, dw1, dw2, dgate_w
+
+
+# --------------------------------------------------------------------------- the layer's steps
+
+def router_logits(x, router_w, router_b=None):
+    # x: (T, d), router_w: (d, E), router_b: (E,) or None -> (T, E) on the GEMM (one FMA
+    # chain per logit, as on the CPU)
+    logits = matmul(x, router_w)
+    if router_b is None:
+        return logits
+    return add_rows(logits, dev(router_b).reshape(1, router_b.shape[0]))
+
+
+def add_into(y, s):
+    # y, s: (T, d) -> y + s (a new device array)
+    return add_rows(y, s)
+
+
+def experts_forward(xs, w1, w2, offsets, code, h, trans_w, keep, tokens=None):
+    # xs: (N, d), w1: (E, d, H1), w2: (E, h, d) [trans_w: transposed] -> (h_pre or None,
+    # h_act, ys); not keeping h_pre, the activation runs in the first GEMM's epilogue
+    if not keep:
+        h_act = grouped_gemm(xs, w1, offsets, trans_w, code)
+        return None, h_act, grouped_gemm(h_act, w2, offsets, trans_w)
+    h_pre = grouped_gemm(xs, w1, offsets, trans_w)
+    h_act = activate(h_pre, code)
+    return h_pre, h_act, grouped_gemm(h_act, w2, offsets, trans_w)
+
+
+def experts_backward(d_ys, xs, h_pre, h_act, w1, w2, offsets, code, trans_w, into=None):
+    # the gradients of experts_forward -> (d_xs, dw1, dw2) (into: host accumulators only,
+    # refused by the ops before this)
+    d_h_act, dw2 = grouped_gemm_backward(d_ys, h_act, w2, offsets, trans_w)
+    d_h_pre = activate_backward(d_h_act, h_pre, code)
+    d_xs, dw1 = grouped_gemm_backward(d_h_pre, xs, w1, offsets, trans_w)
+    return d_xs, dw1, dw2
+
+
+def shared_forward(x, w1, w2, gate_w, code):
+    # x: (T, d), w1: (d, hs|2hs), w2: (hs, d), gate_w: (d, 1) or None -> (s (T, d), cache)
+    h_pre = matmul(x, w1)
+    h_act = activate(h_pre, code)
+    s = matmul(h_act, w2)
+    gate = None
+    if gate_w is not None:
+        gate = sigmoid(matmul(x, gate_w))
+        s = scale_rows(s, gate)
+    return s, {"h_pre": h_pre, "h_act": h_act, "gate": gate}

@@ -2,7 +2,7 @@
 
 OpenBLAS called once per expert from one thread runs closer to a dense matmul's rate than
 the Numba kernel of kernels/cpu/gemm.py does on such blocks (figures: docs/performance.md).
-So for experts with blocks of rows large enough (ops/gemm.py: large_blocks, streamed) the
+So for experts with blocks of rows large enough (backends/cpu.py: route) the
 expert layer runs as a list of independent tasks — an expert's block of rows, or of dW's
 columns — handed out to numba.get_num_threads() threads (the caller and pool workers); each
 task calls single-threaded BLAS and, in the expert pipeline, the activation on its own rows
@@ -21,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
+
+from ..kernels.cpu.config import TASK_ROWS
 
 _lock = threading.Lock()
 _state = {"pool": None, "controller": None, "depth": 0, "limiter": None}
@@ -92,7 +94,12 @@ def run_tasks(fn, tasks):
                 pass
 
     with one_blas_thread:
-        futures = [_pool().submit(worker) for _ in range(n - 1)]
+        futures = []
+        try:
+            for _ in range(n - 1):
+                futures.append(_pool().submit(worker))
+        except RuntimeError:           # the interpreter is exiting (its pools are shut down,
+            pass                       # e.g. a JAX callback at exit): the caller runs the rest
         worker()
         for f in futures:              # one not started yet (workers busy elsewhere) has
             if not f.cancel():         # nothing left to do
@@ -109,10 +116,7 @@ def buffer(scratch, name, rows, cols, dtype):
     return b[:rows * cols].reshape(rows, cols)
 
 
-ROWS = 256    # rows of a task: a block of this many rows of an expert (shape-fixed cuts)
-
-
-def row_tasks(offsets, rows=ROWS, experts=None):
+def row_tasks(offsets, rows=TASK_ROWS, experts=None):
     """[(e, lo, hi)]: expert e's rows offsets[e]..offsets[e+1] cut into blocks of <= rows,
     for every expert (or those where the (E,) bool mask `experts` is True)."""
     return [(e, lo, min(lo + rows, int(offsets[e + 1])))
@@ -121,7 +125,7 @@ def row_tasks(offsets, rows=ROWS, experts=None):
 
 
 def matmul(a, b, out=None):
-    """a (n, K) @ b (K, M) -> (n, M) in blocks of ROWS rows over the pool (no BLAS threads
+    """a (n, K) @ b (K, M) -> (n, M) in blocks of TASK_ROWS rows over the pool (no BLAS threads
     spinning afterwards)."""
     if out is None:
         out = np.empty((a.shape[0], b.shape[1]), np.result_type(a, b))
@@ -130,5 +134,6 @@ def matmul(a, b, out=None):
         lo, hi = t
         np.matmul(a[lo:hi], b, out=out[lo:hi])
 
-    run_tasks(task, [(lo, min(lo + ROWS, a.shape[0])) for lo in range(0, a.shape[0], ROWS)])
+    run_tasks(task, [(lo, min(lo + TASK_ROWS, a.shape[0]))
+                     for lo in range(0, a.shape[0], TASK_ROWS)])
     return out

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from fastmoe_nb import baselines as B
+from fastmoe_nb import benchmark as bm
 from fastmoe_nb import cli
 from fastmoe_nb import presets as P
 from fastmoe_nb import reference as ref
@@ -169,7 +170,7 @@ def test_each_op_is_checked_then_timed(tmp_path, stub_machine, op, extra):
     (res,) = doc["results"]
     assert res["op"] == op and res["correct"] is True
     assert res["check"]["max_rel_err"] <= res["check"]["tolerance"]
-    assert res["check"]["tolerance"] == cli.TOLERANCE[res["dtype"]]
+    assert res["check"]["tolerance"] == bm.TOLERANCE[res["dtype"]]
     assert len(res["times_s"]) == 2 and res["median_s"] > 0
     assert res["bound"] in ("compute", "memory")
     assert [b["name"] for b in res["baselines"]][0] == "dense" if op == "train-step" else "numpy"
@@ -267,7 +268,7 @@ def test_missing_matplotlib_for_plot(monkeypatch, capsys):
 
 
 def test_too_big_for_memory(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "_memory_available", lambda: 2 << 30)
+    monkeypatch.setattr(bm.machine, "memory_available", lambda: 2 << 30)
     assert cli.main(["bench", "--preset", "mixtral"]) == 2
     line = one_line_error(capsys.readouterr().err)
     assert "mixtral" in line and "GB" in line and "-laptop" in line
@@ -382,21 +383,21 @@ def test_time_interleaved_calls_each_fn_once_a_round(monkeypatch):
 
 
 def test_bench_times_the_op_and_its_baselines_in_rounds(monkeypatch):
-    # cli._timed: one n-choosing call each, then per round a warm-up sample and a timed
+    # benchmark.timed: one n-choosing call each, then per round a warm-up sample and a timed
     # sample of every fn in turn; a fast fn is timed n calls (and one sync) a sample
     monkeypatch.setattr(B, "settle", lambda: None)
     log, steps = [], []
 
     def slow():
         log.append("op")
-        time.sleep(cli.MIN_SAMPLE_S)
+        time.sleep(bm.MIN_SAMPLE_S)
 
     progress = type("P", (), {"step": lambda self, what: steps.append(what)})()
     runs = [("op", slow, lambda: log.append("sync-op")),
             ("fast", lambda: log.append("fast"), lambda: log.append("sync-fast"))]
-    (t_op, n_op), (t_fast, n_fast) = cli._timed(runs, 2, progress)
+    (t_op, n_op), (t_fast, n_fast) = bm.timed(runs, 2, progress)
     assert n_op == 1 and n_fast > 1
-    assert t_op.shape == t_fast.shape == (2,) and t_op.min() >= cli.MIN_SAMPLE_S
+    assert t_op.shape == t_fast.shape == (2,) and t_op.min() >= bm.MIN_SAMPLE_S
     first = ["op", "sync-op", "fast", "sync-fast"]
     one = (["op", "sync-op"] * 2 + (["fast"] * n_fast + ["sync-fast"]) * 2)
     assert log == first + one * 2

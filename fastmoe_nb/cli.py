@@ -9,9 +9,11 @@
 
 Every bench first checks the op against reference.py on the same inputs and refuses to time a
 wrong result (exit status 1). Then it reports the first call apart (compile or cache load),
-median / min / max of --repeat calls, GFLOP/s and GB/s, and the fraction of the machine's
-ceiling measured in the same run: the dense-matmul rate for compute-bound ops, the read
-bandwidth for memory-bound ones (whichever the op's FLOPs per byte says, roofline style).
+the median / min / max time per call over --repeat samples (a sample: enough calls to take
+2 ms; fastmoe_nb and its baselines in interleaved rounds), GFLOP/s and GB/s, and on the
+CPU the fraction of the machine's ceiling measured in the same run: the dense-matmul rate for
+compute-bound ops, the read bandwidth for memory-bound ones (whichever the op's FLOPs per
+byte says, roofline style).
 Bad input (an unknown op or preset, inconsistent shapes, a missing optional dependency) is one
 line on stderr and exit status 2.
 """
@@ -118,7 +120,7 @@ def build_parser():
         b.add_argument(flag, type=_positive(flag), metavar=name,
                        help=f"override the preset's {name}")
     b.add_argument("--activation", help="override the preset's expert activation")
-    b.add_argument("--router", help="override the preset's router (softmax_topk, sigmoid_topk)")
+    b.add_argument("--router", help=f"override the preset's router ({', '.join(BENCH_ROUTERS)})")
     b.add_argument("--skew", type=_skew, metavar="zipf:A",
                    help="imbalanced routing: expert e gets about a share 1/(e+1)^A")
     b.add_argument("--threads", type=_positive("--threads"), help="numba and BLAS threads")

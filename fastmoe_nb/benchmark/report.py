@@ -6,7 +6,8 @@ import sys
 
 
 def ms(t):
-    """Seconds as milliseconds, 3 significant digits or more (never an exponent)."""
+    """Seconds as milliseconds, never with an exponent: no decimals from 100 ms on, one from
+    1 ms on, three below."""
     if t is None:
         return "-"
     m = t * 1e3

@@ -1,5 +1,5 @@
-"""Result rows as text: the command's block per result (print_result), and the plot of a
-sweep."""
+"""Result rows as text: the command's block per result (print_result), one table over many
+results for the bench/ scripts (table), and the plot of a sweep."""
 from __future__ import annotations
 
 import sys
@@ -52,6 +52,32 @@ def print_result(res, out=None):
           f"{ratio:>8.2f}x\n")
     for name, why in res.get("skipped_baselines", {}).items():
         w(f"  {name}: skipped ({why})\n")
+
+
+def table(results, out=None):
+    """Many results (each with a "case" name) as one table: a line per implementation with
+    the check's error, median and min ms, GFLOP/s, GB/s and the time relative to
+    fastmoe_nb's (a case refused as wrong: one line, not timed); then the baselines that
+    could not run here."""
+    w = (out or sys.stdout).write
+    width = max([len(r["case"]) for r in results] + [4]) + 2
+    w(f"{'case':<{width}}{'impl':<20}{'rel err':>9}{'median ms':>11}{'min ms':>9}"
+      f"{'GFLOP/s':>9}{'GB/s':>8}{'time/ours':>10}\n")
+    for r in results:
+        if not r["correct"]:
+            w(f"{r['case']:<{width}}{'fastmoe_nb':<20}{_err(r['check']):>9}  WRONG: not timed "
+              f"({r['check']['checked']} vs {r['check']['reference']})\n")
+            continue
+        rows = [("fastmoe_nb", r, _err(r["check"]))] + [
+            (b["name"], b, "-" if b["max_rel_err"] is None else f"{b['max_rel_err']:.1e}")
+            for b in r["baselines"]]
+        for i, (name, e, err) in enumerate(rows):
+            w(f"{r['case'] if i == 0 else '':<{width}}{name:<20}{err:>9}{ms(e['median_s']):>11}"
+              f"{ms(e['min_s']):>9}{num(e['gflops']):>9}{num(e['gbs']):>8}"
+              f"{e.get('time_vs_fastmoe_nb', 1.0):>9.2f}x\n")
+    for r in results:
+        for name, why in r.get("skipped_baselines", {}).items():
+            w(f"  {r['case']} {name}: skipped ({why})\n")
 
 
 def write_plot(path, results, key, machine):

@@ -5,6 +5,7 @@ errors with no traceback); the rest call cli.main(argv) in this process on tiny 
 the machine ceilings stubbed (they are measured for real in the subprocess test). No test
 asserts a time.
 """
+import io
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 from fastmoe_nb import baselines as B
+from fastmoe_nb import benchmark as bm
 from fastmoe_nb import cli
 from fastmoe_nb import presets as P
 from fastmoe_nb import reference as ref
@@ -169,7 +171,7 @@ def test_each_op_is_checked_then_timed(tmp_path, stub_machine, op, extra):
     (res,) = doc["results"]
     assert res["op"] == op and res["correct"] is True
     assert res["check"]["max_rel_err"] <= res["check"]["tolerance"]
-    assert res["check"]["tolerance"] == cli.TOLERANCE[res["dtype"]]
+    assert res["check"]["tolerance"] == bm.TOLERANCE[res["dtype"]]
     assert len(res["times_s"]) == 2 and res["median_s"] > 0
     assert res["bound"] in ("compute", "memory")
     assert [b["name"] for b in res["baselines"]][0] == "dense" if op == "train-step" else "numpy"
@@ -267,7 +269,7 @@ def test_missing_matplotlib_for_plot(monkeypatch, capsys):
 
 
 def test_too_big_for_memory(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "_memory_available", lambda: 2 << 30)
+    monkeypatch.setattr(bm.machine, "memory_available", lambda: 2 << 30)
     assert cli.main(["bench", "--preset", "mixtral"]) == 2
     line = one_line_error(capsys.readouterr().err)
     assert "mixtral" in line and "GB" in line and "-laptop" in line
@@ -382,22 +384,78 @@ def test_time_interleaved_calls_each_fn_once_a_round(monkeypatch):
 
 
 def test_bench_times_the_op_and_its_baselines_in_rounds(monkeypatch):
-    # cli._timed: one n-choosing call each, then per round a warm-up sample and a timed
+    # benchmark.timed: one n-choosing call each, then per round a warm-up sample and a timed
     # sample of every fn in turn; a fast fn is timed n calls (and one sync) a sample
     monkeypatch.setattr(B, "settle", lambda: None)
     log, steps = [], []
 
     def slow():
         log.append("op")
-        time.sleep(cli.MIN_SAMPLE_S)
+        time.sleep(bm.MIN_SAMPLE_S)
 
     progress = type("P", (), {"step": lambda self, what: steps.append(what)})()
     runs = [("op", slow, lambda: log.append("sync-op")),
             ("fast", lambda: log.append("fast"), lambda: log.append("sync-fast"))]
-    (t_op, n_op), (t_fast, n_fast) = cli._timed(runs, 2, progress)
+    (t_op, n_op), (t_fast, n_fast) = bm.timed(runs, 2, progress)
     assert n_op == 1 and n_fast > 1
-    assert t_op.shape == t_fast.shape == (2,) and t_op.min() >= cli.MIN_SAMPLE_S
+    assert t_op.shape == t_fast.shape == (2,) and t_op.min() >= bm.MIN_SAMPLE_S
     first = ["op", "sync-op", "fast", "sync-fast"]
     one = (["op", "sync-op"] * 2 + (["fast"] * n_fast + ["sync-fast"]) * 2)
     assert log == first + one * 2
     assert steps == ["op", "fast"] * 2
+
+
+# --------------------------------------------------------------------------- the harness
+
+TINY_PRESET = P.get_preset("mixtral-mini").replace(tokens=48, d=24, h=40, experts=4, k=2)
+
+
+@pytest.mark.parametrize("op", bm.CASE_OPS)
+def test_every_case_passes_its_check_and_builds_its_baselines(op):
+    case = bm.make_case(op, TINY_PRESET, "float32", bm.Host(), 0, None, 16)
+    err, what = case.check(case.run())
+    assert err <= bm.TOLERANCE["float32"], (op, what, err)
+    for name, make in case.baselines.items():
+        b = make if isinstance(make, str) else make()
+        assert isinstance(b, (str, bm.Baseline)), name
+        if isinstance(b, bm.Baseline) and b.check is not None:
+            assert b.check(b.run()) <= bm.TOLERANCE["float32"], name
+
+
+def test_router_and_kernel_cases_pass_their_checks():
+    from fastmoe_nb.benchmark.kernels import cpu_kernel_cases
+    from fastmoe_nb.benchmark.routers import router_cases
+
+    cases, size = router_cases(tokens=64, experts=8, k=2)
+    assert size["capacity"] >= 1
+    cases.update(cpu_kernel_cases(TINY_PRESET))
+    for name, case in cases.items():
+        err, what = case.check(case.run())
+        assert err <= bm.TOLERANCE["float32"], (name, what, err)
+
+
+def test_run_cases_refuses_to_time_a_wrong_result(monkeypatch):
+    monkeypatch.setattr(B, "settle", lambda: None)
+    calls = []
+    good = bm.Case(lambda: np.ones(3), lambda out: (bm.rel_err(out, np.ones(3)), "all"), 6.0,
+                   24.0, {"twice": lambda: bm.Baseline(lambda: calls.append(1) or np.ones(3)),
+                          "missing": "not here"})
+    wrong = bm.Case(lambda: np.zeros(3), lambda out: (bm.rel_err(out, np.ones(3)), "all"), 0.0,
+                    24.0, {"twice": lambda: bm.Baseline(lambda: calls.append(2))})
+    rows = bm.run_cases({"good": good, "wrong": wrong}, repeat=2)
+    assert [r["correct"] for r in rows] == [True, False]
+    assert rows[0]["check"]["max_rel_err"] == 0.0 and len(rows[0]["times_s"]) == 2
+    assert rows[0]["skipped_baselines"] == {"missing": "not here"}
+    assert "times_s" not in rows[1] and 2 not in calls      # nothing of it was timed
+    assert bm.exit_status(rows) == 1 and bm.exit_status(rows[:1]) == 0
+    out = io.StringIO()
+    bm.table(rows, out)
+    text = out.getvalue()
+    assert "WRONG: not timed" in text and "good missing: skipped (not here)" in text
+
+
+def test_rel_err_compares_indices_exactly():
+    assert bm.rel_err(np.array([1, 2]), np.array([1, 2])) == 0.0
+    assert bm.rel_err(np.array([1, 3]), np.array([1, 2])) == float("inf")
+    assert bm.rel_err(np.ones(2), np.ones(3)) == float("inf")
+    assert bm.rel_err(np.array([1.0, 2.0]), np.array([1.0, 2.5])) == pytest.approx(0.2)

@@ -107,3 +107,17 @@ def test_main_overrides_and_errors(capsys):
     with pytest.raises(SystemExit):
         cm.main(["--ranks", "0"])
     assert "--presets" in capsys.readouterr().err
+
+
+def test_fit_file_round_trips_and_ships_with_the_package(tmp_path):
+    import json
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")      # Python 3.11+
+
+    fit, runs = cm.load_fit()
+    path = tmp_path / cm.FIT_FILE
+    cm.write_fit(fit, runs, str(path))
+    assert json.loads(path.read_text()) == {"params": fit, "runs": runs}
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert cm.FIT_FILE in pyproject["tool"]["setuptools"]["package-data"]["fastmoe_nb.parallel"]

@@ -48,6 +48,7 @@ import shutil
 import subprocess
 import sys
 import time
+from importlib import resources
 
 import numpy as np
 
@@ -235,21 +236,22 @@ def measure(ranks=(2, 4), timeout=900):
     return runs
 
 
-def load_fit():
-    """The stored fit (cost_fit.py, written by --fit) -> (params, runs)."""
-    from .cost_fit import FIT  # noqa: PLC0415
+FIT_FILE = "cost_fit.json"   # beside this module, shipped as package data
 
-    return FIT["params"], FIT["runs"]
+
+def load_fit():
+    """The stored fit (cost_fit.json, written by --fit) -> (params, runs)."""
+    fit = json.loads(resources.files(__package__).joinpath(FIT_FILE).read_text())
+    return fit["params"], fit["runs"]
 
 
 def write_fit(params, runs, path=None):
-    path = path or os.path.join(os.path.dirname(__file__), "cost_fit.py")
+    """Store a fit as JSON (cost_fit.json beside this module by default). JSON has no
+    infinity: an unbounded beta is written as 1e308."""
+    path = path or os.path.join(os.path.dirname(__file__), FIT_FILE)
     body = json.dumps({"params": params, "runs": runs}, indent=1).replace("Infinity", "1e308")
     with open(path, "w") as f:
-        f.write('"""The cost model\'s fit: written by `python -m fastmoe_nb.parallel.cost_model '
-                '--fit`\nfrom Alltoallv / Allreduce / layer-step times measured on 2 and 4 '
-                'ranks of this machine."""\n')
-        f.write(f"FIT = {body}\n")
+        f.write(body + "\n")
 
 
 def main(argv=None):

@@ -48,11 +48,3 @@ def to_host(a):
         a = cuda.as_cuda_array(a)
     return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
 
-
-def cuda_module():
-    """The CUDA backend (backends/cuda.py); the one clear error when CUDA cannot run here."""
-    from .kernels import cuda as kc  # noqa: PLC0415  (imported on use: numba.cuda is heavy)
-    kc.require()
-    from .backends import cuda  # noqa: PLC0415
-    return cuda
-

@@ -32,12 +32,12 @@ from . import baselines as B
 from . import presets as P
 from .benchmark import (UsageError, backend, bench_op, check_memory, machine_info,
                         measure_machine, print_result, versions, write_plot)
-from .ops.activations import ACTIVATIONS
-from .ops.routing import check_sigmoid_options
+from .checks import ACTIVATIONS, check_sigmoid_options
+from .routing.registry import router_names
 
 EXIT_OK, EXIT_WRONG, EXIT_USAGE = 0, 1, 2
 OPS = ("layer", "grouped_gemm", "permute", "combine", "route", "train-step")
-BENCH_ROUTERS = ("softmax_topk", "sigmoid_topk")
+BENCH_ROUTERS = router_names(backend="cuda")   # on every backend; reference.py specifies them
 SWEEP_KEYS = ("tokens", "d", "h", "experts", "k", "threads")
 BASELINES = ("numpy", "dense", "hf-eager", "hf-grouped_mm")
 SCHEMA = "fastmoe-nb-bench/1"

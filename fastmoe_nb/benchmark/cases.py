@@ -27,7 +27,7 @@ import fastmoe_nb as fm
 
 from .. import baselines as B
 from .. import reference as ref
-from ..backend import cuda_module
+from ..backends import cuda_module
 from ..kernels.common import ACTIVATION_CODES
 from ..types import Plan
 from .core import TOLERANCE, Baseline, Case, UsageError, measure, rel_err, select_baselines

@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import __version__
 from .. import baselines as B
-from ..backend import cuda_module
+from ..backends import cuda_module
 from .core import UsageError
 
 

@@ -177,6 +177,7 @@ SHAPES = {
     "E=1,k=1": Shape(6, 16, 4, 1, 1),
     "k=E": Shape(5, 12, 4, 3, 3),
     "capacity": Shape(17, 24, 8, 4, 2, capacity=5),
+    "T=64": Shape(64, 32, 16, 8, 2),
     "tiny": Shape(4, 5, 3, 3, 2, empty=True),          # small enough for finite differences
     "tiny,k=E": Shape(3, 4, 2, 2, 2),
 }

@@ -168,6 +168,11 @@ class Shape(NamedTuple):
     empty: bool = False
     capacity: Optional[int] = None
 
+    def __str__(self):   # test ids: T4-d5-h3-E3-k2-empty-cap3
+        s = f"T{self.T}-d{self.d}-h{self.h}-E{self.E}-k{self.k}"
+        return s + ("-empty" if self.empty else "") + (
+            "" if self.capacity is None else f"-cap{self.capacity}")
+
 
 SHAPES = {
     "T=0": Shape(0, 8, 4, 4, 2),
@@ -199,7 +204,7 @@ def make_experts(rng, T, E, k, empty=False):
     return np.argsort(rng.random((T, pool)), axis=1)[:, :k].astype(np.int32)
 
 
-def make_plan(rng, shape):
+def plan_of(rng, shape):
     """A Plan of shape's routing (distinct experts per token, capacity)."""
     import fastmoe_nb as fm   # noqa: PLC0415
     return fm.make_plan(make_experts(rng, shape.T, shape.E, shape.k, shape.empty), shape.E,
@@ -294,9 +299,9 @@ def check_op(op, ref, make_inputs, shapes, grads=True, backends=None,
 
     Each case checks: the forward against ref's (integer outputs exactly, floats by
     assert_close at rtol); no argument modified; with grads, the backward against ref's
-    backward on one random dy (grad_rtol, rtol by default) and, in float64 on the host for the
-    cases whose float inputs hold at most fd_max entries, against central differences of the
-    op's forward (nn.gradcheck: every entry, rtol 1e-6). Returns how many cases were checked
+    backward on one random dy (at grad_rtol; both default to RTOL of the dtype) and, in
+    float64 on the host for the cases whose float inputs hold at most fd_max entries, against
+    central differences of the op's forward (nn.gradcheck: every entry, rtol 1e-6). Returns how many cases were checked
     by central differences (a caller that needs them asserts it is not 0).
     """
     op_f, op_b = _pair(op, grads, "op")
@@ -323,7 +328,7 @@ def check_op(op, ref, make_inputs, shapes, grads=True, backends=None,
                     dcall = to_device(dy) if backend == "cuda" else dy
                     g = op_b(dcall, *call)
                     gw = ref_b(dy, *args)
-                    assert_close(list(g), list(gw), rtol=grad_rtol or rtol, floor=floor,
+                    assert_close(list(g), list(gw), rtol=grad_rtol, floor=floor,
                                  err_msg=f"{where} backward")
                     if backend == "cpu":
                         assert_unchanged(dy, dy_before, f"{where}: dy")

@@ -185,6 +185,7 @@ SHAPES = {
     "T=64": Shape(64, 32, 16, 8, 2),
     "tiny": Shape(4, 5, 3, 3, 2, empty=True),          # small enough for finite differences
     "tiny,k=E": Shape(3, 4, 2, 2, 2),
+    "tiny,E=1": Shape(3, 4, 2, 1, 1),
 }
 
 
@@ -250,6 +251,17 @@ def make_layer(rng, T, d, h, E, dtype=np.float32, activation="swiglu", trans_w=F
     if router_b:
         kw["router_b"] = f(E) * dtype(0.3)
     return Layer(x, router_w, w1, w2, kw)
+
+
+def logits_of(x, router_w, router_b=None):
+    """The logits a layer routes by: moe_forward's context's, through the public API (one
+    hidden unit an expert: the experts do not matter here)."""
+    import fastmoe_nb as fm   # noqa: PLC0415
+    E = router_w.shape[1]
+    w1 = np.zeros((E, x.shape[1], 2), x.dtype)
+    w2 = np.zeros((E, 1, x.shape[1]), x.dtype)
+    return fm.moe_forward(x, router_w, w1, w2, 1, router_b=router_b,
+                          return_context=True)[1].logits
 
 
 # --------------------------------------------------------------------------- check_op

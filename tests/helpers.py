@@ -53,8 +53,9 @@ def to_host(a):
 
 
 def is_device(a):
-    """Whether a is a CUDA device array (Numba's device arrays, CuPy, PyTorch CUDA tensors)."""
-    return hasattr(a, "__cuda_array_interface__")
+    """Whether a is a CUDA device array (Numba's device arrays, the simulator's, CuPy, PyTorch
+    CUDA tensors)."""
+    return hasattr(a, "__cuda_array_interface__") or bool(getattr(a, "__cuda_ndarray__", False))
 
 
 def to_device(a):
@@ -109,7 +110,7 @@ def assert_close(got, want, dtype=None, rtol=None, floor=FLOOR, err_msg=""):
     rtol = RTOL[np.dtype(dtype or want.dtype).type] if rtol is None else rtol
     scale = max(float(np.abs(want).max()), floor)
     diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
-    err = float(diff.max()) / scale
+    err = float(diff.max()) / scale if scale > 0 else float(diff.max())   # floor=0: zeros
     if not err <= rtol:   # also catches NaN in got
         i = np.unravel_index(int(np.nanargmax(diff)) if np.isfinite(diff).any() else 0,
                              diff.shape)
@@ -253,7 +254,7 @@ def make_layer(rng, T, d, h, E, dtype=np.float32, activation="swiglu", trans_w=F
     return Layer(x, router_w, w1, w2, kw)
 
 
-def logits_of(x, router_w, router_b=None):
+def layer_logits(x, router_w, router_b=None):
     """The logits a layer routes by: moe_forward's context's, through the public API (one
     hidden unit an expert: the experts do not matter here)."""
     import fastmoe_nb as fm   # noqa: PLC0415

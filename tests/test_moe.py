@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import fastmoe_nb as fm
 from fastmoe_nb import reference as ref
 
-from helpers import (RTOL, SHAPES, Shape, assert_close, assert_unchanged, check_op, logits_of,
+from helpers import (RTOL, SHAPES, Shape, assert_close, assert_unchanged, check_op,
                      make_layer, snapshot)
 
 DTYPES = [np.float32, np.float64]

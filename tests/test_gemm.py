@@ -360,3 +360,68 @@ def test_pool_survives_fork_and_reraises_task_errors():
             raise RuntimeError("task 3")
     with pytest.raises(RuntimeError, match="task 3"):
         pool.run_tasks(task, list(range(8)))
+
+
+# --------------------------------------------------------------------------- invariants
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from helpers import assert_unchanged, snapshot  # noqa: E402
+
+
+@settings(max_examples=50, deadline=None)
+@given(counts=st.lists(st.integers(0, 9), min_size=1, max_size=5), K=st.integers(1, 12),
+       M=st.integers(1, 12), trans_w=st.booleans(), packed=st.booleans(),
+       dtype=st.sampled_from([np.float32, np.float64]), seed=st.integers(0, 2**31 - 1))
+def test_grouped_gemm_properties(counts, K, M, trans_w, packed, dtype, seed):
+    """Any blocks (empty experts, one row, no rows at all): (N, M) results and gradients in
+    their operands' shapes and dtype, as the reference's; an empty expert's dw exactly 0; the
+    operands untouched."""
+    a, w, offsets = make_case(tuple(counts), K, M, dtype, trans_w, seed)
+    dy = np.random.default_rng(seed).standard_normal((a.shape[0], M)).astype(dtype)
+    before = snapshot([a, w, offsets, dy])
+    y = fm.grouped_gemm(a, fm.pack_weights(w, trans_w) if packed else w, offsets,
+                        trans_w=trans_w)
+    assert y.shape == (a.shape[0], M) and y.dtype == dtype
+    assert_close(y, ref.grouped_gemm(a, w, offsets, trans_w))
+    da, dw = fm.grouped_gemm_backward(dy, a, w, offsets, trans_w=trans_w)
+    assert da.shape == a.shape and dw.shape == w.shape
+    assert_close((da, dw), ref.grouped_gemm_backward(dy, a, w, offsets, trans_w))
+    assert not dw[np.diff(offsets) == 0].any()
+    assert_unchanged([a, w, offsets, dy], before)
+
+
+@settings(max_examples=40, deadline=None)
+@given(name=st.sampled_from(["a", "w", "offsets"]), change=st.sampled_from(["rank", "dtype"]))
+def test_grouped_gemm_names_the_bad_argument(name, change):
+    args = dict(zip(("a", "w", "offsets"), make_case((2, 0, 3), 4, 6)))
+    a = args[name]
+    # a sets the working dtype (another float one makes w the mismatch): an integer a
+    wrong = {"a": np.int32, "w": np.float64, "offsets": np.float32}[name]
+    args[name] = a[0] if change == "rank" else a.astype(wrong)
+    with pytest.raises((ValueError, TypeError), match=f"^{name}: "):
+        fm.grouped_gemm(args["a"], args["w"], args["offsets"])
+
+
+@settings(max_examples=30, deadline=None)
+@given(counts=st.lists(st.integers(0, 6), min_size=1, max_size=4), d=st.integers(1, 9),
+       h=st.integers(1, 6), activation=st.sampled_from(fm.ACTIVATIONS), trans_w=st.booleans(),
+       dtype=st.sampled_from([np.float32, np.float64]), seed=st.integers(0, 2**31 - 1))
+def test_experts_properties(counts, d, h, activation, trans_w, dtype, seed):
+    """experts_forward / experts_backward on any blocks: shapes, the reference's values, the
+    operands untouched."""
+    r = np.random.default_rng(seed)
+    xs, w1, w2, offsets, _, _ = _experts_inputs(activation, trans_w)(
+        r, (tuple(counts), d, h), dtype)
+    N, H1 = xs.shape[0], 2 * h if activation == "swiglu" else h
+    d_ys = r.standard_normal((N, d)).astype(dtype)
+    before = snapshot([xs, w1, w2, offsets, d_ys])
+    got = fm.experts_forward(xs, w1, w2, offsets, activation, trans_w, keep=True)
+    assert [g.shape for g in got] == [(N, H1), (N, h), (N, d)]
+    want = ref.experts_forward(xs, w1, w2, offsets, activation, trans_w, keep=True)
+    assert_close(got, want)
+    assert_close(fm.experts_backward(d_ys, xs, *got[:2], w1, w2, offsets, activation, trans_w),
+                 ref.experts_backward(d_ys, xs, *want[:2], w1, w2, offsets, activation,
+                                      trans_w))
+    assert_unchanged([xs, w1, w2, offsets, d_ys], before)

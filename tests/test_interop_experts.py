@@ -2,11 +2,14 @@
 (the experts with a routing chosen elsewhere), checked against reference.py."""
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastmoe_nb import reference as ref
 from fastmoe_nb.interop import as_array, routed_experts, routed_experts_backward
 
-from helpers import SHAPES, assert_close, check_op, make_experts, make_layer
+from helpers import (SHAPES, Shape, assert_close, assert_unchanged, check_op, make_experts,
+                     make_layer, snapshot)
 
 
 def _inputs(trans_w):
@@ -100,3 +103,24 @@ def test_as_array_is_zero_copy_for_numpy_and_array_likes():
     np.testing.assert_array_equal(w, ro)
     with pytest.raises(TypeError, match="x: expected an array"):
         as_array(object(), "x")
+
+
+@settings(max_examples=30, deadline=None)
+@given(T=st.integers(0, 8), d=st.integers(1, 10), h=st.integers(1, 5), E=st.integers(1, 5),
+       data=st.data(), trans_w=st.booleans(), dtype=st.sampled_from([np.float32, np.float64]),
+       seed=st.integers(0, 2**31 - 1))
+def test_routed_experts_properties(T, d, h, E, data, trans_w, dtype, seed):
+    """Any routing of any small layer: y (T, d) and its gradients in their operands' shapes,
+    as the reference's; the operands untouched."""
+    k = data.draw(st.integers(1, E))
+    args = _inputs(trans_w)(np.random.default_rng(seed), Shape(T, d, h, E, k), dtype)
+    dy = np.random.default_rng(seed + 1).standard_normal((T, d)).astype(dtype)
+    before = snapshot(args + [dy])
+    y, ctx = routed_experts(*args, return_context=True)
+    y_ref, ctx_ref = ref.routed_experts(*args, return_context=True)
+    assert y.shape == (T, d) and y.dtype == dtype
+    assert_close(y, y_ref)
+    got = routed_experts_backward(dy, ctx)
+    assert [g.shape for g in got] == [args[0].shape, (T, k), args[3].shape, args[4].shape]
+    assert_close(got, ref.routed_experts_backward(dy, ctx_ref))
+    assert_unchanged(args + [dy], before)

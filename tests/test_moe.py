@@ -288,6 +288,27 @@ def test_shared_expert_forward_and_backward(one_thread, gate, activation):
 
 # --------------------------------------------------------------------------- invariants
 
+@settings(max_examples=30, deadline=None)
+@given(T=st.integers(0, 9), d=st.integers(1, 10), hs=st.integers(1, 6), gate=st.booleans(),
+       activation=st.sampled_from(fm.ACTIVATIONS), dtype=st.sampled_from(DTYPES),
+       seed=st.integers(0, 2**31 - 1))
+def test_shared_expert_properties(T, d, hs, gate, activation, dtype, seed):
+    """Any small shared expert, gated or not: s (T, d), its cache and gradients as the
+    reference's, in their operands' shapes; the operands untouched."""
+    args = _shared_inputs(gate, activation)(np.random.default_rng(seed), Shape(T, d, hs, 1, 1),
+                                            dtype)
+    ds = np.random.default_rng(seed + 1).standard_normal((T, d)).astype(dtype)
+    before = snapshot(args + [ds])
+    s, cache = fm.shared_forward(*args)
+    assert s.shape == (T, d) and s.dtype == dtype
+    assert_close((s, cache), ref.shared_forward(*args))
+    got = fm.shared_backward(ds, *args[:4], cache, activation)
+    assert [None if g is None else g.shape for g in got] == [
+        None if a is None else a.shape for a in args[:4]]
+    assert_close(got, ref.shared_backward(ds, *args[:4], None, activation))
+    assert_unchanged(args + [ds], before)
+
+
 @settings(max_examples=25, deadline=None)
 @given(T=st.integers(0, 9), d=st.integers(1, 12), h=st.integers(1, 6), E=st.integers(1, 5),
        data=st.data(), router=st.sampled_from(["softmax_topk", "sigmoid_topk"]),

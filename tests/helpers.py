@@ -35,19 +35,19 @@ FLOOR = 1.0
 
 
 def _each(f, a):
-    """f over the arrays of a tuple (a namedtuple keeps its type) or list; f(a) otherwise."""
+    """f over the entries of a tuple (a namedtuple keeps its type), list or dict."""
     if isinstance(a, tuple):
         items = [f(v) for v in a]
         return type(a)(*items) if hasattr(a, "_fields") else tuple(items)
     if isinstance(a, list):
         return [f(v) for v in a]
-    return None
+    return {n: f(v) for n, v in a.items()}
 
 
 def to_host(a):
     """A device array (Numba's, or anything with copy_to_host) on the host, also inside
-    tuples such as a Plan; others unchanged."""
-    if isinstance(a, (tuple, list)):
+    tuples such as a Plan, lists and dicts; others unchanged."""
+    if isinstance(a, (tuple, list, dict)):
         return _each(to_host, a)
     return a.copy_to_host() if hasattr(a, "copy_to_host") else a
 
@@ -59,9 +59,9 @@ def is_device(a):
 
 
 def to_device(a):
-    """A host array on the CUDA device (simulator or GPU), also inside tuples such as a Plan;
-    None and non-arrays unchanged."""
-    if isinstance(a, (tuple, list)):
+    """A host array on the CUDA device (simulator or GPU), also inside tuples such as a Plan,
+    lists and dicts (keyword options); None and non-arrays unchanged."""
+    if isinstance(a, (tuple, list, dict)):
         return _each(to_device, a)
     if not isinstance(a, np.ndarray):
         return a
@@ -132,10 +132,8 @@ def snapshot(value):
     """A deep copy of every array in value (arrays, tuples such as Plan, lists, dicts)."""
     if isinstance(value, np.ndarray):
         return value.copy()
-    if isinstance(value, (tuple, list)):
+    if isinstance(value, (tuple, list, dict)):
         return _each(snapshot, value)
-    if isinstance(value, dict):
-        return {n: snapshot(v) for n, v in value.items()}
     return value
 
 

@@ -13,10 +13,11 @@ checks that no input was modified.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
+import fastmoe_nb as fm
 from fastmoe_nb.nn.gradcheck import gradcheck
 
 # --------------------------------------------------------------------------- comparing
@@ -188,13 +189,6 @@ SHAPES = {
 }
 
 
-def shapes(*names):
-    """pytest parameters (values and ids) of the named entries of SHAPES (all when none)."""
-    import pytest   # noqa: PLC0415  (helpers stay importable outside pytest)
-    names = names or tuple(SHAPES)
-    return [pytest.param(SHAPES[n], id=n) for n in names]
-
-
 # --------------------------------------------------------------------------- factories
 
 def make_experts(rng, T, E, k, empty=False):
@@ -206,7 +200,6 @@ def make_experts(rng, T, E, k, empty=False):
 
 def plan_of(rng, shape):
     """A Plan of shape's routing (distinct experts per token, capacity)."""
-    import fastmoe_nb as fm   # noqa: PLC0415
     return fm.make_plan(make_experts(rng, shape.T, shape.E, shape.k, shape.empty), shape.E,
                         shape.capacity)
 
@@ -255,7 +248,6 @@ def make_layer(rng, T, d, h, E, dtype=np.float32, activation="swiglu", trans_w=F
 def layer_logits(x, router_w, router_b=None):
     """The logits a layer routes by: moe_forward's context's, through the public API (one
     hidden unit an expert: the experts do not matter here)."""
-    import fastmoe_nb as fm   # noqa: PLC0415
     E = router_w.shape[1]
     w1 = np.zeros((E, x.shape[1], 2), x.dtype)
     w2 = np.zeros((E, 1, x.shape[1]), x.dtype)
@@ -320,8 +312,9 @@ def check_op(op, ref, make_inputs, shapes, grads=True, backends=None,
     assert_close at rtol); no argument modified; with grads, the backward against ref's
     backward on one random dy (at grad_rtol; both default to RTOL of the dtype) and, in
     float64 on the host for the cases whose float inputs hold at most fd_max entries, against
-    central differences of the op's forward (nn.gradcheck: every entry, rtol 1e-6). Returns how many cases were checked
-    by central differences (a caller that needs them asserts it is not 0).
+    central differences of the op's forward (nn.gradcheck: every entry, rtol 1e-6). Returns
+    how many cases were checked by central differences (a caller that needs them asserts it
+    is not 0).
     """
     op_f, op_b = _pair(op, grads, "op")
     ref_f, ref_b = _pair(ref, grads, "ref")

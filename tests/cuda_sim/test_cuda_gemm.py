@@ -28,9 +28,10 @@ def test_grouped_gemm_and_backward(rng, counts, K, M, trans_w):
     w = rng.standard_normal((E, M, K) if trans_w else (E, K, M)).astype(np.float32)
     out = fm.grouped_gemm(to_device(a), to_device(w), to_device(o), trans_w=trans_w)
     assert_close(out, ref.grouped_gemm(a, w, o, trans_w))
-    assert_close(fm.grouped_gemm(to_device(a), to_device(w), o, trans_w=trans_w), fm.grouped_gemm(a, w, o, trans_w))
+    assert_close(fm.grouped_gemm(to_device(a), to_device(w), o, trans_w=trans_w),
+                 fm.grouped_gemm(a, w, o, trans_w))
     dy = rng.standard_normal((N, M)).astype(np.float32)
-    da, dw = fm.grouped_gemm_backward(to_device(dy), to_device(a), to_device(w), to_device(o), trans_w)
+    da, dw = fm.grouped_gemm_backward(*map(to_device, (dy, a, w, o)), trans_w)
     ca, cw = fm.grouped_gemm_backward(dy, a, w, o, trans_w)
     assert_close(da, ca)
     assert_close(dw, cw)
@@ -45,10 +46,11 @@ def test_epilogue_and_activate(rng, activation):
     h = ref.grouped_gemm(a, w, o)
     want = ref.activate(h, activation)
     code = ACTIVATION_CODES[activation]
-    assert_close(kc.grouped_gemm(to_device(a), to_device(w), o, False, code), want)        # fused epilogue
+    assert_close(kc.grouped_gemm(to_device(a), to_device(w), o, False, code), want)   # fused
     assert_close(fm.activate(to_device(h), activation), want)
     dy = rng.standard_normal(want.shape).astype(np.float32)
-    assert_close(fm.activate_backward(to_device(dy), to_device(h), activation), fm.activate_backward(dy, h, activation))
+    assert_close(fm.activate_backward(to_device(dy), to_device(h), activation),
+                 fm.activate_backward(dy, h, activation))
 
 
 def test_float64_and_matmul_layouts(rng):
@@ -58,10 +60,12 @@ def test_float64_and_matmul_layouts(rng):
     assert_close(fm.grouped_gemm(to_device(a), to_device(w), o), ref.grouped_gemm(a, w, o))
     b = rng.standard_normal((5, 6)).astype(np.float32)
     a32 = a.astype(np.float32)
-    assert_close(kc.matmul(to_device(a32), to_device(b)), (a32.astype(np.float64) @ b).astype(np.float32))
+    want = (a32.astype(np.float64) @ b).astype(np.float32)
+    assert_close(kc.matmul(to_device(a32), to_device(b)), want)
     bt = to_device(np.ascontiguousarray(b.T)).T                       # F-contiguous: no copy
-    assert_close(kc.matmul(to_device(a32), bt), (a32.astype(np.float64) @ b).astype(np.float32))
-    assert_close(kc.matmul(to_device(a32).T, to_device(a32)), (a32.T.astype(np.float64) @ a32).astype(np.float32))
+    assert_close(kc.matmul(to_device(a32), bt), want)
+    assert_close(kc.matmul(to_device(a32).T, to_device(a32)),
+                 (a32.T.astype(np.float64) @ a32).astype(np.float32))
 
 
 def test_gemm_errors(rng):

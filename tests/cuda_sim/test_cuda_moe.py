@@ -68,8 +68,8 @@ def test_router_b_forward_backward(rng):
     for T in (6, 0):
         x, router_w, w1, w2 = make_layer(rng, T, 5, 3, 4).args
         b = rng.standard_normal(4).astype(np.float32)
-        y, ctx = fm.moe_forward(*(to_device(a) for a in (x, router_w, w1, w2)), 2, router_b=to_device(b),
-                                return_context=True)
+        y, ctx = fm.moe_forward(*map(to_device, (x, router_w, w1, w2)), 2,
+                                router_b=to_device(b), return_context=True)
         y_cpu, ctx_cpu = fm.moe_forward(x, router_w, w1, w2, 2, router_b=b, return_context=True)
         assert_close(y, y_cpu)
         dy = rng.standard_normal(y_cpu.shape).astype(np.float32)

@@ -1,11 +1,24 @@
 """The specification: every public op in plain NumPy, slow and obvious.
 
-Same names and arguments as the fast ops. Arithmetic is done in float64 and results are cast
-back to the input's dtype, so a float64 call is exact to rounding and a float32 call is the
+Same names and arguments as the fast ops (fastmoe_nb.__all__, and routed_experts /
+routed_experts_backward of fastmoe_nb.interop). Arithmetic is done in float64 and results are
+cast back to the input's dtype, so a float64 call is exact to rounding and a float32 call is the
 correctly-rounded answer the kernels are compared with. Tests and the benchmarks check the
 kernels against these functions; when a kernel and this file disagree, this file is right.
+
+The one exception to "float64, then round" is router_logits: the logits are part of the
+contract bit for bit (every logit one fused multiply-add chain over d in order, whatever T, E
+or the thread count), because near-ties between experts are routed by those bits; the reference
+writes that chain out, so that its routing is the library's.
+
+Nothing here validates (the ops do: tests/test_validation.py), and nothing is imported from
+the implementation (ops/, backends/, kernels/). The references of the routers of
+fastmoe_nb.routing (Switch, GShard, expert choice, ...) and of the balancing losses are in
+fastmoe_nb/routing/reference.py, built on this file.
 """
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import numpy as np
 from scipy.special import erfc as _erfc
@@ -14,6 +27,7 @@ from scipy.special import expit as _sigmoid
 from .types import Plan, Routing
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu")
+ROUTERS = ("softmax_topk", "sigmoid_topk")   # the routers moe_forward's reference runs
 
 
 def _f64(a):
@@ -21,22 +35,23 @@ def _f64(a):
 
 
 # --------------------------------------------------------------------------- routing
+# check_finite: accepted for the library's arguments; the reference never validates.
 
-def softmax(x):
+def softmax(x, check_finite=True):
     """x: (T, E) -> (T, E), each row exp(x - max) / sum."""
     x64 = _f64(x)
     e = np.exp(x64 - x64.max(axis=-1, keepdims=True)) if x64.shape[-1] else x64
     return (e / e.sum(axis=-1, keepdims=True)).astype(x.dtype)
 
 
-def topk(x, k):
+def topk(x, k, check_finite=True):
     """x: (T, E) -> values (T, k), indices (T, k) int32; descending, equal values: lower index
     first (a stable sort of -x)."""
     idx = np.argsort(-_f64(x), axis=-1, kind="stable")[:, :k].astype(np.int32)
     return np.take_along_axis(x, idx, axis=-1), idx
 
 
-def softmax_topk(logits, k, renormalize=True):
+def softmax_topk(logits, k, renormalize=True, check_finite=True):
     """logits: (T, E) -> Routing(weights (T, k), experts (T, k) int32).
 
     The k best experts by logit (softmax is monotone, so this is the order of the
@@ -66,7 +81,8 @@ def _group_mask(choice, n_group, topk_group):
     return np.repeat(keep, E // n_group, axis=-1)
 
 
-def sigmoid_topk(logits, k, bias=None, n_group=1, topk_group=1, renormalize=True, scale=1.0):
+def sigmoid_topk(logits, k, bias=None, n_group=1, topk_group=1, renormalize=True, scale=1.0,
+                 check_finite=True):
     """DeepSeek-V3 routing. logits: (T, E), bias: (E,) or None -> Routing.
 
     scores = sigmoid(logits); choice = scores + bias (the bias only chooses); with n_group > 1
@@ -86,6 +102,71 @@ def sigmoid_topk(logits, k, bias=None, n_group=1, topk_group=1, renormalize=True
     if renormalize:
         w = w / (w.sum(axis=-1, keepdims=True) + 1e-20)
     return Routing((w * scale).astype(logits.dtype), idx)
+
+
+def _two_sum(a, b):
+    """a + b = s + e exactly (Knuth's TwoSum), elementwise in a's dtype."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def _two_product(a, b):
+    """a * b = p + e exactly, elementwise (float32: through float64, where the product of two
+    float32 is exact; float64: Dekker's split, exact away from overflow and underflow)."""
+    if a.dtype == np.float32:
+        p64 = a.astype(np.float64) * b.astype(np.float64)
+        p = p64.astype(np.float32)
+        return p, (p64 - p).astype(np.float32)       # the remainder fits in 24 bits
+    p = a * b
+    split = 134217729.0                              # 2**27 + 1
+
+    def halves(v):
+        c = split * v
+        hi = c - (c - v)
+        return hi, v - hi
+
+    ah, al = halves(a)
+    bh, bl = halves(b)
+    return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
+
+
+def _add_round_to_odd(a, b):
+    """a + b rounded to odd: the nearest value when exact, else the one of the two neighbours
+    with an odd last bit."""
+    s, e = _two_sum(a, b)
+    ints = np.int32 if s.dtype == np.float32 else np.int64
+    even = (s.view(ints) & 1) == 0
+    away = np.nextafter(s, np.where(e > 0, np.inf, -np.inf).astype(s.dtype))
+    return np.where((e != 0) & even, away, s)
+
+
+def fma(a, b, c):
+    """a * b + c with one rounding, elementwise, as the CPU's fused multiply-add computes it
+    (float32 or float64 arrays of one dtype). Boldo and Melquiond, "Emulation of a FMA and
+    correctly-rounded sums: proved algorithms using rounding to odd", IEEE TC 57(4), 2008:
+    the exact product as a pair, its high part added to c exactly, the two low parts added
+    with rounding to odd, then one rounding to nearest."""
+    uh, ul = _two_product(a, b)
+    th, tl = _two_sum(c, uh)
+    return th + _add_round_to_odd(tl, ul)
+
+
+def router_logits(x, router_w, router_b=None):
+    """x: (T, d), router_w: (d, E), router_b: (E,) or None -> logits (T, E) = x @ router_w
+    [+ router_b] in x's dtype, every logit one fused multiply-add chain over d from 0 in
+    increasing order (then + router_b, one rounding): the library's logits bit for bit, so
+    that near-ties route the same way (DESIGN.md; surgery and expert parallelism rely on
+    these bits too)."""
+    x = np.asarray(x)
+    w = np.asarray(router_w, dtype=x.dtype)
+    acc = np.zeros((x.shape[0], w.shape[1]), x.dtype)
+    for p in range(x.shape[1]):
+        acc = fma(np.broadcast_to(x[:, p:p + 1], acc.shape), np.broadcast_to(w[p], acc.shape),
+                  acc)
+    if router_b is not None:
+        acc = acc + np.asarray(router_b, dtype=x.dtype)
+    return acc
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -132,6 +213,11 @@ def combine(ys, plan, weights=None):
 
 # --------------------------------------------------------------------------- experts
 
+def _expert(w, e, trans_w):
+    """Expert e's matrix of w: (E, K, M) [trans_w: (E, M, K)] -> (K, M) float64."""
+    return _f64(w[e]).T if trans_w else _f64(w[e])
+
+
 def grouped_gemm(a, w, offsets, trans_w=False):
     """a: (N, K), w: (E, K, M) [trans_w: (E, M, K)], offsets: (E+1,) -> (N, M);
     rows offsets[e]:offsets[e+1] of the result are a[those rows] @ w[e] (or @ w[e].T)."""
@@ -140,9 +226,15 @@ def grouped_gemm(a, w, offsets, trans_w=False):
     out = np.zeros((a.shape[0], M), dtype=np.float64)
     for e in range(E):
         lo, hi = int(offsets[e]), int(offsets[e + 1])
-        we = _f64(w[e]).T if trans_w else _f64(w[e])
-        out[lo:hi] = _f64(a[lo:hi]) @ we
+        out[lo:hi] = _f64(a[lo:hi]) @ _expert(w, e, trans_w)
     return out.astype(a.dtype)
+
+
+def pack_weights(w, trans_w=False, swiglu=False):
+    """w: (E, K, M) [trans_w: (E, M, K)] -> what grouped_gemm and experts_forward take in its
+    place. Packing is a memory layout, not maths: the reference's packed weights are a copy of
+    w (a snapshot: later in-place updates of w do not reach it), used with the same trans_w."""
+    return np.array(w, copy=True)
 
 
 def _phi(x):
@@ -190,61 +282,31 @@ def expert_mlp(x, w1, w2, activation):
     return (_f64(activate(_f64(x) @ _f64(w1), activation)) @ _f64(w2)).astype(x.dtype)
 
 
-def router_logits(x, router_w, router_b=None):
-    """x: (T, d), router_w: (d, E), router_b: (E,) or None -> (T, E) = x @ router_w [+ router_b]
-    in the working dtype, as the library computes them (fastmoe_nb.ops.routing.router_logits:
-    one FMA chain per logit over d in order), so that the reference routes near-ties the same
-    way; tests check those logits against a float64 x @ router_w on their own."""
-    from .ops.routing import router_logits as logits_of   # noqa: PLC0415 (lazily: no cycle)
-    return logits_of(x, router_w, router_b)
+def experts_forward(xs, w1, w2, offsets, activation, trans_w=False, keep=False):
+    """The expert MLPs on tokens in expert order: xs: (N, d), w1: (E, d, h|2h), w2: (E, h, d)
+    [trans_w: (E, h|2h, d), (E, d, h)] -> (h_pre (N, h|2h) or None, h_act (N, h), ys (N, d)):
+    h_pre = grouped_gemm(xs, w1), h_act = activate(h_pre), ys = grouped_gemm(h_act, w2), each
+    rounded to xs's dtype as the library keeps them; h_pre is returned only when keep."""
+    h_pre = grouped_gemm(xs, w1, offsets, trans_w)
+    h_act = activate(h_pre, activation)
+    ys = grouped_gemm(h_act, w2, offsets, trans_w)
+    return (h_pre if keep else None), h_act, ys
 
 
-def _route(x, router_w, k, router, renormalize, bias, n_group, topk_group, scale, capacity,
-           router_b=None):
-    """The layer's routing and plan -> (logits, Routing, Plan)."""
-    logits = router_logits(x, router_w, router_b)
-    if router == "softmax_topk":
-        r = softmax_topk(logits, k, renormalize)
-    else:
-        r = sigmoid_topk(logits, k, bias, n_group, topk_group, renormalize, scale)
-    return logits, r, make_plan(r.experts, router_w.shape[1], capacity)
-
-
-def moe_forward(x, router_w, w1, w2, k, activation="swiglu", router="softmax_topk",
-                renormalize=True, bias=None, n_group=1, topk_group=1, scale=1.0,
-                capacity=None, trans_w=False, shared_w1=None, shared_w2=None,
-                shared_gate_w=None, router_b=None):
-    """The whole layer, written per expert without plan/permute/combine.
-
-    x: (T, d), router_w: (d, E), w1: (E, d, h|2h) [trans_w: (E, h|2h, d)],
-    w2: (E, h, d) [trans_w: (E, d, h)], router_b: (E,) or None (logits x @ router_w +
-    router_b) -> y: (T, d).
-    y[t] = sum_j weight[t, j] * MLP_{expert[t, j]}(x[t]) over kept assignments
-           + shared(x[t]) * [sigmoid(x[t] @ shared_gate_w) if shared_gate_w is given].
-    """
+def _experts_sum(x, experts, weights, kept, w1, w2, activation, trans_w):
+    """y[t] = sum over kept (t, j) of weights[t, j] * MLP_{experts[t, j]}(x[t]), float64,
+    written per expert: x (T, d), experts / weights / kept (T, k)."""
     x64 = _f64(x)
-    _, r, plan = _route(x, router_w, k, router, renormalize, bias, n_group, topk_group, scale,
-                        capacity, router_b)
-    E = router_w.shape[1]
     y = np.zeros_like(x64)
-    for e in range(E):
-        t, j = np.nonzero((r.experts == e) & (plan.slots >= 0))
-        if t.size == 0:
-            continue
-        w1e = _f64(w1[e]).T if trans_w else _f64(w1[e])
-        w2e = _f64(w2[e]).T if trans_w else _f64(w2[e])
-        h = activate(x64[t] @ w1e, activation)
-        y_e = _f64(h) @ w2e
-        np.add.at(y, t, _f64(r.weights)[t, j][:, None] * y_e)
-    if shared_w1 is not None:
-        s = _f64(expert_mlp(x64, shared_w1, shared_w2, activation))
-        if shared_gate_w is not None:
-            s = s / (1.0 + np.exp(-(x64 @ _f64(shared_gate_w).reshape(-1, 1))))
-        y += s
-    return y.astype(x.dtype)
+    for e in range(w1.shape[0]):
+        t, j = np.nonzero((np.asarray(experts) == e) & kept)
+        if t.size:
+            h = _f64(activate(x64[t] @ _expert(w1, e, trans_w), activation))
+            np.add.at(y, t, _f64(weights)[t, j][:, None] * (h @ _expert(w2, e, trans_w)))
+    return y
 
 
-# --- grouped gemm backward
+# --- grouped gemm and expert backward
 
 def grouped_gemm_backward(dy, a, w, offsets, trans_w=False):
     """dy: (N, M), a: (N, K), w: (E, K, M) [trans_w: (E, M, K)], offsets: (E+1,)
@@ -255,11 +317,31 @@ def grouped_gemm_backward(dy, a, w, offsets, trans_w=False):
     dw = np.zeros(w.shape, dtype=np.float64)
     for e in range(w.shape[0]):
         lo, hi = int(offsets[e]), int(offsets[e + 1])
-        we = _f64(w[e]).T if trans_w else _f64(w[e])          # (K, M)
-        da[lo:hi] = _f64(dy[lo:hi]) @ we.T
+        da[lo:hi] = _f64(dy[lo:hi]) @ _expert(w, e, trans_w).T
         g = _f64(a[lo:hi]).T @ _f64(dy[lo:hi])                # (K, M)
         dw[e] = g.T if trans_w else g
     return da.astype(a.dtype), dw.astype(w.dtype)
+
+
+def _add_into(acc, g):
+    """acc += g in acc's dtype, in place; returns acc (gradient accumulation)."""
+    acc += np.asarray(g, dtype=acc.dtype)
+    return acc
+
+
+def experts_backward(d_ys, xs, h_pre, h_act, w1, w2, offsets, activation, trans_w=False,
+                     into=None):
+    """The gradients of experts_forward from its kept h_pre, h_act: d_ys: (N, d) -> (d_xs
+    (N, d), dw1, dw2), dw1 / dw2 in the forward's layout:
+    d_h_act, dw2 = grouped_gemm_backward(d_ys, h_act, w2); d_h_pre = activate_backward(d_h_act,
+    h_pre); d_xs, dw1 = grouped_gemm_backward(d_h_pre, xs, w1). into: None, or (dw1, dw2),
+    either None, arrays the weight gradients are added into in place and returned instead."""
+    d_h_act, dw2 = grouped_gemm_backward(d_ys, h_act, w2, offsets, trans_w)
+    d_h_pre = activate_backward(d_h_act, h_pre, activation)
+    d_xs, dw1 = grouped_gemm_backward(d_h_pre, xs, w1, offsets, trans_w)
+    if into is not None:
+        dw1, dw2 = (g if a is None else _add_into(a, g) for a, g in zip(into, (dw1, dw2)))
+    return d_xs, dw1, dw2
 
 
 # --- backward of every op (training): float64 chain rule, Jacobians written out
@@ -371,16 +453,61 @@ def _mlp_backward(dy, x, w1, w2, activation):
     return dh @ w1.T, x.T @ dh, a.T @ dy
 
 
-def shared_backward(ds, x, w1, w2, gate_w, activation):
-    """The shared expert s = act(x @ w1) @ w2 [* sigmoid(x @ gate_w)].
-    ds: (T, d), x: (T, d), w1: (d, hs|2hs), w2: (hs, d), gate_w: (d,) / (d, 1) or None
+def _experts_sum_backward(dy, x, experts, weights, kept, w1, w2, activation, trans_w):
+    """The gradients of _experts_sum, float64, per expert -> (dx (T, d), d_weights (T, k),
+    dw1, dw2 in w1's / w2's layout); an assignment not kept gets d_weights 0."""
+    x64, dy64 = _f64(x), _f64(dy)
+    dx = np.zeros_like(x64)
+    dw1, dw2 = np.zeros(w1.shape), np.zeros(w2.shape)
+    d_weights = np.zeros(np.shape(weights))
+    for e in range(w1.shape[0]):
+        t, j = np.nonzero((np.asarray(experts) == e) & kept)
+        w1e, w2e = _expert(w1, e, trans_w), _expert(w2, e, trans_w)   # (d, H1), (h, d)
+        a = activate(x64[t] @ w1e, activation)
+        d_weights[t, j] = (dy64[t] * (a @ w2e)).sum(axis=1)
+        dxe, g1, g2 = _mlp_backward(_f64(weights)[t, j][:, None] * dy64[t], x64[t], w1e, w2e,
+                                    activation)
+        np.add.at(dx, t, dxe)
+        dw1[e] = g1.T if trans_w else g1
+        dw2[e] = g2.T if trans_w else g2
+    return dx, d_weights, dw1, dw2
+
+
+# --------------------------------------------------------------------------- shared expert
+
+def _gate_of(x64, gate_w):
+    """sigmoid(x @ gate_w): (T, 1) float64, gate_w (d,) or (d, 1)."""
+    return 1.0 / (1.0 + np.exp(-(x64 @ _f64(gate_w).reshape(-1, 1))))
+
+
+def shared_forward(x, w1, w2, gate_w, activation):
+    """The shared (always-on) expert: x (T, d), w1 (d, hs|2hs), w2 (hs, d), gate_w (d, 1),
+    (d,) or None -> (s (T, d), cache): s = act(x @ w1) @ w2 [* sigmoid(x @ gate_w)]; cache
+    holds "h_pre", "h_act" and "gate" ((T, 1) or None) in x's dtype, as the library's."""
+    dt = x.dtype
+    x64 = _f64(x)
+    h_pre = x64 @ _f64(w1)
+    h_act = _f64(activate(h_pre, activation))
+    s = h_act @ _f64(w2)
+    gate = None
+    if gate_w is not None:
+        gate = _gate_of(x64, gate_w)
+        s = s * gate
+    return s.astype(dt), {"h_pre": h_pre.astype(dt), "h_act": h_act.astype(dt),
+                          "gate": None if gate is None else gate.astype(dt)}
+
+
+def shared_backward(ds, x, w1, w2, gate_w, cache, activation):
+    """The gradients of shared_forward. ds: (T, d), x: (T, d), w1: (d, hs|2hs), w2: (hs, d),
+    gate_w: (d, 1), (d,) or None; cache: shared_forward's (accepted for the library's
+    arguments and not read: the reference recomputes in float64)
     -> (dx (T, d), dw1, dw2, dgate_w in gate_w's shape or None)."""
     x64, w1_, w2_, g = _f64(x), _f64(w1), _f64(w2), _f64(ds)
     dgate = None
     dx = np.zeros_like(x64)
     if gate_w is not None:
         gw = _f64(gate_w).reshape(-1, 1)
-        sig = 1.0 / (1.0 + np.exp(-(x64 @ gw)))                        # (T, 1)
+        sig = _gate_of(x64, gate_w)                                    # (T, 1)
         s0 = activate(x64 @ w1_, activation) @ w2_
         dz = (g * s0).sum(axis=1, keepdims=True) * sig * (1.0 - sig)   # (T, 1)
         dgate = (x64.T @ dz).reshape(np.shape(gate_w)).astype(x.dtype)
@@ -390,33 +517,135 @@ def shared_backward(ds, x, w1, w2, gate_w, activation):
     return (dx + dxm).astype(x.dtype), dw1.astype(x.dtype), dw2.astype(x.dtype), dgate
 
 
-def moe_backward(dy, x, router_w, w1, w2, k, activation="swiglu", router="softmax_topk",
-                 renormalize=True, bias=None, n_group=1, topk_group=1, scale=1.0,
-                 capacity=None, trans_w=False, shared_w1=None, shared_w2=None,
-                 shared_gate_w=None, router_b=None):
-    """The gradients of moe_forward (same arguments, dy: (T, d) first), written per expert.
+# --------------------------------------------------------------------------- routed experts
+
+class ExpertsCall(NamedTuple):
+    """reference.routed_experts(..., return_context=True)'s context: the call itself (the
+    reference's backward recomputes everything from it)."""
+
+    x: Any
+    experts: Any
+    weights: Any
+    w1: Any
+    w2: Any
+    activation: str
+    trans_w: bool
+
+
+def routed_experts(x, experts, weights, w1, w2, activation="swiglu", trans_w=False,
+                   return_context=False):
+    """The experts alone, the routing given (fastmoe_nb.interop.routed_experts): x: (T, d),
+    experts: (T, k) ids, weights: (T, k), w1: (E, d, h|2h), w2: (E, h, d) [trans_w: (E, h|2h,
+    d), (E, d, h)] -> y (T, d) = sum_j weights[t, j] * MLP_{experts[t, j]}(x[t]); or
+    (y, ctx) with return_context."""
+    kept = np.ones(np.shape(experts), dtype=bool)
+    y = _experts_sum(x, experts, weights, kept, w1, w2, activation, trans_w).astype(x.dtype)
+    if not return_context:
+        return y
+    return y, ExpertsCall(x, experts, weights, w1, w2, activation, bool(trans_w))
+
+
+def routed_experts_backward(dy, ctx):
+    """dy: (T, d) gradient of routed_experts' y, ctx: reference.routed_experts' context
+    -> (dx (T, d), d_weights (T, k), dw1, dw2), dw1 / dw2 in the forward's layout."""
+    x, experts, weights, w1, w2, activation, trans_w = ctx
+    kept = np.ones(np.shape(experts), dtype=bool)
+    dx, d_weights, dw1, dw2 = _experts_sum_backward(dy, x, experts, weights, kept, w1, w2,
+                                                    activation, trans_w)
+    dt = x.dtype
+    return dx.astype(dt), d_weights.astype(dt), dw1.astype(dt), dw2.astype(dt)
+
+
+# --------------------------------------------------------------------------- the layer
+
+class MoECall(NamedTuple):
+    """reference.moe_forward(..., return_context=True)'s context: the call itself (the
+    reference's backward recomputes everything from it)."""
+
+    x: Any
+    router_w: Any
+    w1: Any
+    w2: Any
+    k: int
+    options: dict
+
+
+def _route(x, router_w, k, router, renormalize, bias, n_group, topk_group, scale, capacity,
+           router_b=None):
+    """The layer's routing and plan -> (logits, Routing, Plan)."""
+    logits = router_logits(x, router_w, router_b)
+    if router == "softmax_topk":
+        r = softmax_topk(logits, k, renormalize)
+    elif router == "sigmoid_topk":
+        r = sigmoid_topk(logits, k, bias, n_group, topk_group, renormalize, scale)
+    else:
+        raise ValueError(f"router: the reference layer runs {ROUTERS}, got {router!r}; the "
+                         "routers of fastmoe_nb.routing have their references in "
+                         "fastmoe_nb.routing.reference (route, make_plan, routed_experts)")
+    return logits, r, make_plan(r.experts, router_w.shape[1], capacity)
+
+
+def moe_forward(x, router_w, w1, w2, k, activation="swiglu", router="softmax_topk",
+                renormalize=True, bias=None, n_group=1, topk_group=1, scale=1.0,
+                capacity=None, trans_w=False, shared_w1=None, shared_w2=None,
+                shared_gate_w=None, check_finite=True, return_context=False, router_b=None):
+    """The whole layer, written per expert without plan/permute/combine.
+
+    x: (T, d), router_w: (d, E), w1: (E, d, h|2h) [trans_w: (E, h|2h, d)],
+    w2: (E, h, d) [trans_w: (E, d, h)], router_b: (E,) or None (logits x @ router_w +
+    router_b) -> y: (T, d), or (y, ctx) with return_context (ctx: the call, for
+    reference.moe_backward).
+    y[t] = sum_j weight[t, j] * MLP_{expert[t, j]}(x[t]) over kept assignments
+           + shared(x[t]) * [sigmoid(x[t] @ shared_gate_w) if shared_gate_w is given].
+    """
+    _, r, plan = _route(x, router_w, k, router, renormalize, bias, n_group, topk_group, scale,
+                        capacity, router_b)
+    y = _experts_sum(x, r.experts, r.weights, plan.slots >= 0, w1, w2, activation, trans_w)
+    if shared_w1 is not None:
+        y += _f64(shared_forward(_f64(x), shared_w1, shared_w2, shared_gate_w, activation)[0])
+    y = y.astype(x.dtype)
+    if not return_context:
+        return y
+    options = dict(activation=activation, router=router, renormalize=renormalize, bias=bias,
+                   n_group=n_group, topk_group=topk_group, scale=scale, capacity=capacity,
+                   trans_w=trans_w, shared_w1=shared_w1, shared_w2=shared_w2,
+                   shared_gate_w=shared_gate_w, router_b=router_b)
+    return y, MoECall(x, router_w, w1, w2, k, options)
+
+
+def moe_backward(dy, ctx, *args, grads=None, **options):
+    """The gradients of moe_forward, written per expert.
+
+    moe_backward(dy, ctx[, grads]), ctx the context of reference.moe_forward(...,
+    return_context=True) — the library's call — or moe_backward(dy, x, router_w, w1, w2, k,
+    **options), the same call written out with moe_forward's arguments.
     -> (dx (T, d), grads) with grads "router_w", "w1", "w2" in the forward's layouts, plus
     "router_b" (sum over tokens of d logits), "shared_w1", "shared_w2" and "shared_gate_w"
-    when given. The sigmoid router's choice bias gets none."""
-    x64, dy64 = _f64(x), _f64(dy)
+    (in its given shape) when given. The sigmoid router's choice bias gets none. grads
+    (argument): None, or a dict of arrays (any subset of those keys) this call's gradients are
+    added into in place and returned in place of fresh ones (gradient accumulation)."""
+    if isinstance(ctx, MoECall):
+        if len(args) > 1 or options or (args and grads is not None):
+            raise TypeError("moe_backward(dy, ctx, grads=None): nothing else with a context")
+        grads = args[0] if args else grads
+        dx, out = _layer_backward(dy, *ctx[:5], **ctx.options)
+    else:
+        dx, out = _layer_backward(dy, ctx, *args, **options)
+    for name, a in (grads or {}).items():
+        out[name] = _add_into(a, out[name])
+    return dx, out
+
+
+def _layer_backward(dy, x, router_w, w1, w2, k, activation="swiglu", router="softmax_topk",
+                    renormalize=True, bias=None, n_group=1, topk_group=1, scale=1.0,
+                    capacity=None, trans_w=False, shared_w1=None, shared_w2=None,
+                    shared_gate_w=None, check_finite=True, router_b=None):
+    x64 = _f64(x)
     logits, r, plan = _route(x, router_w, k, router, renormalize, bias, n_group, topk_group,
                              scale, capacity, router_b)
-    E = router_w.shape[1]
-    dx = np.zeros_like(x64)
-    dw1, dw2 = np.zeros(w1.shape), np.zeros(w2.shape)
-    d_weights = np.zeros(r.weights.shape)
-    for e in range(E):
-        t, j = np.nonzero((r.experts == e) & (plan.slots >= 0))
-        w1e = _f64(w1[e]).T if trans_w else _f64(w1[e])               # (d, H1)
-        w2e = _f64(w2[e]).T if trans_w else _f64(w2[e])               # (h, d)
-        h_pre = x64[t] @ w1e
-        a = activate(h_pre, activation)
-        d_weights[t, j] = (dy64[t] * (a @ w2e)).sum(axis=1)
-        d_ye = _f64(r.weights)[t, j][:, None] * dy64[t]
-        dxe, g1, g2 = _mlp_backward(d_ye, x64[t], w1e, w2e, activation)
-        np.add.at(dx, t, dxe)
-        dw1[e] = g1.T if trans_w else g1
-        dw2[e] = g2.T if trans_w else g2
+    dx, d_weights, dw1, dw2 = _experts_sum_backward(dy, x, r.experts, r.weights,
+                                                    plan.slots >= 0, w1, w2, activation,
+                                                    trans_w)
     if router == "softmax_topk":
         d_logits = softmax_topk_backward(d_weights, _f64(logits), r.experts, renormalize)
     else:
@@ -428,8 +657,8 @@ def moe_backward(dy, x, router_w, w1, w2, k, activation="swiglu", router="softma
     if router_b is not None:
         grads["router_b"] = d_logits.sum(axis=0).astype(dt)
     if shared_w1 is not None:
-        dxs, dw1s, dw2s, dgate = shared_backward(dy64, x64, shared_w1, shared_w2,
-                                                 shared_gate_w, activation)
+        dxs, dw1s, dw2s, dgate = shared_backward(_f64(dy), x64, shared_w1, shared_w2,
+                                                 shared_gate_w, None, activation)
         grads["shared_w1"], grads["shared_w2"] = dw1s.astype(dt), dw2s.astype(dt)
         dx += dxs
         if dgate is not None:

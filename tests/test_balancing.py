@@ -9,7 +9,7 @@ import fastmoe_nb.routing as R
 from fastmoe_nb.nn.gradcheck import gradcheck
 from fastmoe_nb.routing import reference as rref
 
-from support import assert_close
+from helpers import assert_close
 
 # two tokens, four experts, top-2; logits = log p + a per-row constant (softmax ignores it)
 P_HAND = np.array([[0.4, 0.3, 0.2, 0.1], [0.5, 0.25, 0.15, 0.1]])

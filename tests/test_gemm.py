@@ -1,9 +1,14 @@
-"""grouped_gemm / grouped_gemm_backward against fastmoe_nb.reference, on awkward shapes."""
+"""grouped_gemm / grouped_gemm_backward and the expert MLPs (experts_forward /
+experts_backward) against fastmoe_nb.reference and float64 central differences: on the shape
+table's plans, on block structures that take each of the CPU's ways (streamed, packed kernel,
+per-expert BLAS), packed weights, determinism across thread counts, bad input."""
 import numpy as np
 import pytest
 
 import fastmoe_nb as fm
 from fastmoe_nb import reference as ref
+
+from helpers import SHAPES, Shape, assert_close, check_op, plan_of
 
 
 def make_case(counts, K, M, dtype=np.float32, trans_w=False, seed=0):
@@ -17,15 +22,8 @@ def make_case(counts, K, M, dtype=np.float32, trans_w=False, seed=0):
     return a, w, offsets
 
 
-def assert_close(got, want, rtol):
-    """Relative to the largest |want| so that cancellation near zero is not over-judged."""
-    assert got.shape == want.shape and got.dtype == want.dtype
-    scale = max(1.0, float(np.abs(want).max())) if want.size else 1.0
-    np.testing.assert_allclose(got, want, rtol=0, atol=rtol * scale)
-
-
 # (counts per expert, K, M): T=0, one row, empty experts, E=1, sizes that are no tile multiple
-SHAPES = [
+SHAPES_GEMM = [
     ((0, 0, 0), 100, 64),
     ((1,), 100, 37),
     ((2, 0, 8, 5), 781, 150),                    # decode-sized: at most 8 rows an expert
@@ -41,7 +39,7 @@ SHAPES = [
 
 
 def test_the_decoding_shape_streams_in_depth_chunks_and_column_blocks():
-    """SHAPES' decoding case keeps covering what its comment says as the constants move."""
+    """SHAPES_GEMM's decoding case keeps covering what its comment says as the constants move."""
     from fastmoe_nb.kernels.cpu import gemm as kg
     from fastmoe_nb.backends.cpu import route
     offsets = np.array([0, 12, 13, 13, 16])
@@ -52,62 +50,55 @@ def test_the_decoding_shape_streams_in_depth_chunks_and_column_blocks():
     assert len(set(first[:, 1])) == 2 and len(set(first[:, 3])) == 2
 
 
-@pytest.mark.parametrize("packed", [False, True])
+def _counts(rng, shape):
+    """A case's blocks: (counts, K, M) as written, or a Shape's plan (K = d, M = h)."""
+    if isinstance(shape, Shape):
+        return tuple(int(c) for c in plan_of(rng, shape).counts), shape.d, shape.h
+    return shape
+
+
+def _gemm_inputs(trans_w):
+    def make(rng, shape, dtype):
+        counts, K, M = _counts(rng, shape)
+        a, w, offsets = make_case(counts, K, M, dtype, trans_w, seed=int(rng.integers(2**31)))
+        return [a, w, offsets, trans_w]
+    return make
+
+
+def _gemm(gemm, backward, pack=None):
+    def forward(a, w, offsets, trans_w):
+        return gemm(a, w if pack is None else pack(w, trans_w), offsets, trans_w=trans_w)
+    return forward, lambda dy, a, w, offsets, trans_w: [
+        *backward(dy, a, w, offsets, trans_w=trans_w), None, None]
+
+
+GEMM = _gemm(fm.grouped_gemm, fm.grouped_gemm_backward)
+GEMM_REF = _gemm(ref.grouped_gemm, ref.grouped_gemm_backward)
+# the shape table's plans, the block structures above, a tiny one for central differences
+GEMM_CASES = list(SHAPES.values()) + SHAPES_GEMM + [((2, 0, 3), 5, 4)]
+
+
 @pytest.mark.parametrize("trans_w", [False, True])
-@pytest.mark.parametrize("counts,K,M", SHAPES)
-def test_grouped_gemm_matches_reference(counts, K, M, trans_w, packed):
-    """Raw weights are packed tile by tile in the kernel, PackedWeights once beforehand."""
+def test_grouped_gemm_and_its_backward(trans_w):
+    """Forward, da and dw against the reference (raw weights are packed tile by tile in the
+    kernel), inputs unchanged, central differences on the small cases."""
+    assert check_op(GEMM, GEMM_REF, _gemm_inputs(trans_w), GEMM_CASES) > 0
+
+
+@pytest.mark.parametrize("trans_w", [False, True])
+def test_grouped_gemm_with_packed_weights(trans_w):
+    """PackedWeights, packed once beforehand, give the raw weights' result."""
+    check_op(_gemm(fm.grouped_gemm, None, fm.pack_weights)[0], GEMM_REF[0],
+             _gemm_inputs(trans_w), GEMM_CASES, grads=False, dtypes=[np.float32])
+
+
+@pytest.mark.parametrize("trans_w", [False, True])
+@pytest.mark.parametrize("counts,K,M", SHAPES_GEMM)
+def test_grouped_gemm_backward_of_an_empty_expert_is_zero(counts, K, M, trans_w):
     a, w, offsets = make_case(counts, K, M, trans_w=trans_w)
-    a0, w0 = a.copy(), w.copy()
-    got = fm.grouped_gemm(a, fm.pack_weights(w, trans_w) if packed else w, offsets,
-                          trans_w=trans_w)
-    assert_close(got, ref.grouped_gemm(a, w, offsets, trans_w), 1e-5)
-    np.testing.assert_array_equal(a, a0)
-    np.testing.assert_array_equal(w, w0)
-
-
-@pytest.mark.parametrize("trans_w", [False, True])
-@pytest.mark.parametrize("counts,K,M", SHAPES)
-def test_grouped_gemm_backward_matches_reference(counts, K, M, trans_w):
-    a, w, offsets = make_case(counts, K, M, trans_w=trans_w)
-    dy = np.random.default_rng(1).standard_normal((a.shape[0], w.shape[1] if trans_w
-                                                   else w.shape[2])).astype(a.dtype)
-    da, dw = fm.grouped_gemm_backward(dy, a, w, offsets, trans_w=trans_w)
-    rda, rdw = ref.grouped_gemm_backward(dy, a, w, offsets, trans_w)
-    assert_close(da, rda, 1e-5)
-    assert_close(dw, rdw, 1e-5)
-    empty = np.diff(offsets) == 0
-    assert not dw[empty].any()
-
-
-@pytest.mark.parametrize("trans_w", [False, True])
-def test_grouped_gemm_backward_finite_differences(trans_w):
-    """float64 central differences of L = sum(dy * grouped_gemm(a, w)) on a tiny case."""
-    a, w, offsets = make_case((2, 0, 3), 5, 4, np.float64, trans_w, seed=3)
-    dy = np.random.default_rng(4).standard_normal((a.shape[0], 4))
-    da, dw = fm.grouped_gemm_backward(dy, a, w, offsets, trans_w=trans_w)
-
-    def loss(a_, w_):
-        return float((dy * fm.grouped_gemm(a_, w_, offsets, trans_w=trans_w)).sum())
-
-    eps = 1e-6
-    for arr, grad in ((a, da), (w, dw)):
-        num = np.zeros_like(arr)
-        for i in np.ndindex(arr.shape):
-            old = arr[i]
-            arr[i] = old + eps
-            lp = loss(a, w)
-            arr[i] = old - eps
-            lm = loss(a, w)
-            arr[i] = old
-            num[i] = (lp - lm) / (2 * eps)
-        np.testing.assert_allclose(grad, num, rtol=1e-6, atol=1e-6)
-
-
-def test_float64_matches_reference_tightly():
-    a, w, offsets = make_case((5, 0, 12), 100, 37, np.float64)
-    np.testing.assert_allclose(fm.grouped_gemm(a, w, offsets),
-                               ref.grouped_gemm(a, w, offsets), rtol=1e-12, atol=1e-12)
+    dy = np.random.default_rng(1).standard_normal((a.shape[0], M)).astype(a.dtype)
+    _, dw = fm.grouped_gemm_backward(dy, a, w, offsets, trans_w=trans_w)
+    assert not dw[np.diff(offsets) == 0].any()
 
 
 @pytest.mark.parametrize("call,match", [
@@ -135,11 +126,11 @@ def test_packed_weights_are_a_snapshot():
     a, w, offsets = make_case((4, 0, 7), 33, 40)
     pw = fm.pack_weights(w)
     before = fm.grouped_gemm(a, pw, offsets)
-    assert_close(before, ref.grouped_gemm(a, w, offsets), 1e-5)
+    assert_close(before, ref.grouped_gemm(a, w, offsets))
     w *= 2.0
     np.testing.assert_array_equal(fm.grouped_gemm(a, pw, offsets), before)
     assert_close(fm.grouped_gemm(a, fm.pack_weights(w), offsets),
-                 ref.grouped_gemm(a, w, offsets), 1e-5)
+                 ref.grouped_gemm(a, w, offsets))
 
 
 @pytest.mark.parametrize("trans_w", [False, True])
@@ -147,7 +138,7 @@ def test_swiglu_packing_keeps_grouped_gemm_result(trans_w):
     """Interleaved [gate | up] panels (half = 50, not a multiple of the panel) change nothing."""
     a, w, offsets = make_case((9, 3), 20, 100, trans_w=trans_w)
     got = fm.grouped_gemm(a, fm.pack_weights(w, trans_w, swiglu=True), offsets)
-    assert_close(got, ref.grouped_gemm(a, w, offsets, trans_w), 1e-5)
+    assert_close(got, ref.grouped_gemm(a, w, offsets, trans_w))
 
 
 def test_packed_weights_bad_input():
@@ -164,10 +155,43 @@ def test_packed_weights_bad_input():
 
 # --------------------------------------------------------------------------- fused experts
 
-def ref_experts(xs, w1, w2, offsets, activation, trans_w):
-    h_pre = ref.grouped_gemm(xs, w1, offsets, trans_w)
-    h_act = ref.activate(h_pre, activation)
-    return h_pre, h_act, ref.grouped_gemm(h_act, w2, offsets, trans_w)
+def _experts_inputs(activation, trans_w):
+    def make(rng, shape, dtype):
+        """[xs (N, d), w1, w2, offsets, activation, trans_w] of the case's blocks (K = d,
+        M = h), w1 scaled to keep the activations O(1)."""
+        counts, d, h = _counts(rng, shape)
+        H1 = 2 * h if activation == "swiglu" else h
+        seed = int(rng.integers(2**31))
+        xs, w1, offsets = make_case(counts, d, H1, dtype, trans_w, seed)
+        _, w2, _ = make_case(counts, h, d, dtype, trans_w, seed + 1)
+        return [xs, w1 / dtype(np.sqrt(d)), w2 / dtype(np.sqrt(h)), offsets, activation,
+                trans_w]
+    return make
+
+
+def _experts(module):
+    """experts_forward as a function of (xs, w1, w2) -> ys, its backward from the kept h_pre,
+    h_act."""
+    def forward(xs, w1, w2, offsets, activation, trans_w):
+        return module.experts_forward(xs, w1, w2, offsets, activation, trans_w)[2]
+
+    def backward(d_ys, xs, w1, w2, offsets, activation, trans_w):
+        h_pre, h_act, _ = module.experts_forward(xs, w1, w2, offsets, activation, trans_w,
+                                                 keep=True)
+        return [*module.experts_backward(d_ys, xs, h_pre, h_act, w1, w2, offsets, activation,
+                                         trans_w), None, None, None]
+    return forward, backward
+
+
+@pytest.mark.parametrize("activation,trans_w", [("swiglu", False), ("swiglu", True),
+                                                ("gelu", False), ("relu", True)])
+def test_experts_forward_and_backward(activation, trans_w):
+    """ys, d_xs, dw1, dw2 against the reference on the shape table's plans and the block
+    structures above, central differences on the small ones."""
+    cases = list(SHAPES.values()) + [((5, 0, 12, 1), 37, 21), ((1, 0, 70, 1, 1, 1, 1), 37, 21),
+                                     ((2, 0, 3), 5, 4)]
+    assert check_op(_experts(fm), _experts(ref), _experts_inputs(activation, trans_w),
+                    cases) > 0
 
 
 @pytest.mark.parametrize("activation,trans_w,packed,keep", [
@@ -184,15 +208,15 @@ def test_experts_forward_fused_epilogue(activation, trans_w, packed, keep, count
     xs, w1, offsets = make_case(counts, d, H1, trans_w=trans_w, seed=5)
     _, w2, _ = make_case(counts, h, d, trans_w=trans_w, seed=6)
     w1 *= 0.3
-    want = ref_experts(xs, w1, w2, offsets, activation, trans_w)
+    want = ref.experts_forward(xs, w1, w2, offsets, activation, trans_w, keep=True)
     if packed:
         w1 = fm.pack_weights(w1, trans_w, swiglu=activation == "swiglu")
     h_pre, h_act, ys = fm.experts_forward(xs, w1, w2, offsets, activation, trans_w, keep)
     assert (h_pre is None) == (not keep)
     if keep:
-        assert_close(h_pre, want[0], 1e-5)
-    assert_close(h_act, want[1], 1e-5)
-    assert_close(ys, want[2], 1e-5)
+        assert_close(h_pre, want[0])
+    assert_close(h_act, want[1])
+    assert_close(ys, want[2])
 
 
 def test_experts_forward_swiglu_with_plain_packing():
@@ -200,9 +224,9 @@ def test_experts_forward_swiglu_with_plain_packing():
     xs, w1, offsets = make_case((3, 4), 12, 10, seed=7)
     _, w2, _ = make_case((3, 4), 5, 12, seed=8)
     _, h_act, ys = fm.experts_forward(xs, fm.pack_weights(w1), w2, offsets, "swiglu")
-    want = ref_experts(xs, w1, w2, offsets, "swiglu", False)
-    assert_close(h_act, want[1], 1e-5)
-    assert_close(ys, want[2], 1e-5)
+    want = ref.experts_forward(xs, w1, w2, offsets, "swiglu", keep=True)
+    assert_close(h_act, want[1])
+    assert_close(ys, want[2])
 
 
 # --------------------------------------------------------------------------- BLAS pool path
@@ -221,13 +245,10 @@ def test_blas_path_matches_reference(counts, K, M, trans_w, dtype):
     a, w, offsets = make_case(counts, K, M, dtype=dtype, trans_w=trans_w, seed=3)
     assert large_blocks(offsets)                  # the path under test
     dy = np.random.default_rng(4).standard_normal((a.shape[0], M)).astype(dtype)
-    rtol = 1e-5 if dtype == np.float32 else 1e-12
     assert_close(fm.grouped_gemm(a, w, offsets, trans_w=trans_w),
-                 ref.grouped_gemm(a, w, offsets, trans_w), rtol)
-    da, dw = fm.grouped_gemm_backward(dy, a, w, offsets, trans_w=trans_w)
-    rda, rdw = ref.grouped_gemm_backward(dy, a, w, offsets, trans_w)
-    assert_close(da, rda, rtol)
-    assert_close(dw, rdw, rtol)
+                 ref.grouped_gemm(a, w, offsets, trans_w))
+    assert_close(fm.grouped_gemm_backward(dy, a, w, offsets, trans_w=trans_w),
+                 ref.grouped_gemm_backward(dy, a, w, offsets, trans_w))
 
 
 @pytest.mark.parametrize("activation,trans_w,keep", [
@@ -245,19 +266,15 @@ def test_experts_pipeline_matches_reference(activation, trans_w, keep, counts):
     _, w2, _ = make_case(counts, h, d, trans_w=trans_w, seed=6)
     assert large_blocks(offsets)
     w1 *= 0.3
-    want = ref_experts(xs, w1, w2, offsets, activation, trans_w)
+    want = ref.experts_forward(xs, w1, w2, offsets, activation, trans_w, keep=True)
     h_pre, h_act, ys = fm.experts_forward(xs, w1, w2, offsets, activation, trans_w, keep)
     assert (h_pre is None) == (not keep)
-    assert_close(h_act, want[1], 1e-5)
-    assert_close(ys, want[2], 1e-5)
+    assert_close(h_act, want[1])
+    assert_close(ys, want[2])
     d_ys = np.random.default_rng(7).standard_normal(ys.shape).astype(np.float32)
-    got = fm.experts_backward(d_ys, xs, want[0].astype(np.float32), h_act, w1, w2, offsets,
-                              activation, trans_w)
-    d_h_act, rdw2 = ref.grouped_gemm_backward(d_ys, want[1], w2, offsets, trans_w)
-    d_h_pre = ref.activate_backward(d_h_act, want[0], activation)
-    rdxs, rdw1 = ref.grouped_gemm_backward(d_h_pre, xs, w1, offsets, trans_w)
-    for g, r in zip(got, (rdxs, rdw1, rdw2)):
-        assert_close(g, r.astype(np.float32), 1e-5)
+    got = fm.experts_backward(d_ys, xs, want[0], h_act, w1, w2, offsets, activation, trans_w)
+    assert_close(got, ref.experts_backward(d_ys, xs, want[0], want[1], w1, w2, offsets,
+                                           activation, trans_w))
 
 
 def test_experts_backward_bad_input_names_the_argument():
@@ -343,3 +360,68 @@ def test_pool_survives_fork_and_reraises_task_errors():
             raise RuntimeError("task 3")
     with pytest.raises(RuntimeError, match="task 3"):
         pool.run_tasks(task, list(range(8)))
+
+
+# --------------------------------------------------------------------------- invariants
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from helpers import assert_unchanged, snapshot  # noqa: E402
+
+
+@settings(max_examples=50, deadline=None)
+@given(counts=st.lists(st.integers(0, 9), min_size=1, max_size=5), K=st.integers(1, 12),
+       M=st.integers(1, 12), trans_w=st.booleans(), packed=st.booleans(),
+       dtype=st.sampled_from([np.float32, np.float64]), seed=st.integers(0, 2**31 - 1))
+def test_grouped_gemm_properties(counts, K, M, trans_w, packed, dtype, seed):
+    """Any blocks (empty experts, one row, no rows at all): (N, M) results and gradients in
+    their operands' shapes and dtype, as the reference's; an empty expert's dw exactly 0; the
+    operands untouched."""
+    a, w, offsets = make_case(tuple(counts), K, M, dtype, trans_w, seed)
+    dy = np.random.default_rng(seed).standard_normal((a.shape[0], M)).astype(dtype)
+    before = snapshot([a, w, offsets, dy])
+    y = fm.grouped_gemm(a, fm.pack_weights(w, trans_w) if packed else w, offsets,
+                        trans_w=trans_w)
+    assert y.shape == (a.shape[0], M) and y.dtype == dtype
+    assert_close(y, ref.grouped_gemm(a, w, offsets, trans_w))
+    da, dw = fm.grouped_gemm_backward(dy, a, w, offsets, trans_w=trans_w)
+    assert da.shape == a.shape and dw.shape == w.shape
+    assert_close((da, dw), ref.grouped_gemm_backward(dy, a, w, offsets, trans_w))
+    assert not dw[np.diff(offsets) == 0].any()
+    assert_unchanged([a, w, offsets, dy], before)
+
+
+@settings(max_examples=40, deadline=None)
+@given(name=st.sampled_from(["a", "w", "offsets"]), change=st.sampled_from(["rank", "dtype"]))
+def test_grouped_gemm_names_the_bad_argument(name, change):
+    args = dict(zip(("a", "w", "offsets"), make_case((2, 0, 3), 4, 6)))
+    a = args[name]
+    # a sets the working dtype (another float one makes w the mismatch): an integer a
+    wrong = {"a": np.int32, "w": np.float64, "offsets": np.float32}[name]
+    args[name] = a[0] if change == "rank" else a.astype(wrong)
+    with pytest.raises((ValueError, TypeError), match=f"^{name}: "):
+        fm.grouped_gemm(args["a"], args["w"], args["offsets"])
+
+
+@settings(max_examples=30, deadline=None)
+@given(counts=st.lists(st.integers(0, 6), min_size=1, max_size=4), d=st.integers(1, 9),
+       h=st.integers(1, 6), activation=st.sampled_from(fm.ACTIVATIONS), trans_w=st.booleans(),
+       dtype=st.sampled_from([np.float32, np.float64]), seed=st.integers(0, 2**31 - 1))
+def test_experts_properties(counts, d, h, activation, trans_w, dtype, seed):
+    """experts_forward / experts_backward on any blocks: shapes, the reference's values, the
+    operands untouched."""
+    r = np.random.default_rng(seed)
+    xs, w1, w2, offsets, _, _ = _experts_inputs(activation, trans_w)(
+        r, (tuple(counts), d, h), dtype)
+    N, H1 = xs.shape[0], 2 * h if activation == "swiglu" else h
+    d_ys = r.standard_normal((N, d)).astype(dtype)
+    before = snapshot([xs, w1, w2, offsets, d_ys])
+    got = fm.experts_forward(xs, w1, w2, offsets, activation, trans_w, keep=True)
+    assert [g.shape for g in got] == [(N, H1), (N, h), (N, d)]
+    want = ref.experts_forward(xs, w1, w2, offsets, activation, trans_w, keep=True)
+    assert_close(got, want)
+    assert_close(fm.experts_backward(d_ys, xs, *got[:2], w1, w2, offsets, activation, trans_w),
+                 ref.experts_backward(d_ys, xs, *want[:2], w1, w2, offsets, activation,
+                                      trans_w))
+    assert_unchanged([xs, w1, w2, offsets, d_ys], before)

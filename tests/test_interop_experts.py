@@ -2,50 +2,52 @@
 (the experts with a routing chosen elsewhere), checked against reference.py."""
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from support import assert_close, random_layer
 from fastmoe_nb import reference as ref
 from fastmoe_nb.interop import as_array, routed_experts, routed_experts_backward
 
-
-def _reference_experts(x, experts, weights, w1, w2, trans_w):
-    """y[t] = sum_j weights[t, j] * MLP_{experts[t, j]}(x[t]), per assignment, float64."""
-    y = np.zeros(x.shape)
-    for t in range(x.shape[0]):
-        for j in range(experts.shape[1]):
-            e = experts[t, j]
-            a = w1[e].T if trans_w else w1[e]
-            b = w2[e].T if trans_w else w2[e]
-            y[t] += float(weights[t, j]) * ref.expert_mlp(x[t:t + 1].astype(np.float64),
-                                                          a.astype(np.float64),
-                                                          b.astype(np.float64), "swiglu")[0]
-    return y.astype(x.dtype)
+from helpers import (SHAPES, Shape, assert_close, assert_unchanged, check_op, make_experts,
+                     make_layer, snapshot)
 
 
-def _routing(rng, T, E, k, skip=None):
-    """(T, k) distinct experts per token (never `skip`, to leave an expert empty), weights."""
-    pool = [e for e in range(E) if e != skip]
-    experts = np.array([rng.permutation(pool)[:k] for _ in range(T)], np.int32).reshape(T, k)
-    return experts, rng.random((T, k))
+def _inputs(trans_w):
+    def make(rng, shape, dtype):
+        """[x, experts (distinct per token; expert E-1 left empty when asked), weights, w1, w2,
+        activation, trans_w]"""
+        x, _, w1, w2, _ = make_layer(rng, shape.T, shape.d, shape.h, shape.E, dtype,
+                                     trans_w=trans_w)
+        experts = make_experts(rng, shape.T, shape.E, shape.k, shape.empty)
+        weights = rng.random((shape.T, shape.k)).astype(dtype)
+        return [x, experts, weights, w1, w2, "swiglu", trans_w]
+    return make
 
 
-@pytest.mark.parametrize("T,d,h,E,k,skip", [
-    (0, 8, 4, 3, 2, None),      # no token
-    (1, 100, 8, 4, 2, None),    # one token, d = 100
-    (9, 781, 6, 5, 2, 3),       # d = 781, expert 3 receives nothing
-    (6, 16, 4, 1, 1, None),     # E = 1, k = 1
-    (5, 12, 4, 3, 3, None),     # k = E
-])
-@pytest.mark.parametrize("dtype,trans_w", [(np.float32, True), (np.float64, False)])
-def test_routed_experts_matches_reference(rng, T, d, h, E, k, skip, dtype, trans_w):
-    x, _, w1, w2 = random_layer(rng, T, d, h, E, dtype, trans_w=trans_w)
-    experts, weights = _routing(rng, T, E, k, skip)
-    weights = weights.astype(dtype)
-    before = [a.copy() for a in (x, experts, weights, w1, w2)]
-    y = routed_experts(x, experts, weights, w1, w2, trans_w=trans_w)
-    assert_close(y, _reference_experts(x, experts, weights, w1, w2, trans_w))
-    for a, b in zip((x, experts, weights, w1, w2), before):
-        np.testing.assert_array_equal(a, b)       # the caller's arrays are untouched
+def _routed(forward, backward):
+    def grads(dy, x, experts, weights, w1, w2, activation, trans_w):
+        _, ctx = forward(x, experts, weights, w1, w2, activation, trans_w, return_context=True)
+        dx, d_weights, dw1, dw2 = backward(dy, ctx)
+        return [dx, None, d_weights, dw1, dw2, None, None]
+    return forward, grads
+
+
+@pytest.mark.parametrize("trans_w", [False, True])
+def test_routed_experts_forward_and_backward(one_thread, trans_w):
+    """y, dx, d_weights, dw1, dw2 against reference.routed_experts on the shape table (T=0,
+    d=100/600/781, an empty expert, E=1, k=E), the arguments untouched, central differences on
+    the tiny shapes (at most 250 float entries)."""
+    assert check_op(_routed(routed_experts, routed_experts_backward),
+                    _routed(ref.routed_experts, ref.routed_experts_backward), _inputs(trans_w),
+                    SHAPES.values(), fd_max=250) > 0
+
+
+def test_routed_experts_backward_of_an_empty_expert_is_zero(rng):
+    x, experts, weights, w1, w2, act, _ = _inputs(True)(rng, SHAPES["tiny"], np.float64)
+    assert not (experts == 2).any()
+    _, ctx = routed_experts(x, experts, weights, w1, w2, trans_w=True, return_context=True)
+    _, _, dw1, dw2 = routed_experts_backward(rng.standard_normal(x.shape), ctx)
+    assert not dw1[2].any() and not dw2[2].any()
 
 
 @pytest.mark.parametrize("trans_w", [False, True])
@@ -53,8 +55,8 @@ def test_routed_experts_equals_moe_with_the_same_routing(rng, trans_w):
     """routed_experts on moe_forward's own routing is moe_forward; its weight gradients are
     moe_backward's (the reference's)."""
     T, d, h, E, k = 11, 10, 5, 4, 2
-    x, rw, w1, w2 = random_layer(rng, T, d, h, E, np.float64, trans_w=trans_w)
-    r = ref.softmax_topk(x @ rw, k)
+    x, rw, w1, w2, _ = make_layer(rng, T, d, h, E, np.float64, trans_w=trans_w)
+    r = ref.softmax_topk(ref.router_logits(x, rw), k)
     y, ctx = routed_experts(x, r.experts, r.weights, w1, w2, trans_w=trans_w,
                             return_context=True)
     assert_close(y, ref.moe_forward(x, rw, w1, w2, k, trans_w=trans_w))
@@ -64,32 +66,6 @@ def test_routed_experts_equals_moe_with_the_same_routing(rng, trans_w):
     assert_close(dw1, grads["w1"])
     assert_close(dw2, grads["w2"])
     assert d_weights.shape == (T, k)
-
-
-def test_routed_experts_backward_finite_differences(rng):
-    """Each input's gradient against float64 central differences of <dy, y> along random
-    directions (3 per input: a wrong entry anywhere shows in all of them)."""
-    T, d, h, E, k = 4, 5, 3, 3, 2
-    x, _, w1, w2 = random_layer(rng, T, d, h, E, np.float64, trans_w=True)
-    experts, weights = _routing(rng, T, E, k, skip=2)     # expert 2 empty: zero gradient
-    dy = rng.standard_normal((T, d))
-    _, ctx = routed_experts(x, experts, weights, w1, w2, trans_w=True, return_context=True)
-    got = routed_experts_backward(dy, ctx)
-    args = [x, weights, w1, w2]
-
-    def f(p):
-        return np.sum(dy * routed_experts(p[0], experts, p[1], p[2], p[3], trans_w=True))
-
-    eps = 1e-6
-    for i, (a, g) in enumerate(zip(args, got)):
-        assert g.shape == a.shape and g.dtype == a.dtype
-        for _ in range(3):
-            v = rng.standard_normal(a.shape)
-            hi, lo = list(args), list(args)
-            hi[i], lo[i] = a + eps * v, a - eps * v
-            num = (f(hi) - f(lo)) / (2 * eps)
-            assert abs(np.sum(g * v) - num) <= 1e-6 * max(1.0, abs(num)), (i, np.sum(g * v), num)
-    assert not got[2][2].any() and not got[3][2].any()
 
 
 @pytest.mark.parametrize("change,err,match", [
@@ -127,3 +103,24 @@ def test_as_array_is_zero_copy_for_numpy_and_array_likes():
     np.testing.assert_array_equal(w, ro)
     with pytest.raises(TypeError, match="x: expected an array"):
         as_array(object(), "x")
+
+
+@settings(max_examples=30, deadline=None)
+@given(T=st.integers(0, 8), d=st.integers(1, 10), h=st.integers(1, 5), E=st.integers(1, 5),
+       data=st.data(), trans_w=st.booleans(), dtype=st.sampled_from([np.float32, np.float64]),
+       seed=st.integers(0, 2**31 - 1))
+def test_routed_experts_properties(T, d, h, E, data, trans_w, dtype, seed):
+    """Any routing of any small layer: y (T, d) and its gradients in their operands' shapes,
+    as the reference's; the operands untouched."""
+    k = data.draw(st.integers(1, E))
+    args = _inputs(trans_w)(np.random.default_rng(seed), Shape(T, d, h, E, k), dtype)
+    dy = np.random.default_rng(seed + 1).standard_normal((T, d)).astype(dtype)
+    before = snapshot(args + [dy])
+    y, ctx = routed_experts(*args, return_context=True)
+    y_ref, ctx_ref = ref.routed_experts(*args, return_context=True)
+    assert y.shape == (T, d) and y.dtype == dtype
+    assert_close(y, y_ref)
+    got = routed_experts_backward(dy, ctx)
+    assert [g.shape for g in got] == [args[0].shape, (T, k), args[3].shape, args[4].shape]
+    assert_close(got, ref.routed_experts_backward(dy, ctx_ref))
+    assert_unchanged(args + [dy], before)

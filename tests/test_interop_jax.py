@@ -9,7 +9,7 @@ import jax.numpy as jnp  # noqa: E402
 import fastmoe_nb as fm  # noqa: E402
 from fastmoe_nb import reference as ref  # noqa: E402
 from fastmoe_nb.interop.jax_moe import moe  # noqa: E402
-from support import assert_close, random_layer  # noqa: E402
+from helpers import assert_close, make_layer  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -24,7 +24,7 @@ def x64():
 ])
 def test_jit_and_grad_match_the_reference(rng, router, opts):
     T, d, h, E, k = 7, 6, 4, 4, 2
-    arrays = random_layer(rng, T, d, h, E, np.float64, trans_w=opts.get("trans_w", False))
+    arrays = make_layer(rng, T, d, h, E, np.float64, trans_w=opts.get("trans_w", False)).args
     bias = rng.standard_normal(E) * 0.1 if router == "sigmoid_topk" else None
     dy = rng.standard_normal((T, d))
     kw = dict(router=router, bias=bias, **opts)
@@ -43,7 +43,7 @@ def test_jit_and_grad_match_the_reference(rng, router, opts):
 
 
 def test_float32_forward_and_vmap(rng):
-    arrays = random_layer(rng, 5, 8, 4, 3, np.float32)
+    arrays = make_layer(rng, 5, 8, 4, 3, np.float32).args
     y = moe(*map(jnp.asarray, arrays), 2)
     assert y.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(y), fm.moe_forward(*arrays, k=2))
@@ -54,7 +54,7 @@ def test_float32_forward_and_vmap(rng):
 
 
 def test_bad_input_is_rejected_at_trace_time(rng):
-    x, rw, w1, w2 = map(jnp.asarray, random_layer(rng, 4, 6, 3, 3, np.float64))
+    x, rw, w1, w2 = map(jnp.asarray, make_layer(rng, 4, 6, 3, 3, np.float64).args)
     with pytest.raises(TypeError, match="w1: expected dtype float64"):
         jax.jit(lambda x: moe(x, rw, w1.astype(jnp.float32), w2, 2))(x)
     with pytest.raises(ValueError, match="k: expected an integer in 1..E"):

@@ -6,10 +6,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import fastmoe_nb as fm  # noqa: E402
-from support import assert_close, random_layer  # noqa: E402
+from helpers import assert_close, make_layer  # noqa: E402
 from fastmoe_nb.interop import as_array, to_torch  # noqa: E402
 from fastmoe_nb.interop.pytorch import MoE, experts, moe  # noqa: E402
-from fastmoe_nb.ops.moe import moe_backward  # noqa: E402
 
 
 def _leaves(*arrays):
@@ -37,7 +36,7 @@ def test_tensors_cross_without_copies():
 ])
 def test_moe_function_gradcheck_float64(rng, router, opts):
     T, d, h, E, k = 5, 4, 3, 4, 2
-    x, rw, w1, w2 = _leaves(*random_layer(rng, T, d, h, E, np.float64))
+    x, rw, w1, w2 = _leaves(*make_layer(rng, T, d, h, E, np.float64).args)
     bias = torch.from_numpy(rng.standard_normal(E) * 0.1) if router == "sigmoid_topk" else None
 
     def f(x, rw, w1, w2):
@@ -49,7 +48,7 @@ def test_moe_function_gradcheck_float64(rng, router, opts):
 @pytest.mark.parametrize("router", ["softmax_topk", "sigmoid_topk"])
 def test_moe_function_router_b_gradcheck_float64(rng, router):
     T, d, h, E, k = 5, 4, 3, 4, 2
-    x, rw, w1, w2, rb = _leaves(*random_layer(rng, T, d, h, E, np.float64),
+    x, rw, w1, w2, rb = _leaves(*make_layer(rng, T, d, h, E, np.float64).args,
                                 rng.standard_normal(E) * 0.5)
 
     def f(x, rw, w1, w2, rb):
@@ -64,7 +63,7 @@ def test_moe_function_router_b_gradcheck_float64(rng, router):
 
 def test_moe_function_shared_expert_gradcheck_float64(rng):
     T, d, h, E, k = 4, 4, 3, 3, 2
-    x, rw, w1, w2 = _leaves(*random_layer(rng, T, d, h, E, np.float64, trans_w=True))
+    x, rw, w1, w2 = _leaves(*make_layer(rng, T, d, h, E, np.float64, trans_w=True).args)
     sw1, sw2, sg = _leaves(rng.standard_normal((d, 2 * h)) * 0.5,
                            rng.standard_normal((h, d)) * 0.5, rng.standard_normal(d) * 0.5)
 
@@ -78,7 +77,7 @@ def test_moe_function_shared_expert_gradcheck_float64(rng):
 def test_experts_function_gradcheck_float64(rng):
     """HF's interface: the routing is given; gradients reach x, the weights, w1 and w2."""
     T, d, h, E, k = 6, 4, 3, 4, 2
-    x, _, w1, w2 = _leaves(*random_layer(rng, T, d, h, E, np.float64, trans_w=True))
+    x, _, w1, w2 = _leaves(*make_layer(rng, T, d, h, E, np.float64, trans_w=True).args)
     idx = torch.tensor([[0, 1], [1, 3], [3, 0], [0, 1], [1, 0], [3, 1]])   # expert 2 empty
     wts = torch.rand(T, k, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
@@ -102,7 +101,7 @@ def test_moe_module_matches_numpy_forward_and_backward(rng):
     want, ctx = fm.moe_forward(*p, k=2, return_context=True)
     assert y.shape == x.shape and y.dtype == torch.float32
     np.testing.assert_array_equal(y.detach().numpy().reshape(6, 8), want)
-    dx, grads = moe_backward(dy.numpy().reshape(6, 8), ctx)
+    dx, grads = fm.moe_backward(dy.numpy().reshape(6, 8), ctx)
     np.testing.assert_array_equal(x.grad.numpy().reshape(6, 8), dx)
     for name in ("router_w", "w1", "w2"):
         assert_close(getattr(m, name).grad.numpy(), grads[name])
@@ -114,7 +113,7 @@ def test_moe_module_matches_numpy_forward_and_backward(rng):
 
 
 def test_bad_input_is_rejected_before_any_work(rng):
-    x, rw, w1, w2 = (torch.from_numpy(a) for a in random_layer(rng, 4, 6, 3, 3))
+    x, rw, w1, w2 = (torch.from_numpy(a) for a in make_layer(rng, 4, 6, 3, 3).args)
     with pytest.raises(TypeError, match="w1: expected dtype float32"):
         moe(x, rw, w1.double(), w2, 2)
     with pytest.raises(ValueError, match="k: expected an integer in 1..E"):

@@ -1,33 +1,21 @@
 """The router bias router_b (logits = x @ router_w + router_b): moe_forward / moe_backward against
 the reference for every router, float64 central differences through moe_forward and nn.MoE,
 the sigmoid router's choice-only bias beside it, width-free router logits, validation."""
-import numba
 import numpy as np
 import pytest
-from support import assert_close
 
 import fastmoe_nb as fm
 import fastmoe_nb.nn as nn
 from fastmoe_nb import reference as ref
 from fastmoe_nb.nn.gradcheck import gradcheck
-from fastmoe_nb.ops.routing import router_logits
 
-RTOL = {np.float32: 1e-4, np.float64: 1e-12}
-
-
-@pytest.fixture
-def one_thread():
-    n = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(n)
+from helpers import assert_close, layer_logits, make_layer
 
 
 def make(rng, T, d, h, E, dtype=np.float64):
-    """x (T, d), router_w (d, E), w1 (E, d, 2h), w2 (E, h, d), router_b (E,): O(1) logits."""
-    f = lambda *s: rng.standard_normal(s).astype(dtype)   # noqa: E731
-    return (f(T, d), f(d, E) / d ** 0.5, f(E, d, 2 * h) / d ** 0.5, f(E, h, d) / h ** 0.5,
-            f(E))
+    """helpers.make_layer's arrays and its router bias: x, router_w, w1, w2, router_b."""
+    x, router_w, w1, w2, kw = make_layer(rng, T, d, h, E, dtype, router_b=True)
+    return x, router_w, w1, w2, kw["router_b"]
 
 
 CALLS = [dict(), dict(renormalize=False),
@@ -50,16 +38,16 @@ def test_forward_backward_match_the_reference(rng, T, d, E, k, call, dtype):
     kw = _kw(rng, call, E, dtype)
     b0 = b.copy()
     y, ctx = fm.moe_forward(x, router_w, w1, w2, k, router_b=b, return_context=True, **kw)
-    assert_close(y, ref.moe_forward(x, router_w, w1, w2, k, router_b=b, **kw), rtol=RTOL[dtype])
-    np.testing.assert_array_equal(ctx.logits, router_logits(x, router_w) + b)
+    assert_close(y, ref.moe_forward(x, router_w, w1, w2, k, router_b=b, **kw))
+    np.testing.assert_array_equal(ctx.logits, ref.router_logits(x, router_w, b))
     dy = rng.standard_normal((T, d)).astype(dtype)
     dx, grads = fm.moe_backward(dy, ctx)
     want_dx, want = ref.moe_backward(dy, x, router_w, w1, w2, k, router_b=b, **kw)
     assert sorted(grads) == sorted(want) and "router_b" in grads and "bias" not in grads
     assert grads["router_b"].shape == (E,) and grads["router_b"].dtype == dtype
     for name in want:
-        assert_close(grads[name], want[name], rtol=RTOL[dtype])
-    assert_close(dx, want_dx, rtol=RTOL[dtype])
+        assert_close(grads[name], want[name])
+    assert_close(dx, want_dx)
     np.testing.assert_array_equal(b, b0)
     # without router_b: no gradient entry; a zero router_b is the layer without one
     _, ctx0 = fm.moe_forward(x, router_w, w1, w2, k, return_context=True, **kw)
@@ -90,7 +78,7 @@ def test_named_routers_take_the_biased_logits(rng, one_thread, name, k, opts):
     x, router_w, w1, w2, b = make(rng, 7, 5, 3, 4)
     _, ctx = fm.moe_forward(x, router_w, w1, w2, k, router=name, router_b=b,
                             return_context=True, **opts)
-    np.testing.assert_array_equal(ctx.logits, router_logits(x, router_w) + b)
+    np.testing.assert_array_equal(ctx.logits, ref.router_logits(x, router_w, b))
 
     def fn(router_b, router_w):
         return fm.moe_forward(x, router_w, w1, w2, k, router=name, router_b=router_b, **opts)
@@ -157,9 +145,10 @@ def test_router_logits_of_a_column_do_not_depend_on_the_width(rng, T, d, dtype):
     x = rng.standard_normal((T, d)).astype(dtype)
     for E, n in ((1, 1), (3, 5), (8, 8), (13, 4), (16, 1), (17, 20)):
         w = rng.standard_normal((d, E + n)).astype(dtype)
-        np.testing.assert_array_equal(router_logits(x, w[:, :E]), router_logits(x, w)[:, :E])
-        np.testing.assert_array_equal(router_logits(x, w), ref.router_logits(x, w))
-        assert_close(router_logits(x, w), (x.astype(np.float64) @ w).astype(dtype))
+        wide = layer_logits(x, w)
+        np.testing.assert_array_equal(layer_logits(x, w[:, :E]), wide[:, :E])
+        np.testing.assert_array_equal(wide, ref.router_logits(x, w))
+        assert_close(wide, (x.astype(np.float64) @ w).astype(dtype))
 
 
 def test_bad_router_b_names_the_argument(rng):

@@ -9,18 +9,10 @@ import fastmoe_nb.routing as R
 from fastmoe_nb.nn.gradcheck import gradcheck
 from fastmoe_nb.routing import reference as rref
 
-from support import assert_close
+from helpers import assert_close, assert_plan_equal
 
 SHAPES = [(0, 4), (1, 1), (1, 3), (7, 3), (33, 8), (64, 16)]
 DTYPES = [np.float32, np.float64]
-
-
-def assert_plan_equal(got, want):
-    for name in ("rows", "offsets", "counts", "slots", "dropped"):
-        g, w = getattr(got, name), getattr(want, name)
-        assert g.dtype == w.dtype, (name, g.dtype, w.dtype)
-        np.testing.assert_array_equal(g, w, err_msg=name)
-    assert got.capacity == want.capacity
 
 
 def assert_plan_invariants(plan):

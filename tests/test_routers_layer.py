@@ -7,9 +7,9 @@ import pytest
 import fastmoe_nb as fm
 import fastmoe_nb.routing as R
 from fastmoe_nb.nn.gradcheck import gradcheck
-from fastmoe_nb.ops.routing import router_logits
+from fastmoe_nb import reference as ref
 
-from support import assert_close, random_layer
+from helpers import assert_close, make_layer
 
 CASES = [
     ("switch_top1", 1, dict(capacity=3)),
@@ -23,7 +23,7 @@ CASES = [
 
 
 def _route(name, x, router_w, noise_w, opts):
-    logits = router_logits(x, router_w)
+    logits = ref.router_logits(x, router_w)        # the library's logits, bit for bit
     opts = dict(opts)
     cap = opts.pop("capacity", None)
     if name == "switch_top1":
@@ -42,7 +42,7 @@ def _route(name, x, router_w, noise_w, opts):
 @pytest.mark.parametrize("name,k,opts", CASES)
 def test_moe_forward_by_name_equals_the_steps(rng, name, k, opts):
     T, d, h, E = 11, 6, 5, 4
-    x, router_w, w1, w2 = random_layer(rng, T, d, h, E, np.float64, swiglu=False)
+    x, router_w, w1, w2 = make_layer(rng, T, d, h, E, np.float64, activation="gelu").args
     noise_w = rng.standard_normal((d, E)) * 0.3
     extra = dict(noise_w=noise_w) if name == "noisy_topk" else {}
     y, ctx = fm.moe_forward(x, router_w, w1, w2, k, "gelu", router=name, return_context=True,
@@ -57,7 +57,7 @@ def test_moe_forward_by_name_equals_the_steps(rng, name, k, opts):
 @pytest.mark.parametrize("name,k,opts", CASES)
 def test_moe_backward_by_name(rng, name, k, opts):
     T, d, h, E = 6, 4, 3, 4
-    x, router_w, w1, w2 = random_layer(rng, T, d, h, E, np.float64, swiglu=False)
+    x, router_w, w1, w2 = make_layer(rng, T, d, h, E, np.float64, activation="gelu").args
     noise_w = rng.standard_normal((d, E)) * 0.3
     extra = dict(noise_w=noise_w) if name == "noisy_topk" else {}
     _, ctx = fm.moe_forward(x, router_w, w1, w2, k, "gelu", router=name, return_context=True,
@@ -76,7 +76,7 @@ def test_moe_backward_by_name(rng, name, k, opts):
 
 
 def test_moe_forward_router_option_errors(rng):
-    x, router_w, w1, w2 = random_layer(rng, 5, 4, 3, 4, np.float32)
+    x, router_w, w1, w2 = make_layer(rng, 5, 4, 3, 4, np.float32).args
     with pytest.raises(ValueError, match="k"):
         fm.moe_forward(x, router_w, w1, w2, 2, router="switch_top1")
     with pytest.raises(ValueError, match="k"):

@@ -7,7 +7,7 @@ import fastmoe_nb.routing as R
 from fastmoe_nb.nn.gradcheck import gradcheck
 from fastmoe_nb.routing import reference as rref
 
-from support import assert_close
+from helpers import assert_close
 
 
 def inputs(rng, T, E, dtype=np.float64):

@@ -3,7 +3,7 @@ go, gradients consistent after surgery, frozen rows bit-identical through optimi
 checkpoints before / after surgery, validation."""
 import numpy as np
 import pytest
-from support import assert_close
+from helpers import assert_close
 
 import fastmoe_nb as fm
 import fastmoe_nb.nn as nn

@@ -5,6 +5,8 @@ import pytest
 import fastmoe_nb as fm
 import fastmoe_nb.nn  # noqa: F401  (fm.nn)
 
+from helpers import make_layer
+
 f32, f64 = np.float32, np.float64
 
 
@@ -15,12 +17,9 @@ def _raises(exc, match, fn, *a, **kw):
 
 @pytest.fixture
 def layer():
-    rng = np.random.default_rng(0)
-    T, d, h, E = 6, 8, 4, 4
-    return dict(x=rng.standard_normal((T, d)).astype(f32),
-                router_w=rng.standard_normal((d, E)).astype(f32),
-                w1=rng.standard_normal((E, d, 2 * h)).astype(f32),
-                w2=rng.standard_normal((E, h, d)).astype(f32))
+    """x (6, 8), router_w (8, 4), w1 (4, 8, 8), w2 (4, 4, 8) float32, by name."""
+    return dict(zip(("x", "router_w", "w1", "w2"),
+                    make_layer(np.random.default_rng(0), 6, 8, 4, 4).args))
 
 
 def test_routing_primitives():

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# tests/support.py (the shared test helpers) for the files of this folder
+# tests/helpers.py (the shared test helpers) for the files of this folder
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")

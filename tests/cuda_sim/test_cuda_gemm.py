@@ -2,12 +2,13 @@
 backward, the dense matmul and the activations, vs the reference and the CPU path."""
 import numpy as np
 import pytest
-from cuda_helpers import close, dev, host
 
 import fastmoe_nb as fm
 from fastmoe_nb import reference as ref
 from fastmoe_nb.backends import cuda as kc
 from fastmoe_nb.kernels.common import ACTIVATION_CODES
+
+from helpers import assert_close, to_device
 
 
 def offsets_of(counts):
@@ -25,14 +26,15 @@ def test_grouped_gemm_and_backward(rng, counts, K, M, trans_w):
     N, E = int(o[-1]), len(counts)
     a = rng.standard_normal((N, K)).astype(np.float32)
     w = rng.standard_normal((E, M, K) if trans_w else (E, K, M)).astype(np.float32)
-    out = fm.grouped_gemm(dev(a), dev(w), dev(o), trans_w=trans_w)
-    close(out, ref.grouped_gemm(a, w, o, trans_w))
-    close(fm.grouped_gemm(dev(a), dev(w), o, trans_w=trans_w), fm.grouped_gemm(a, w, o, trans_w))
+    out = fm.grouped_gemm(to_device(a), to_device(w), to_device(o), trans_w=trans_w)
+    assert_close(out, ref.grouped_gemm(a, w, o, trans_w))
+    assert_close(fm.grouped_gemm(to_device(a), to_device(w), o, trans_w=trans_w),
+                 fm.grouped_gemm(a, w, o, trans_w))
     dy = rng.standard_normal((N, M)).astype(np.float32)
-    da, dw = fm.grouped_gemm_backward(dev(dy), dev(a), dev(w), dev(o), trans_w)
+    da, dw = fm.grouped_gemm_backward(*map(to_device, (dy, a, w, o)), trans_w)
     ca, cw = fm.grouped_gemm_backward(dy, a, w, o, trans_w)
-    close(da, ca)
-    close(dw, cw)
+    assert_close(da, ca)
+    assert_close(dw, cw)
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu", "swiglu"])
@@ -44,33 +46,36 @@ def test_epilogue_and_activate(rng, activation):
     h = ref.grouped_gemm(a, w, o)
     want = ref.activate(h, activation)
     code = ACTIVATION_CODES[activation]
-    close(kc.grouped_gemm(dev(a), dev(w), o, False, code), want)        # fused epilogue
-    close(fm.activate(dev(h), activation), want)
+    assert_close(kc.grouped_gemm(to_device(a), to_device(w), o, False, code), want)   # fused
+    assert_close(fm.activate(to_device(h), activation), want)
     dy = rng.standard_normal(want.shape).astype(np.float32)
-    close(fm.activate_backward(dev(dy), dev(h), activation), fm.activate_backward(dy, h, activation))
+    assert_close(fm.activate_backward(to_device(dy), to_device(h), activation),
+                 fm.activate_backward(dy, h, activation))
 
 
 def test_float64_and_matmul_layouts(rng):
     a = rng.standard_normal((7, 5))
     w = rng.standard_normal((2, 5, 3))
     o = offsets_of([3, 4])
-    close(fm.grouped_gemm(dev(a), dev(w), o), ref.grouped_gemm(a, w, o))
+    assert_close(fm.grouped_gemm(to_device(a), to_device(w), o), ref.grouped_gemm(a, w, o))
     b = rng.standard_normal((5, 6)).astype(np.float32)
     a32 = a.astype(np.float32)
-    close(kc.matmul(dev(a32), dev(b)), (a32.astype(np.float64) @ b).astype(np.float32))
-    bt = dev(np.ascontiguousarray(b.T)).T                       # F-contiguous: no copy
-    close(kc.matmul(dev(a32), bt), (a32.astype(np.float64) @ b).astype(np.float32))
-    close(kc.matmul(dev(a32).T, dev(a32)), (a32.T.astype(np.float64) @ a32).astype(np.float32))
+    want = (a32.astype(np.float64) @ b).astype(np.float32)
+    assert_close(kc.matmul(to_device(a32), to_device(b)), want)
+    bt = to_device(np.ascontiguousarray(b.T)).T                       # F-contiguous: no copy
+    assert_close(kc.matmul(to_device(a32), bt), want)
+    assert_close(kc.matmul(to_device(a32).T, to_device(a32)),
+                 (a32.T.astype(np.float64) @ a32).astype(np.float32))
 
 
 def test_gemm_errors(rng):
-    a = dev(np.zeros((5, 4), np.float32))
-    w = dev(np.zeros((2, 4, 3), np.float32))
+    a = to_device(np.zeros((5, 4), np.float32))
+    w = to_device(np.zeros((2, 4, 3), np.float32))
     with pytest.raises(ValueError, match="offsets: expected non-decreasing offsets from 0 to N"):
-        fm.grouped_gemm(a, w, dev(np.array([0, 3, 4], np.int64)))
+        fm.grouped_gemm(a, w, to_device(np.array([0, 3, 4], np.int64)))
     with pytest.raises(ValueError, match="offsets: expected non-decreasing"):
         fm.grouped_gemm(a, w, np.array([0, 4, 3, 5][:3], np.int64))
     with pytest.raises(ValueError, match=r"w: expected shape \(E, K, M\) with K = a.shape\[1\]"):
-        fm.grouped_gemm(a, dev(np.zeros((2, 3, 4), np.float32)), np.array([0, 2, 5]))
+        fm.grouped_gemm(a, to_device(np.zeros((2, 3, 4), np.float32)), np.array([0, 2, 5]))
     with pytest.raises(TypeError, match="w: expected dtype float32"):
-        fm.grouped_gemm(a, dev(np.zeros((2, 4, 3))), np.array([0, 2, 5]))
+        fm.grouped_gemm(a, to_device(np.zeros((2, 4, 3))), np.array([0, 2, 5]))

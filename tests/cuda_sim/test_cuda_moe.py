@@ -2,11 +2,11 @@
 routers, capacity, both weight layouts) and moe_backward, vs the reference and the CPU path."""
 import numpy as np
 import pytest
-from cuda_helpers import close, dev, host, is_dev
-from support import random_layer as layer
 
 import fastmoe_nb as fm
 from fastmoe_nb import reference as ref
+
+from helpers import assert_close, is_device, make_layer, to_device, to_host
 
 
 CASES = [
@@ -24,62 +24,54 @@ CASES = [
 def _call(rng, case):
     c = dict(case)
     T, d, h, E = c.pop("T"), c.pop("d"), c.pop("h"), c.pop("E")
-    act, trans_w = c["activation"], c.get("trans_w", False)
-    x, router_w, w1, w2 = layer(rng, T, d, h, E, swiglu=act == "swiglu", trans_w=trans_w)
-    host_kw = dict(c)
-    if host_kw.pop("bias", False):
-        host_kw["bias"] = (rng.standard_normal(E) * 0.3).astype(np.float32)
-    shared, gate = host_kw.pop("shared", False), host_kw.pop("gate", False)
-    if shared:
-        H1 = 2 * h if act == "swiglu" else h
-        host_kw["shared_w1"] = (rng.standard_normal((d, H1)) / np.sqrt(d)).astype(np.float32)
-        host_kw["shared_w2"] = (rng.standard_normal((h, d)) / np.sqrt(h)).astype(np.float32)
-        if gate:
-            host_kw["shared_gate_w"] = rng.standard_normal(d).astype(np.float32)
-    dev_kw = {n: (dev(v) if isinstance(v, np.ndarray) else v) for n, v in host_kw.items()}
+    opts = {n: c.pop(n, False) for n in ("shared", "gate", "bias")}
+    x, router_w, w1, w2, host_kw = make_layer(rng, T, d, h, E, activation=c.pop("activation"),
+                                              trans_w=c.pop("trans_w", False), **opts)
+    host_kw.update(c)
+    dev_kw = {n: (to_device(v) if isinstance(v, np.ndarray) else v) for n, v in host_kw.items()}
     return (x, router_w, w1, w2), host_kw, dev_kw
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c['activation']}-T{c['T']}" for c in CASES])
 def test_moe_forward_backward(rng, case):
     args, host_kw, dev_kw = _call(rng, case)
-    dargs = [dev(a) for a in args]
+    dargs = [to_device(a) for a in args]
     k = host_kw.pop("k")
     dev_kw.pop("k")
     y = fm.moe_forward(*dargs, k, **dev_kw)                  # fused epilogue, no context
-    assert is_dev(y)
-    close(y, ref.moe_forward(*args, k, **host_kw))
+    assert is_device(y)
+    assert_close(y, ref.moe_forward(*args, k, **host_kw))
     y_ctx, ctx = fm.moe_forward(*dargs, k, return_context=True, **dev_kw)
     y_cpu, ctx_cpu = fm.moe_forward(*args, k, return_context=True, **host_kw)
-    close(y_ctx, y_cpu)
-    close(ctx.counts, ctx_cpu.counts)
+    assert_close(y_ctx, y_cpu)
+    assert_close(ctx.counts, ctx_cpu.counts)
     dy = rng.standard_normal(y_cpu.shape).astype(np.float32)
-    dx, grads = fm.moe_backward(dev(dy), ctx)
+    dx, grads = fm.moe_backward(to_device(dy), ctx)
     dx_cpu, grads_cpu = fm.moe_backward(dy, ctx_cpu)
-    close(dx, dx_cpu, rtol=3e-5)
+    assert_close(dx, dx_cpu, rtol=3e-5)
     assert sorted(grads) == sorted(grads_cpu)
     for name in grads:
-        close(grads[name], grads_cpu[name], rtol=3e-5)
+        assert_close(grads[name], grads_cpu[name], rtol=3e-5)
 
 
 def test_caller_arrays_unchanged(rng):
-    args = layer(rng, 5, 4, 3, 3)
-    dargs = [dev(a) for a in args]
+    args = make_layer(rng, 5, 4, 3, 3).args
+    dargs = [to_device(a) for a in args]
     fm.moe_forward(*dargs, 2)
     for a, d in zip(args, dargs):
-        np.testing.assert_array_equal(host(d), a)
+        np.testing.assert_array_equal(to_host(d), a)
 
 
 def test_router_b_forward_backward(rng):
     # the router bias on the device: logits + router_b (add_rows broadcasting one row), its
     # gradient the column sums of d_logits; T=0 gives a zero gradient
     for T in (6, 0):
-        x, router_w, w1, w2 = layer(rng, T, 5, 3, 4)
+        x, router_w, w1, w2 = make_layer(rng, T, 5, 3, 4).args
         b = rng.standard_normal(4).astype(np.float32)
-        y, ctx = fm.moe_forward(*(dev(a) for a in (x, router_w, w1, w2)), 2, router_b=dev(b),
-                                return_context=True)
+        y, ctx = fm.moe_forward(*map(to_device, (x, router_w, w1, w2)), 2,
+                                router_b=to_device(b), return_context=True)
         y_cpu, ctx_cpu = fm.moe_forward(x, router_w, w1, w2, 2, router_b=b, return_context=True)
-        close(y, y_cpu)
+        assert_close(y, y_cpu)
         dy = rng.standard_normal(y_cpu.shape).astype(np.float32)
-        g = fm.moe_backward(dev(dy), ctx)[1]
-        close(g["router_b"], fm.moe_backward(dy, ctx_cpu)[1]["router_b"], rtol=3e-5)
+        g = fm.moe_backward(to_device(dy), ctx)[1]
+        assert_close(g["router_b"], fm.moe_backward(dy, ctx_cpu)[1]["router_b"], rtol=3e-5)

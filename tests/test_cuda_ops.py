@@ -26,7 +26,10 @@ TIMEOUT = 900
 
 
 def _env(**extra):
+    # the checkout under test first on the path: a script's own folder (tools/) would come
+    # first otherwise, and an installed fastmoe_nb elsewhere would be checked instead
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     env.update(extra)
     return env
 

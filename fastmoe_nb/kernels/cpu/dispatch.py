@@ -2,6 +2,8 @@
 import numpy as np
 from numba import njit, prange
 
+from ..common import combine_backward_row
+
 
 @njit(cache=True)
 def plan_kernel(flat, order, skip, num_experts, capacity):
@@ -127,20 +129,10 @@ def combine_kernel(ys, slots, weights, out):
 @njit(parallel=True, cache=True, fastmath={"reassoc"})
 def combine_backward_kernel(dy, ys, rows, weights, d_ys, d_weights):
     # dy: (T, d), ys: (N, d), rows: (N,), weights: (T, k) -> d_ys: (N, d), d_weights: (T, k)
-    # A permute-like gather over the kept rows i (assignment a = rows[i] = t*k + j):
-    #   d_ys[i] = weights[t, j] * dy[t],  d_weights[t, j] = <dy[t], ys[i]>
-    # Each (t, j) is written by its one row; the caller zeroes d_weights (dropped stay 0).
-    # reassoc lets the float64 dot run in vector lanes (~2x): the summation order is fixed by
-    # the compiled code, one row per thread, so results still do not depend on thread count.
-    N = rows.shape[0]
-    k = weights.shape[1]
-    d = dy.shape[1]
-    for i in prange(N):
-        t = rows[i] // k
-        j = rows[i] - t * k
-        w = weights[t, j]
-        dot = 0.0
-        for c in range(d):
-            dot += np.float64(dy[t, c]) * np.float64(ys[i, c])
-            d_ys[i, c] = w * dy[t, c]
-        d_weights[t, j] = dot
+    # A permute-like gather over the kept rows i (kernels/common.py: combine_backward_row, the
+    # CUDA kernel's too); the caller zeroes d_weights (dropped assignments stay 0).
+    # reassoc, which the row compiles under when inlined here, lets its float64 dot run in
+    # vector lanes: the order is fixed by the compiled code, one row per thread, so results
+    # still do not depend on the thread count.
+    for i in prange(rows.shape[0]):
+        combine_backward_row(dy, ys, rows, weights, d_ys, d_weights, i)

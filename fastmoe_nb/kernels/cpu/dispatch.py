@@ -2,6 +2,8 @@
 import numpy as np
 from numba import njit, prange
 
+from ..common import combine_backward_row
+
 
 @njit(cache=True)
 def plan_kernel(flat, order, skip, num_experts, capacity):
@@ -82,8 +84,11 @@ PERMUTE_ROWS = 64   # rows a parallel task of permute_kernel copies
 @njit(nogil=True, cache=True)
 def permute_rows(x, rows, k, out):
     # x: (T, d), rows: (n,) -> out: (n, d), out[i] = x[rows[i] // k]; serial and nogil, for
-    # the expert pipeline's worker threads (np.take(..., out=) buffers its output: 197 vs
-    # 14 us for 128 rows of 512 floats)
+    # the expert pipeline's worker threads. A loop: np.take(..., out=) copies through a buffer
+    # (time both: python -m timeit -s "import numpy as np; from fastmoe_nb.kernels.cpu.dispatch
+    # import permute_rows as p; x = np.ones((4096, 512), np.float32); r = np.arange(128,
+    # dtype=np.int32) * 32; o = x[:128].copy(); p(x, r, 1, o)" "p(x, r, 1, o)", then the
+    # same with "np.take(x, r, 0, out=o)")
     for i in range(rows.shape[0]):
         src, dst = x[rows[i] // k], out[i]
         for c in range(np.uint64(0), np.uint64(dst.shape[0])):   # unsigned: vector copies
@@ -127,20 +132,10 @@ def combine_kernel(ys, slots, weights, out):
 @njit(parallel=True, cache=True, fastmath={"reassoc"})
 def combine_backward_kernel(dy, ys, rows, weights, d_ys, d_weights):
     # dy: (T, d), ys: (N, d), rows: (N,), weights: (T, k) -> d_ys: (N, d), d_weights: (T, k)
-    # A permute-like gather over the kept rows i (assignment a = rows[i] = t*k + j):
-    #   d_ys[i] = weights[t, j] * dy[t],  d_weights[t, j] = <dy[t], ys[i]>
-    # Each (t, j) is written by its one row; the caller zeroes d_weights (dropped stay 0).
-    # reassoc lets the float64 dot run in vector lanes (~2x): the summation order is fixed by
-    # the compiled code, one row per thread, so results still do not depend on thread count.
-    N = rows.shape[0]
-    k = weights.shape[1]
-    d = dy.shape[1]
-    for i in prange(N):
-        t = rows[i] // k
-        j = rows[i] - t * k
-        w = weights[t, j]
-        dot = 0.0
-        for c in range(d):
-            dot += np.float64(dy[t, c]) * np.float64(ys[i, c])
-            d_ys[i, c] = w * dy[t, c]
-        d_weights[t, j] = dot
+    # A permute-like gather over the kept rows i (kernels/common.py: combine_backward_row, the
+    # CUDA kernel's too); the caller zeroes d_weights (dropped assignments stay 0).
+    # reassoc, which the row compiles under when inlined here, lets its float64 dot run in
+    # vector lanes: the order is fixed by the compiled code, one row per thread, so results
+    # still do not depend on the thread count.
+    for i in prange(rows.shape[0]):
+        combine_backward_row(dy, ys, rows, weights, d_ys, d_weights, i)

@@ -1,16 +1,16 @@
 """CPU routing kernels: softmax, top-k, softmax_topk, sigmoid_topk.
 
-Rows are independent (prange over blocks of ROWS rows, each with its scratch rows), so results
-do not depend on the thread count. Exponentials and sums run in float64 whatever the working
-dtype, so the float32 results are the reference's up to its rounding and selections match it.
-Exponentials come from kernels/cpu/fastmath.py (a few ulp in float64); the forward kernels
-write a row's exponentials into a scratch row in one vectorized loop, then sum it in vector
-lanes.
+Rows are independent (the forward kernels prange over blocks of ROWS rows, each with its
+scratch rows; the backward kernels over rows), so results do not depend on the thread count.
+Exponentials and sums run in float64 whatever the working dtype, so the float32 results are the
+reference's up to its rounding and selections match it. Exponentials come from
+kernels/cpu/fastmath.py (a few ulp in float64); the forward kernels write a row's exponentials
+into a scratch row in one vectorized loop, then sum it in vector lanes.
 """
 import numpy as np
 from numba import njit, prange
 
-from ..common import topk_insert
+from ..common import softmax_backward_row, topk_insert
 from .fastmath import div, exp, sigmoid
 
 ROWS = 64      # rows a parallel task takes (its scratch rows are allocated once per task)
@@ -177,19 +177,16 @@ def sigmoid_topk_kernel(logits, k, bias, has_bias, n_group, topk_group, renormal
 
 
 # --------------------------------------------------------------------------- backward
-# Same one-row-per-iteration structure; sums run in float64 in a fixed order.
-
+# One row per iteration, sums in float64 in a fixed order. softmax's row is kernels/common.py's,
+# shared with the CUDA kernel. softmax_topk's and sigmoid_topk's keep a row's k weights / scores
+# in a scratch row, made with fastmath's exp and sigmoid; their CUDA kernels compute them again
+# (a thread there has no array as long as any k) with math.exp: the same maths, other bits.
 
 @njit(parallel=True, cache=True)
 def softmax_backward_kernel(dy, y, dx):
     # dy: (T, E), y: (T, E) softmax output -> dx: (T, E) = y * (dy - sum(dy * y))
-    T, E = y.shape
-    for t in prange(T):
-        dot = 0.0
-        for e in range(E):
-            dot += np.float64(dy[t, e]) * np.float64(y[t, e])
-        for e in range(E):
-            dx[t, e] = np.float64(y[t, e]) * (np.float64(dy[t, e]) - dot)
+    for t in prange(y.shape[0]):
+        softmax_backward_row(dy, y, dx, t)
 
 
 @njit(parallel=True, cache=True)

@@ -1,7 +1,7 @@
-"""CUDA elementwise kernels: activations (the maths is kernels/common.py, shared with the CPU),
-their backward, the sigmoid gate of a shared expert and a gated row-sum. Grid-stride: a block
-per row, its threads over the columns (coalesced, no index division per element); one thread
-per output element."""
+"""CUDA elementwise kernels: activations (kernels/common.py's scalar maths; the CPU's are
+kernels/cpu/fastmath.py's branch-free ones, whose bits differ), their backward, the sigmoid gate
+of a shared expert and a gated row-sum. Grid-stride: a block per row, its threads over the
+columns (coalesced, no index division per element); one thread per output element."""
 import numpy as np
 from numba import boolean, cuda, float64, from_dtype, int64, void
 

@@ -11,7 +11,11 @@ consecutive ids, one thread each:
 Every position is a function of the input alone: the plan is the CPU's, bitwise.
 """
 import numpy as np
-from numba import cuda, float64, from_dtype, int32, int64, void
+from numba import cuda, from_dtype, int32, int64, void
+
+from ..common import combine_backward_row, for_cuda
+
+_combine_backward_row = for_cuda(combine_backward_row)
 
 
 def specs(dt, cfg):
@@ -125,20 +129,10 @@ def specs(dt, cfg):
 
     def combine_backward_kernel(dy, ys, rows, weights, d_ys, d_weights):
         # dy: (T, d), ys: (N, d), rows: (N,), weights: (T, k) -> d_ys: (N, d),
-        # d_weights: (T, k); one thread per kept row i of assignment (t, j) = divmod(rows[i], k):
-        # d_ys[i] = weights[t, j] * dy[t], d_weights[t, j] = <dy[t], ys[i]> (float64 sum);
-        # the caller zeroes d_weights (dropped assignments stay 0)
-        k = weights.shape[1]
-        d = dy.shape[1]
+        # d_weights: (T, k); one thread per kept row (kernels/common.py: combine_backward_row,
+        # the CPU kernel's too); the caller zeroes d_weights (dropped assignments stay 0)
         for i in range(cuda.grid(1), rows.shape[0], cuda.gridsize(1)):
-            t = rows[i] // k
-            j = rows[i] - t * k
-            w = weights[t, j]
-            dot = 0.0
-            for c in range(d):
-                dot += float64(dy[t, c]) * float64(ys[i, c])
-                d_ys[i, c] = w * dy[t, c]
-            d_weights[t, j] = dot
+            _combine_backward_row(dy, ys, rows, weights, d_ys, d_weights, i)
 
     return {
         "combine_backward": (combine_backward_kernel,

@@ -12,7 +12,9 @@ import math
 import numpy as np
 from numba import boolean, cuda, float64, from_dtype, int32, int64, void
 
-from ..common import sigmoid, topk_insert
+from ..common import for_cuda, sigmoid, softmax_backward_row, topk_insert
+
+_softmax_backward_row = for_cuda(softmax_backward_row)
 
 PAD = 2147483647  # index of an empty list entry: after every real expert on equal values
 
@@ -195,15 +197,13 @@ def specs(dt, cfg):
                 flag[0] = 1
 
     def softmax_backward_kernel(dy, y, dx):
-        # dy: (T, E), y: (T, E) softmax output -> dx: (T, E) = y * (dy - sum(dy * y));
-        # the backward kernels run one thread per token, sums in float64 as on the CPU
-        T, E = y.shape
-        for t in range(cuda.grid(1), T, cuda.gridsize(1)):
-            dot = 0.0
-            for e in range(E):
-                dot += float64(dy[t, e]) * float64(y[t, e])
-            for e in range(E):
-                dx[t, e] = float64(y[t, e]) * (float64(dy[t, e]) - dot)
+        # dy: (T, E), y: (T, E) softmax output -> dx: (T, E) = y * (dy - sum(dy * y)).
+        # The backward kernels run one thread per token, sums in float64 as on the CPU; this
+        # one's row is kernels/common.py's, the CPU kernel's too. softmax_topk's and
+        # sigmoid_topk's compute each of the k weights again where it is used (a thread has no
+        # array as long as any k), where the CPU keeps them in a scratch row
+        for t in range(cuda.grid(1), y.shape[0], cuda.gridsize(1)):
+            _softmax_backward_row(dy, y, dx, t)
 
     def softmax_topk_backward_kernel(d_weights, logits, experts, renormalize, d_logits):
         # d_weights: (T, k), logits: (T, E), experts: (T, k) -> d_logits: (T, E)

@@ -12,10 +12,10 @@ import numpy as np
 from numba import njit, prange
 
 from ..common import GELU, GELU_TANH, RELU, SILU, SWIGLU
+from .config import ROW_BLOCK
 from .fastmath import (gelu, gelu_grad, gelu_tanh, gelu_tanh_grad, relu, relu_grad, silu,
                        silu_grad)
 
-ROWS = 64      # rows a parallel task takes
 
 
 @njit(inline="always")
@@ -104,17 +104,17 @@ def activate_backward_rows(dy, h, code, dh):
 
 @njit(parallel=True, cache=True)
 def activate_kernel(h, code, out):
-    # h: (N, H) -> out: (N, H'), as activate_rows, in blocks of ROWS rows
+    # h: (N, H) -> out: (N, H'), as activate_rows, in blocks of ROW_BLOCK rows
     N = h.shape[0]
-    for b in prange((N + ROWS - 1) // ROWS):
-        lo, hi = b * ROWS, min(N, b * ROWS + ROWS)
+    for b in prange((N + ROW_BLOCK - 1) // ROW_BLOCK):
+        lo, hi = b * ROW_BLOCK, min(N, b * ROW_BLOCK + ROW_BLOCK)
         activate_rows(h[lo:hi], code, out[lo:hi])
 
 
 @njit(parallel=True, cache=True)
 def activate_backward_kernel(dy, h, code, dh):
-    # dy: (N, H'), h: (N, H) -> dh: (N, H), as activate_backward_rows, in blocks of ROWS rows
+    # dy: (N, H'), h: (N, H) -> dh: (N, H), as activate_backward_rows, in blocks of ROW_BLOCK rows
     N = h.shape[0]
-    for b in prange((N + ROWS - 1) // ROWS):
-        lo, hi = b * ROWS, min(N, b * ROWS + ROWS)
+    for b in prange((N + ROW_BLOCK - 1) // ROW_BLOCK):
+        lo, hi = b * ROW_BLOCK, min(N, b * ROW_BLOCK + ROW_BLOCK)
         activate_backward_rows(dy[lo:hi], h[lo:hi], code, dh[lo:hi])

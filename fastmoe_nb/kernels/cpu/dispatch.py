@@ -3,6 +3,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..common import combine_backward_row
+from .config import PERMUTE_ROWS
 
 
 @njit(cache=True)
@@ -78,7 +79,6 @@ def check_plan_kernel(rows, offsets, counts, slots, dropped):
     return PLAN_OK, 0, 0
 
 
-PERMUTE_ROWS = 64   # rows a parallel task of permute_kernel copies
 
 
 @njit(nogil=True, cache=True)

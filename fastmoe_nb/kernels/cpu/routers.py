@@ -14,6 +14,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..common import sigmoid, topk_insert
+from .config import TOKEN_BLOCK
 from .routing import row_exp_sum, row_max, row_max_sumexp
 
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
@@ -144,22 +145,21 @@ def noisy_topk_backward_kernel(d_weights, d_load, clean, raw, noise, k, eps, tra
 
 # --------------------------------------------------------------------------- losses
 
-_BLOCK = 256  # tokens per partial sum: fixed, so the sums do not depend on the thread count
 
 
 @njit(parallel=True, cache=True)
 def balance_sums_kernel(logits, experts, use, mask, has_mask):
     # logits: (T, E), experts: (T, k), mask: (T,) -> (psum (E,), count (E,), total) float64:
     # psum[e] = sum_t m_t softmax(logits[t])[e], count[e] = sum_t m_t #{j < use: experts[t,j]=e}
-    # Blocks of _BLOCK tokens are summed in parallel, then the blocks in order.
+    # Blocks of TOKEN_BLOCK tokens are summed in parallel, then the blocks in order.
     T, E = logits.shape
-    nb = (T + _BLOCK - 1) // _BLOCK
+    nb = (T + TOKEN_BLOCK - 1) // TOKEN_BLOCK
     part = np.zeros((nb, E), np.float64)
     cpart = np.zeros((nb, E), np.float64)
     tpart = np.zeros(nb, np.float64)
     for b in prange(nb):
         p = np.empty(E, np.float64)
-        for t in range(b * _BLOCK, min(T, (b + 1) * _BLOCK)):
+        for t in range(b * TOKEN_BLOCK, min(T, (b + 1) * TOKEN_BLOCK)):
             mt = np.float64(mask[t]) if has_mask else 1.0
             if mt == 0.0:
                 continue

@@ -1,6 +1,6 @@
 """CPU routing kernels: softmax, top-k, softmax_topk, sigmoid_topk.
 
-Rows are independent (the forward kernels prange over blocks of ROWS rows, each with its
+Rows are independent (the forward kernels prange over blocks of ROW_BLOCK rows, each with its
 scratch rows; the backward kernels over rows), so results do not depend on the thread count.
 Exponentials and sums run in float64 whatever the working dtype, so the float32 results are the
 reference's up to its rounding and selections match it. Exponentials come from
@@ -11,15 +11,14 @@ import numpy as np
 from numba import njit, prange
 
 from ..common import softmax_backward_row, topk_insert
+from .config import LANES, ROW_BLOCK
 from .fastmath import div, exp, sigmoid
-
-ROWS = 64      # rows a parallel task takes (its scratch rows are allocated once per task)
 
 
 @njit(parallel=True, cache=True, fastmath={"contract"})
 def logits_kernel(x, w, out):
     # x (T, d), w (d, E) -> out (T, E) = x @ w for a few tokens: each logit is one FMA chain
-    # over d in increasing order from 0, the bits of the grouped GEMM kernel's (ops/routing.py:
+    # over d in increasing order from 0, the bits of the grouped GEMM kernel's (backends/cpu.py:
     # router_logits); vectorized across the experts, which leaves every chain as it is
     u0, E = np.uint64(0), np.uint64(w.shape[1])
     for t in prange(x.shape[0]):
@@ -38,9 +37,6 @@ def row_max(x):
     for e in range(x.shape[0]):
         m = max(m, np.float64(x[e]))
     return m
-
-
-LANES = 8      # sum_lanes' accumulators: one 512-bit or two 256-bit vectors of float64
 
 
 @njit(inline="always")
@@ -87,9 +83,9 @@ def row_max_sumexp(x, t):
 def softmax_kernel(x, out):
     # x: (T, E) -> out: (T, E)
     T, E = x.shape
-    for b in prange((T + ROWS - 1) // ROWS):
+    for b in prange((T + ROW_BLOCK - 1) // ROW_BLOCK):
         p = np.empty(E, np.float64)
-        for t in range(b * ROWS, min(T, b * ROWS + ROWS)):
+        for t in range(b * ROW_BLOCK, min(T, b * ROW_BLOCK + ROW_BLOCK)):
             m = row_max(x[t])
             s = row_exp_sum(x[t], m, p)
             o = out[t]
@@ -111,10 +107,10 @@ def topk_kernel(x, k, vals, idx):
 def softmax_topk_kernel(logits, k, renormalize, weights, experts):
     # logits: (T, E) -> weights: (T, k), experts: (T, k) int32
     T, E = logits.shape
-    for b in prange((T + ROWS - 1) // ROWS):
+    for b in prange((T + ROW_BLOCK - 1) // ROW_BLOCK):
         top = np.empty(k, np.float64)
         p = np.empty(E, np.float64)
-        for t in range(b * ROWS, min(T, b * ROWS + ROWS)):
+        for t in range(b * ROW_BLOCK, min(T, b * ROW_BLOCK + ROW_BLOCK)):
             filled = 0
             for e in range(E):
                 filled = topk_insert(top, experts[t], filled, k, np.float64(logits[t, e]), e)
@@ -134,7 +130,7 @@ def sigmoid_topk_kernel(logits, k, bias, has_bias, n_group, topk_group, renormal
     # logits: (T, E), bias: (E,) -> weights: (T, k), experts: (T, k) int32
     T, E = logits.shape
     G = E // n_group
-    for b in prange((T + ROWS - 1) // ROWS):
+    for b in prange((T + ROW_BLOCK - 1) // ROW_BLOCK):
         sig = np.empty(E, np.float64)
         choice = np.empty(E, np.float64)
         gscore = np.empty(n_group, np.float64)
@@ -144,7 +140,7 @@ def sigmoid_topk_kernel(logits, k, bias, has_bias, n_group, topk_group, renormal
         gi = np.empty(topk_group, np.int32)
         keep = np.empty(n_group, np.bool_)
         top = np.empty(k, np.float64)
-        for t in range(b * ROWS, min(T, b * ROWS + ROWS)):
+        for t in range(b * ROW_BLOCK, min(T, b * ROW_BLOCK + ROW_BLOCK)):
             x = logits[t]
             for e in range(np.uint64(0), np.uint64(E)):   # vectorized
                 sig[e] = sigmoid(np.float64(x[e]))

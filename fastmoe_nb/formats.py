@@ -178,9 +178,9 @@ def _check_block_multiple(name, shape, spec):
     c = shape[-1]
     if c % spec.block:
         raise ValueError(f"{name}: the last axis (axis {len(shape) - 1}, length {c}) must be a "
-                         f"multiple of the {spec.name} block size {spec.block}; blocks run "
-                         f"along the last axis (use trans_w's (E, M, K) layout to put them "
-                         f"along the other one), got shape {shape}")
+                         f"multiple of the {spec.name} block size {spec.block}, got shape "
+                         f"{shape} (blocks run along the last axis; the transposed weight, "
+                         f"trans_w's layout, runs them along the other)")
 
 
 def _check_blocks(blocks, spec, shape):

@@ -9,7 +9,8 @@ both see the same machine noise. Every case checks first that the two checkouts'
 bitwise equal. Reported: the median time of each, and new / old.
 
 Cases per preset: the layer (moe_forward), a training step (moe_forward with its context and
-moe_backward), the routed experts of the HF bridge (routed_experts, forward and backward).
+moe_backward), the routed experts of the HF bridge (routed_experts): inference (routed_fwd)
+and forward with backward (routed_experts).
 """
 from __future__ import annotations
 
@@ -45,6 +46,9 @@ def case(name, preset):
             return fm.moe_backward(dy, ctx)[0]
         return step
     r = fm.softmax_topk(a["x"] @ a["router_w"], p.k)
+    if name == "routed_fwd":
+        return lambda: routed_experts(a["x"], r.experts, r.weights, a["w1"], a["w2"],
+                                      p.activation)
     def experts():
         y, ctx = routed_experts(a["x"], r.experts, r.weights, a["w1"], a["w2"], p.activation,
                                 return_context=True)
@@ -63,7 +67,7 @@ for line in sys.stdin:
     print(json.dumps(dict(t=sorted(times)[len(times) // 2], digest=digest)), flush=True)
 '''
 
-CASES = ("layer", "train_step", "routed_experts")
+CASES = ("layer", "train_step", "routed_fwd", "routed_experts")
 
 
 def start(tree):

@@ -19,6 +19,7 @@ from .backend import CUDA, as_host, backend_of, to_host
 from .kernels.common import ACTIVATION_CODES, SWIGLU
 from .kernels.cpu import dispatch as kd
 from .kernels.cpu.config import HN, NR
+from .formats import QuantizedWeights
 from .types import PackedWeights, Plan
 
 ACTIVATIONS = tuple(ACTIVATION_CODES)
@@ -206,6 +207,9 @@ def check_offsets(offsets, E, N, name="offsets"):
 
 def check_gemm_weights(a, w, trans_w, name="w"):
     """w: (E, K, M) [trans_w: (E, M, K)] of a's dtype with K = a.shape[1] -> M."""
+    if isinstance(w, QuantizedWeights) and w.dtype != a.dtype:
+        raise TypeError(f"{name}: {w.format} weights compute in {w.dtype}; expected a of "
+                        f"{w.dtype}, got {a.dtype}")
     chk.check_float(name, w, ndim=3, dtype=a.dtype)
     K = a.shape[1]
     if (w.shape[2] if trans_w else w.shape[1]) != K:
@@ -254,7 +258,8 @@ def check_packed(w, name):
 
 
 def check_weights(w, a, offsets, trans_w, name="w"):
-    """w: a host array (as check_gemm_args) or PackedWeights -> (w, offsets, M)."""
+    """w: a host array (as check_gemm_args), PackedWeights or QuantizedWeights (of a's dtype)
+    -> (w, offsets, M)."""
     if isinstance(w, PackedWeights):
         check_packed(w, name)
         if w.dtype != a.dtype:
@@ -265,7 +270,7 @@ def check_weights(w, a, offsets, trans_w, name="w"):
                              f"{a.shape[1]}, got {w!r}")
         offsets = check_offsets(as_host("offsets", offsets), w.num_experts, a.shape[0])
         return w, offsets, w.out_features
-    w = as_host(name, w)
+    w = w if isinstance(w, QuantizedWeights) else as_host(name, w)
     M = check_gemm_weights(a, w, trans_w, name)
     return w, check_offsets(as_host("offsets", offsets), w.shape[0], a.shape[0]), M
 
@@ -339,10 +344,24 @@ class Layer:
     def has_shared(self):
         return self.shared_w1 is not None
 
+    @property
+    def quantized(self):
+        """Whether the routed experts' weights are in a format (fastmoe_nb.formats): they are
+        then frozen (no weight gradient)."""
+        return isinstance(self.w1, QuantizedWeights) or isinstance(self.w2, QuantizedWeights)
+
     def with_router(self, router, k, options, capacity):
         """The layer with its router's validated name, k, options and capacity."""
         return replace(self, router=router, k=k, router_options=dict(options),
                        capacity=capacity)
+
+
+def check_quantized(name, w, be):
+    """Quantized expert weights (fastmoe_nb.formats) as they are: they run on the CPU."""
+    if be == CUDA:
+        raise TypeError(f"{name}: {w.format} weights (QuantizedWeights) run on the CPU; pass "
+                        f"host arrays with them, or float weights with device arrays")
+    return w
 
 
 def check_shards(E, P, name="router_w"):
@@ -358,6 +377,11 @@ def check_expert_weights(w1, w2, d, dtype, activation, trans_w, num_experts=None
     returns (E, H1, h). Only shapes and dtypes are read (JAX tracers qualify). num_experts:
     the E w1 must hold (router_w's); shard: (E_local, P) when each rank holds E / P experts."""
     activation_code(activation)
+    for name, w in (("w1", w1), ("w2", w2)):
+        if isinstance(w, QuantizedWeights) and w.dtype != np.dtype(dtype):
+            raise TypeError(f"{name}: {w.format} weights compute in {w.dtype} (float32 "
+                            f"accumulation, float32 activations); expected x of {w.dtype}, "
+                            f"got {np.dtype(dtype)}")
     chk.check_float("w1", w1, ndim=3, dtype=dtype)
     E = int(w1.shape[0])
     H1 = int(w1.shape[1] if trans_w else w1.shape[2])
@@ -438,7 +462,8 @@ def check_layer(x, w1, w2, activation="swiglu", trans_w=False, router_w=None, k=
             router_b = chk.check_float("router_b", side("router_b", router_b), shape=(E,),
                                        dtype=dt)
             chk.check_finite("router_b", to_host(router_b))
-    w1, w2 = side("w1", w1), side("w2", w2)
+    w1, w2 = (check_quantized(n, w, be) if isinstance(w, QuantizedWeights) else side(n, w)
+              for n, w in (("w1", w1), ("w2", w2)))
     shard = (E // num_shards, num_shards) if num_shards > 1 else None
     El, H1, h = check_expert_weights(w1, w2, d, dt, activation, trans_w, num_experts, shard)
     E = El * num_shards if E is None else E

@@ -190,9 +190,9 @@ def _check_context(dy, ctx):
 def grad_shapes(ctx):
     """{name: shape} of the gradients moe_backward returns for ctx."""
     ly = ctx.layer
-    shapes = {n: tuple(getattr(ly, n).shape) for n in ("router_w", "w1", "w2", "router_b",
-                                                       "shared_w1", "shared_w2")
-              if getattr(ly, n) is not None}
+    names = ("router_w", "router_b", "shared_w1", "shared_w2") + (() if ly.quantized
+                                                                  else ("w1", "w2"))
+    shapes = {n: tuple(getattr(ly, n).shape) for n in names if getattr(ly, n) is not None}
     if ly.shared_gate_w is not None:
         shapes["shared_gate_w"] = ly.shared_gate_shape or tuple(ly.shared_gate_w.shape)
     if (ctx.router_state or {}).get("noise_w") is not None:
@@ -225,7 +225,8 @@ def moe_backward(dy, ctx, grads=None):
     with its Parameter.grad — and which the returned dict then holds. The expert weights'
     gradients are then added per expert while in cache, without new (E, ...) arrays.
 
-    grads holds "router_w" (d, E), "w1", "w2" (in the forward's layout, trans_w too) and, when
+    grads holds "router_w" (d, E), "w1", "w2" (in the forward's layout, trans_w too; not
+    for experts in a format, fastmoe_nb.formats, which are frozen) and, when
     the forward had them, "router_b" (E,) (the logits' gradient summed over tokens),
     "shared_w1", "shared_w2", "shared_gate_w" (in its given shape), "noise_w" (noisy_topk in
     training). The sigmoid router's bias only chooses experts and gets no gradient; an
@@ -243,7 +244,9 @@ def moe_backward(dy, ctx, grads=None):
                                                       ly.k, ly.router_options,
                                                       ctx.router_state)
     dx = B.add_into(dx, B.matmul(d_logits, ly.router_w.T))
-    out = {"router_w": B.matmul(ctx.x.T, d_logits), "w1": dw1, "w2": dw2, **router_grads}
+    out = {"router_w": B.matmul(ctx.x.T, d_logits), **router_grads}
+    if not ly.quantized:                 # weights in a format are frozen: no gradient
+        out.update(w1=dw1, w2=dw2)
     if ly.router_b is not None:
         out["router_b"] = B.column_sums(d_logits)
     if dx_router is not None:

@@ -16,6 +16,9 @@ from the sizes of the blocks (constants: kernels/cpu/config.py):
   over the tiles of all experts; PackedWeights always take it, and so does the backward of
   small batches. Raw weights are packed tile by tile inside it (read once from memory, the
   packed copy stays in cache).
+Weights in a format (fastmoe_nb.formats: bf16, q8_0, q4_0, ...) are decoded a panel of columns
+at a time into a task's scratch, each value once per product, and multiplied by BLAS
+(quantized_gemm); they are frozen, so their backward gives the inputs' gradient only.
 Every way cuts its work from the shapes alone: results are bitwise the same for any thread
 count.
 """
@@ -31,8 +34,9 @@ from ..kernels.cpu import activations as ka
 from ..kernels.cpu import dispatch as kd
 from ..kernels.cpu import gemm as kg
 from ..kernels.cpu import routing as kr
-from ..kernels.cpu.config import (BLAS_MIN_ROWS, FUSED_MAX_ROWS, HN, LOGITS_LOOP_ROWS, NC, NR,
-                                  STREAM_ROWS, TASK_COLS, TILE_ROWS, MR)
+from ..formats import QuantizedWeights, dequantize_rows
+from ..kernels.cpu.config import (BLAS_MIN_ROWS, FUSED_MAX_ROWS, HN, LOGITS_LOOP_ROWS, MR, NC, NR,
+                                  QUANT_COLS, STREAM_ROWS, TASK_COLS, TILE_ROWS)
 from ..types import PackedWeights, Plan, Routing
 from . import pool
 
@@ -232,7 +236,10 @@ def blas_weight_grads(jobs, offsets, trans_w, experts=None):
 # --------------------------------------------------------------------------- grouped GEMM
 
 def grouped_gemm(a, w, offsets, trans_w):
-    # a: (N, K) contiguous, w: (E, K, M) [trans_w: (E, M, K)] or PackedWeights -> (N, M)
+    # a: (N, K) contiguous, w: (E, K, M) [trans_w: (E, M, K)], PackedWeights or
+    # QuantizedWeights -> (N, M)
+    if isinstance(w, QuantizedWeights):
+        return quantized_gemm(a, w, offsets, trans_w)
     r = route(offsets, packed=isinstance(w, PackedWeights))
     if r.kernel:
         M = w.out_features
@@ -303,6 +310,8 @@ def experts_forward(xs, w1, w2, offsets, code, h, trans_w, keep, tokens=None):
     None only when tokens are given and not keep (it stayed in the threads' scratch)."""
     if isinstance(w1, PackedWeights) or isinstance(w2, PackedWeights):
         return _experts_forward_packed(xs, w1, w2, offsets, code, h, trans_w, keep)
+    if isinstance(w1, QuantizedWeights) or isinstance(w2, QuantizedWeights):
+        return _experts_forward_quantized(xs, w1, w2, offsets, code, trans_w, keep, tokens)
     N, H1 = offsets[-1], w1.shape[1] if trans_w else w1.shape[2]
     h_pre = np.empty((N, H1), xs.dtype) if keep else None
     h_act = np.empty((N, h), xs.dtype) if keep or tokens is None else None
@@ -358,7 +367,11 @@ def _experts_forward_packed(xs, w1, w2, offsets, code, h, trans_w, keep):
 def experts_backward(d_ys, xs, h_pre, h_act, w1, w2, offsets, code, trans_w, into=None):
     """The gradients of experts_forward (raw weights, every operand contiguous) -> (d_xs,
     dw1, dw2). into: None or (dw1, dw2) accumulators (either None) the weight gradients are
-    added into, returned in their place."""
+    added into, returned in their place. Weights in a format are frozen: dw1 = dw2 = None."""
+    if isinstance(w1, QuantizedWeights) or isinstance(w2, QuantizedWeights):
+        d_h_act = grouped_gemm(d_ys, _raw(w2), offsets, not trans_w)
+        d_h_pre = activate_backward(d_h_act, h_pre, code)
+        return grouped_gemm(d_h_pre, _raw(w1), offsets, not trans_w), None, None
     if not route(offsets, backward=True).kernel:
         return _experts_backward_blas(d_ys, xs, h_pre, h_act, w1, w2, offsets, code, trans_w,
                                       into)
@@ -369,6 +382,23 @@ def experts_backward(d_ys, xs, h_pre, h_act, w1, w2, offsets, code, trans_w, int
     if into is not None:
         dw1, dw2 = (g if a is None else add_into(a, g) for a, g in zip(into, (dw1, dw2)))
     return d_xs, dw1, dw2
+
+
+def _experts_forward_quantized(xs, w1, w2, offsets, code, trans_w, keep, tokens):
+    # experts_forward with w1 and / or w2 in a format: each product through grouped_gemm
+    # (quantized_gemm for a weight in a format), the activation between on the whole block
+    if tokens is not None:
+        x, xs = xs, np.empty((tokens.shape[0], xs.shape[1]), xs.dtype)
+        kd.permute_kernel(x, tokens, 1, xs)
+    h_pre = grouped_gemm(xs, _raw(w1), offsets, trans_w)
+    h_act = activate(h_pre, code)
+    ys = grouped_gemm(h_act, _raw(w2), offsets, trans_w)
+    return (h_pre if keep else None), (h_act if keep or tokens is None else None), ys
+
+
+def _raw(w):
+    """A weight in a format as it is; a float array contiguous (the kernel reads it raw)."""
+    return w if isinstance(w, QuantizedWeights) else np.ascontiguousarray(w)
 
 
 def _experts_backward_blas(d_ys, xs, h_pre, h_act, w1, w2, offsets, code, trans_w, into):
@@ -418,6 +448,44 @@ def _experts_backward_blas(d_ys, xs, h_pre, h_act, w1, w2, offsets, code, trans_
         if not add:
             dw[counts == 0] = 0.0
     return d_xs, dw1, dw2
+
+
+# --------------------------------------------------------------------------- weights in a format
+
+def _columns(qw, c):
+    """Where column c of a row of qw's blocks starts (in the storage's own units)."""
+    return c // qw.block * qw.block_bytes if qw.blocks.dtype == np.uint8 else c
+
+
+def decode_panel(qw, e, rows, c0, c1):
+    """Columns c0..c1 of expert e's product operand B_e, decoded: (K, c1 - c0) float32.
+    rows=False: B_e = W_e, qw holding (E, K, M), the columns along its blocked last axis;
+    rows=True: B_e = W_e^T, qw holding (E, M, K): the columns are rows c0..c1 of W_e (a
+    transposed view of their decoding)."""
+    b = qw.blocks[e]
+    if rows:
+        return dequantize_rows(b[c0:c1], qw.format).T
+    return dequantize_rows(b[:, _columns(qw, c0):_columns(qw, c1)], qw.format)
+
+
+def quantized_gemm(a, qw, offsets, trans):
+    """a: (N, K) contiguous, qw: QuantizedWeights (E, K, M) [trans: (E, M, K)] -> (N, M):
+    rows of expert e times B_e = W_e [trans: W_e^T]. A task is one expert's block of
+    QUANT_COLS output columns: its panel decoded once into scratch, then one BLAS call for all
+    the expert's rows (shape-fixed cuts: the same bits for any thread count)."""
+    E, R, C = qw.shape
+    M = R if trans else C
+    out = np.empty((a.shape[0], M), a.dtype)
+    tasks = [(e, c0, min(c0 + QUANT_COLS, M)) for e in range(E) if offsets[e + 1] > offsets[e]
+             for c0 in range(0, M, QUANT_COLS)]
+
+    def task(t, scratch):
+        e, c0, c1 = t
+        lo, hi = offsets[e], offsets[e + 1]
+        np.matmul(a[lo:hi], decode_panel(qw, e, trans, c0, c1), out=out[lo:hi, c0:c1])
+
+    pool.run_tasks(task, tasks)
+    return out
 
 
 # --------------------------------------------------------------------------- dense helpers

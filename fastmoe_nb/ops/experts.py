@@ -10,6 +10,7 @@ from .. import errors as chk
 from ..backend import CUDA, as_host, backend_of
 from ..checks import (activation_code, check_gemm_weights, check_into, check_offsets,
                       check_shared, check_weights, hidden_width, on_side)
+from ..formats import QuantizedWeights
 from ..types import PackedWeights
 
 
@@ -53,7 +54,8 @@ def experts_backward(d_ys, xs, h_pre, h_act, w1, w2, offsets, activation, trans_
     -> (d_xs (N, d), dw1, dw2), dw1 / dw2 in the forward's layout. into: None, or (dw1, dw2)
     arrays of w1's and w2's shapes (either may be None) into which the weight gradients are
     added in place, and which are returned in their place (gradient accumulation without
-    new arrays; host arrays only)."""
+    new arrays; host arrays only). Weights in a format (fastmoe_nb.formats) are frozen:
+    dw1 = dw2 = None, and into must be None."""
     trans_w, code = bool(trans_w), activation_code(activation)
     if backend_of(d_ys=d_ys, xs=xs, h_pre=h_pre, h_act=h_act, w1=w1, w2=w2) == CUDA:
         check_into(into, w1, w2, xs)                 # raises: host arrays only
@@ -61,16 +63,20 @@ def experts_backward(d_ys, xs, h_pre, h_act, w1, w2, offsets, activation, trans_
                                                    code, trans_w)
     xs = np.ascontiguousarray(chk.check_float("xs", as_host("xs", xs), ndim=2))
     N, d = xs.shape
-    w1 = as_host("w1", w1)
+    w1 = w1 if isinstance(w1, QuantizedWeights) else as_host("w1", w1)
     H1 = check_gemm_weights(xs, w1, trans_w, "w1")
     offsets = check_offsets(as_host("offsets", offsets), w1.shape[0], N)
     h = hidden_width(H1, activation)
     h_pre = chk.check_float("h_pre", as_host("h_pre", h_pre), shape=(N, H1), dtype=xs.dtype)
     h_act = chk.check_float("h_act", as_host("h_act", h_act), shape=(N, h), dtype=xs.dtype)
     d_ys = chk.check_float("d_ys", as_host("d_ys", d_ys), shape=(N, d), dtype=xs.dtype)
-    w2 = as_host("w2", w2)
+    w2 = w2 if isinstance(w2, QuantizedWeights) else as_host("w2", w2)
     check_gemm_weights(h_act, w2, trans_w, "w2")
     check_offsets(offsets, w2.shape[0], N)
+    frozen = [n for n, w in (("w1", w1), ("w2", w2)) if isinstance(w, QuantizedWeights)]
+    if frozen and into is not None:
+        raise ValueError(f"into: {', '.join(frozen)} in a format get no weight gradient; "
+                         f"expected into=None")
     into = check_into(into, w1, w2, xs)
     return backends.cpu.experts_backward(np.ascontiguousarray(d_ys), xs,
                                          np.ascontiguousarray(h_pre),

@@ -14,6 +14,7 @@ from .. import backends
 from .. import errors as chk
 from ..backend import CUDA, as_host, backend_of
 from ..checks import check_gemm_args, check_weights
+from ..formats import QuantizedWeights
 from ..types import PackedWeights
 
 
@@ -35,7 +36,9 @@ def pack_weights(w, trans_w=False, swiglu=False):
 def grouped_gemm(a, w, offsets, trans_w=False):
     """a: (N, K), w: (E, K, M) — or (E, M, K) with trans_w, the PyTorch Linear layout used
     without a copy —, or PackedWeights from pack_weights(w, trans_w); offsets: (E+1,)
-    -> (N, M); rows offsets[e]:offsets[e+1] are a[rows] @ w[e] (or @ w[e].T)."""
+    -> (N, M); rows offsets[e]:offsets[e+1] are a[rows] @ w[e] (or @ w[e].T). w may be
+    QuantizedWeights (fastmoe_nb.formats) of that logical shape: decoded a panel at a time,
+    float32 accumulation."""
     trans_w = bool(trans_w)
     if not isinstance(w, PackedWeights) and backend_of(a=a, w=w) == CUDA:
         chk.check_float("a", a, ndim=2)
@@ -52,6 +55,9 @@ def grouped_gemm_backward(dy, a, w, offsets, trans_w=False):
     da[rows of e] = dy[rows] @ w[e].T; dw[e] = a[rows].T @ dy[rows], zero for an expert with
     no rows. dw's sum over an expert's rows runs in one thread in row order: deterministic."""
     trans_w = bool(trans_w)
+    if isinstance(w, QuantizedWeights):
+        raise TypeError(f"w: {w.format} weights are frozen: they have no gradient dw; the "
+                        f"gradient of a is grouped_gemm(dy, w, offsets, trans_w={not trans_w})")
     if backend_of(dy=dy, a=a, w=w) == CUDA:
         chk.check_float("a", a, ndim=2)
         return backends.get(CUDA).grouped_gemm_backward(dy, a, w, offsets, trans_w)

@@ -255,7 +255,8 @@ def ep_moe_backward(dy, ctx, reduce="sum"):
             replicated["shared_gate_w"] = dgate.reshape(ly.shared_gate_shape)
     if reduce is not None:
         replicated = allreduce_grads(comm, replicated)
-    grads = {"w1": dw1, "w2": dw2, **replicated}
+    experts = {} if ly.quantized else {"w1": dw1, "w2": dw2}    # in a format: frozen
+    grads = {**experts, **replicated}
     if reduce == "mean":
         P = comm.Get_size()
         grads = {n: g / g.dtype.type(P) for n, g in grads.items()}

@@ -68,6 +68,9 @@ _AVX2 = dict(
     # (shape-fixed).
     TASK_ROWS=256,
     TASK_COLS=512,
+    # backends/cpu.py: columns of a weight in a format decoded per task (a multiple of every
+    # format's block; the panel, K x QUANT_COLS floats, stays in L2 for BLAS) (shape-fixed).
+    QUANT_COLS=256,
     # backends/cpu.py: up to this many tokens the router's logits run on a plain loop (the
     # GEMM kernel's setup outweighs a few rows; `fastmoe-nb bench layer --preset decode-8`).
     LOGITS_LOOP_ROWS=64,
@@ -93,8 +96,8 @@ STREAM_KC, STREAM_ACC, STREAM_CT, STREAM_SUB = (_S[n] for n in ("STREAM_KC", "ST
                                                                 "STREAM_CT", "STREAM_SUB"))
 STREAM_ROWS, BLAS_MIN_ROWS, FUSED_MAX_ROWS = (_S[n] for n in ("STREAM_ROWS", "BLAS_MIN_ROWS",
                                                               "FUSED_MAX_ROWS"))
-TASK_ROWS, TASK_COLS, LOGITS_LOOP_ROWS = (_S[n] for n in ("TASK_ROWS", "TASK_COLS",
-                                                          "LOGITS_LOOP_ROWS"))
+TASK_ROWS, TASK_COLS, LOGITS_LOOP_ROWS, QUANT_COLS = (
+    _S[n] for n in ("TASK_ROWS", "TASK_COLS", "LOGITS_LOOP_ROWS", "QUANT_COLS"))
 
 # Row-parallel elementwise and routing kernels: rows a prange task takes (its scratch is
 # allocated once per task; no effect on results).

@@ -1,0 +1,229 @@
+"""The decoding GEMM on quantized expert weights (kernels/cpu/quant.py) against today's float32
+stream kernel (backends/cpu.py run_stream), on decoding batches of the Mixtral-like shape.
+
+    python bench/bench_quant.py [--tokens 1,8,64] [--layouts km,mk] [--formats f32,bf16,q8_0,q4_0]
+                                [--repeat 5] [--threads 2]
+
+Shape: d = 1024, h = 3584, E = 8, k = 2, uniform top-2 routing; w1 (E, d, 2h) (swiglu) and w2
+(E, h, d), in the (K, M) layout ("km": out = x @ W, blocks along M) or the transposed one
+("mk": (M, K), out = x @ W.T, blocks along K). A case is the expert products of one layer:
+h1 = xs @ w1 over the experts with rows (xs gathered from x: the fused permute), and
+ys = ha @ w2 with ha (N, h) a fixed array (the activation between them is left out: it is the
+same for every format).
+
+Every format's result is checked first against float64 products with the NumPy decoding of the
+same bytes (bf16 / q8_0 / q4_0 blocks are random bytes with sane fp16 scales: the kernels
+decode any valid block). Then all formats, a read of 512 MiB (the read bandwidth) and a dense
+float32 matmul (the FLOP rate, BLAS at --threads) are timed in the same interleaved rounds;
+before each timed call the last-level cache is flushed by a read of 96 MiB, so that the
+weights come from memory as in a real model (q4_0 decode-1 weights would fit in L3).
+
+Columns: ms (median), MB (the selected experts' weight bytes, scales included), bw (their
+bytes / time over the read bandwidth), floor = max(MB / read bandwidth, FLOPs / matmul rate),
+x floor (time over floor; the issue's target is <= 1.2).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+# the checkout this script lies in, not an installed fastmoe_nb (a worktree has its own)
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from fastmoe_nb import baselines as bl
+from fastmoe_nb.backends import cpu as be
+from fastmoe_nb.kernels.cpu import quant as kq
+
+D, H, E, TOP_K = 1024, 3584, 8, 2
+FLUSH_BYTES = 96 << 20
+BW_BYTES = 512 << 20
+
+
+# --------------------------------------------------------------------------- weights
+
+def random_blocks(rng, fmt, E_, R, C):
+    """Random valid weights of logical shape (E_, R, C) in format fmt: bf16 bits of N(0, 1/R)
+    values; q8_0 / q4_0 random q bytes with fp16 scales of size ~1/(16 sqrt(R))."""
+    if fmt == "bf16":
+        w = rng.standard_normal((E_, R, C), dtype=np.float32) / np.float32(np.sqrt(R))
+        return (w.view(np.uint32) >> 16).astype(np.uint16)
+    bb = kq.BLOCK_BYTES[kq.FORMATS[fmt]]
+    blocks = rng.integers(0, 256, (E_, R, C // kq.QK, bb), dtype=np.uint8)
+    d = (rng.uniform(0.5, 1.5, (E_, R, C // kq.QK)) / (16 * np.sqrt(R))).astype(np.float16)
+    blocks[..., :2] = d.view(np.uint8).reshape(E_, R, C // kq.QK, 2)
+    return blocks.reshape(E_, R, -1)
+
+
+def numpy_decode(blocks, fmt, C):
+    """blocks of one expert (R, row bytes) -> (R, C) float64, by NumPy."""
+    if fmt == "bf16":
+        return (blocks.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    R = blocks.shape[0]
+    b = blocks.reshape(R, C // kq.QK, -1)
+    d = b[..., :2].copy().view(np.float16).astype(np.float64)
+    if fmt == "q8_0":
+        q = b[..., 2:].view(np.int8).astype(np.float64)
+    else:
+        q = np.concatenate([b[..., 2:] & 15, b[..., 2:] >> 4], -1).astype(np.float64) - 8
+    return (d * q).reshape(R, C)
+
+
+def make_weights(rng, fmt, layout):
+    """(w1, w2) in format fmt ('f32' or a quant format) and layout ('km' or 'mk')."""
+    shapes = [(D, 2 * H), (H, D)]                    # (K, M) of the two products
+    out = []
+    for K, M in shapes:
+        R, C = (M, K) if layout == "mk" else (K, M)
+        if fmt == "f32":
+            out.append(rng.standard_normal((E, R, C), dtype=np.float32) / np.float32(
+                np.sqrt(K)))
+        else:
+            out.append(random_blocks(rng, fmt, E, R, C))
+    return out
+
+
+def nbytes_selected(w, used):
+    return int(sum(w[e].nbytes for e in np.flatnonzero(used)))
+
+
+# --------------------------------------------------------------------------- cases
+
+def routing(rng, T):
+    """Uniform top-2: -> (ridx (N,) int64 token of each row in expert order, offsets)."""
+    experts = np.argsort(rng.random((T, E)), axis=1)[:, :TOP_K]
+    flat = experts.reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    counts = np.bincount(flat, minlength=E)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return (order // TOP_K).astype(np.int64), offsets
+
+
+def case(fmt, w1, w2, x, ha, ridx, offsets, trans):
+    """fn() running both expert products -> ys (N, d); and h1 (N, 2h) it writes."""
+    N = int(offsets[-1])
+    used = np.diff(offsets) > 0
+    h1 = np.empty((N, 2 * H), np.float32)
+    ys = np.empty((N, D), np.float32)
+    code = kq.FORMATS.get(fmt)
+
+    def fn():
+        if fmt == "f32":
+            be.run_stream(x, w1, trans, offsets, h1, used, ridx)
+            be.run_stream(ha, w2, trans, offsets, ys, used)
+        else:
+            kq.run_qstream(x, w1, code, trans, offsets, h1, used, ridx)
+            kq.run_qstream(ha, w2, code, trans, offsets, ys, used)
+        return ys
+    return fn, h1
+
+
+def check(fmt, fn, h1, w1, w2, x, ha, ridx, offsets, trans):
+    """Max error of fn()'s products against float64 ones, relative to sum |terms|."""
+    ys = fn()
+    worst = 0.0
+    for e in np.flatnonzero(np.diff(offsets)):
+        lo, hi = offsets[e], offsets[e + 1]
+        for w, a, got, (K, M) in ((w1, x[ridx[lo:hi]], h1[lo:hi], (D, 2 * H)),
+                                  (w2, ha[lo:hi], ys[lo:hi], (H, D))):
+            if fmt == "f32":
+                we = w[e].astype(np.float64)
+            else:
+                we = numpy_decode(w[e], fmt, K if trans else M)
+            B = we.T if trans else we                 # (K, M)
+            a64 = a.astype(np.float64)
+            want = a64 @ B
+            scale = np.abs(a64) @ np.abs(B)
+            worst = max(worst, float((np.abs(got - want) / np.maximum(scale, 1e-30)).max()))
+    return worst
+
+
+# --------------------------------------------------------------------------- timing
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", default="1,8,64")
+    ap.add_argument("--layouts", default="km,mk")
+    ap.add_argument("--formats", default="f32,bf16,q8_0,q4_0")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    formats = args.formats.split(",")
+    rng = np.random.default_rng(0)
+    flush, _ = bl.read_probe(FLUSH_BYTES)
+    bw_fn, bw_bytes = bl.read_probe(BW_BYTES)
+    ma, mb = bl.dense_operands(bl.MATMUL_SHAPE[0], bl.MATMUL_SHAPE[1], bl.MATMUL_SHAPE[2])
+    mc = np.empty((ma.shape[0], mb.shape[1]), np.float32)
+    mm_flops = 2.0 * ma.shape[0] * ma.shape[1] * mb.shape[1]
+
+    rows = []
+    with bl.thread_limits(args.threads):
+        for layout in args.layouts.split(","):
+            trans = layout == "mk"
+            weights = {f: make_weights(rng, f, layout) for f in formats}
+            for T in (int(t) for t in args.tokens.split(",")):
+                x = rng.standard_normal((T, D), dtype=np.float32)
+                ridx, offsets = routing(rng, T)
+                ha = rng.standard_normal((int(offsets[-1]), H), dtype=np.float32)
+                used = np.diff(offsets) > 0
+                N = int(offsets[-1])
+                flops = 2.0 * N * (D * 2 * H + H * D)
+                fns, info = [], []
+                for f in formats:
+                    w1, w2 = weights[f]
+                    fn, h1 = case(f, w1, w2, x, ha, ridx, offsets, trans)
+                    t0 = time.perf_counter()
+                    err = check(f, fn, h1, w1, w2, x, ha, ridx, offsets, trans)
+                    first = time.perf_counter() - t0
+                    if err > 1e-5:
+                        print(f"CHECK FAILED {layout} T={T} {f}: error {err:.2e}")
+                        sys.exit(1)
+                    fns.append(fn)
+                    info.append((f, nbytes_selected(w1, used) + nbytes_selected(w2, used),
+                                 err, first))
+                times = {j: [] for j in range(len(fns))}
+                bw_t, mm_t = [], []
+                for _ in range(args.repeat):
+                    for j, fn in enumerate(fns):
+                        bl.settle()                  # BLAS threads asleep (baselines.py)
+                        fn()                         # wake numba's threads
+                        flush()                      # weights out of the caches
+                        t0 = time.perf_counter()
+                        fn()
+                        times[j].append(time.perf_counter() - t0)
+                    bw_fn()
+                    t0 = time.perf_counter()
+                    bw_fn()
+                    bw_t.append(time.perf_counter() - t0)
+                    np.matmul(ma, mb, out=mc)
+                    t0 = time.perf_counter()
+                    np.matmul(ma, mb, out=mc)
+                    mm_t.append(time.perf_counter() - t0)
+                    bl.settle()                      # BLAS threads back to sleep
+                bw = bw_bytes / np.median(bw_t)
+                rate = mm_flops / np.median(mm_t)
+                for j, (f, nbytes, err, first) in enumerate(info):
+                    t = float(np.median(times[j]))
+                    floor = max(nbytes / bw, flops / rate)
+                    rows.append((layout, T, N, f, t * 1e3, nbytes / 1e6, nbytes / t / bw,
+                                 floor * 1e3, t / floor, err, bw / 1e9, rate / 1e9))
+                    print(f"{layout} T={T:3d} N={N:3d} {f:5s} {t * 1e3:8.3f} ms  "
+                          f"{nbytes / 1e6:7.1f} MB  bw {nbytes / t / bw:5.2f}  floor "
+                          f"{floor * 1e3:7.3f} ms  x floor {t / floor:5.2f}  err {err:.1e}  "
+                          f"(read {bw / 1e9:.1f} GB/s, matmul {rate / 1e9:.0f} GFLOP/s, "
+                          f"first call {first:.1f} s)", flush=True)
+
+    print("\n| layout | T | format | ms | MB | fraction of read bw | floor ms | x floor |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[3]} | {r[4]:.2f} | {r[5]:.1f} | {r[6]:.2f} | "
+              f"{r[7]:.2f} | {r[8]:.2f} |")
+    print(f"read bandwidth {np.median([r[10] for r in rows]):.1f} GB/s, dense matmul "
+          f"{np.median([r[11] for r in rows]):.0f} GFLOP/s ({args.threads} threads)")
+
+
+if __name__ == "__main__":
+    main()

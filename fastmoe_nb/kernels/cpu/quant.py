@@ -1,0 +1,663 @@
+"""CPU kernels for quantized expert weights: block decoders, row dequantization (prefill), and
+the decoding GEMM that reads each selected expert's blocks from memory once.
+
+Formats (GGUF-compatible, weight-only: activations and accumulation stay float32):
+    bf16  uint16 bits; value = the float32 with those bits in its high half
+    q8_0  blocks of 32 values in 34 bytes: fp16 scale d (little-endian), 32 int8 q;
+          v = float32(d) * q
+    q4_0  blocks of 32 values in 18 bytes: fp16 d, 16 bytes; value j < 16 is byte[j] & 0xF,
+          value j >= 16 is byte[j - 16] >> 4; v = (q - 8) * float32(d)
+A weight of logical shape (E, R, C) is stored blocked along its last axis: uint8 (E, R,
+(C/32) * BLOCK_BYTES[fmt]) (bf16: uint16 (E, R, C), any C), C-contiguous. An expert's matrix
+is (K, M) (out = x @ W, blocks along M) or, trans, (M, K) (out = x @ W.T, blocks along K: the
+PyTorch / GGUF layout).
+
+Blocks are addressed by flat element offsets into the blocks array (bytes; bf16: values): the
+block of row r of expert e starting at column c is at (e * R + r) * blocks.shape[2] + (c / 32)
+* BLOCK_STRIDE[fmt]. Block decoders:
+    decode_<fmt>(blocks, o, dst, do): dst[do:do+32] = the block's dequantized values, exactly
+        as dequantization defines them (the fp16 scale by half_to_f32: LLVM's half -> float
+        extension where the CPU has F16C, bit arithmetic elsewhere; no float16 type in a loop)
+    values_<fmt>(blocks, o, dst, do) -> d: the unscaled values (q, q - 8; bf16: the values,
+        d = 1), so that a kernel can fold d into a scalar once per block.
+Their loops are whole-block LLVM vector operations (intrinsics below): with numba's scalar
+loops LLVM's vectorizers left some of them scalar, depending on the code around them.
+
+Decoding GEMM (stream; few rows an expert, bound by the weights' bytes): like gemm.py's
+stream_kernel, a task reads one block of an expert's weights once, decodes it in registers
+and multiplies it into all of the expert's rows:
+    (K, M): task = STREAM_KC depth rows x a column block (a multiple of 32 columns): four depth
+            rows at a time, each block of 32 columns is decoded and multiply-added, x * d
+            folded into one scalar a row and block, into the rows' partial products (L1/L2);
+            gemm.stream_sum adds the depth blocks' partials in depth order.
+    (M, K): task = QSTREAM_CT output columns x the whole depth: per column, each block is
+            decoded once (the exact values) and multiplied into lane sums of a group of rows
+            (registers): 32 lanes a row, in as many sets as keep eight vector chains going
+            (block b goes to set b mod S); the sets and lanes are added in a fixed tree.
+Tasks are cut from the shapes alone and every sum runs in a fixed order: results are bitwise
+the same for any thread count. Each format has its own compiled kernels, made by the
+factories below from its decoder (no loop branches on the format); the entry points
+qstream_rows / qstream_cols / dequant_rows / dequant take the format code.
+"""
+import numpy as np
+from llvmlite import ir
+from numba import carray, njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .config import ISA, STREAM_ACC, STREAM_KC, host_features
+from .fastmath import _bits_f32
+from .gemm import _stack_empty, slp_vectorized, stream_sum
+
+# Format codes the kernels take (the weight type's `format` name -> code).
+BF16, Q8_0, Q4_0 = 1, 2, 3
+FORMATS = {"bf16": BF16, "q8_0": Q8_0, "q4_0": Q4_0}
+QK = 32                                    # values per block (bf16: a decoding chunk)
+BLOCK_BYTES = {BF16: 2 * QK, Q8_0: 2 + QK, Q4_0: 2 + QK // 2}
+BLOCK_STRIDE = {BF16: QK, Q8_0: 2 + QK, Q4_0: 2 + QK // 2}   # in blocks' elements
+
+QSTREAM_CT = 64       # (M, K) layout: output columns a task takes (shape-fixed)
+# (M, K) layout: row groups (rows sharing one decoded block) and their lane sets, largest
+# first; rows * sets * 32 lanes = 8 AVX-512 registers (shape-fixed: the sets cut the sums).
+# Without AVX-512 the same lanes take 16 AVX2 registers: groups of at most 2 rows.
+COL_GROUPS = ((4, 1), (2, 2), (1, 4)) if ISA == "avx512" else ((2, 1), (1, 2))
+_W4 = 4 * QK          # stack buffer sizes (literals)
+
+FLAGS = {"cache": True, "fastmath": {"contract"}}   # FMA contraction only: no reassociation
+
+_F32 = np.float32
+_TWO_M24 = np.float32(2.0 ** -24)          # fp16's subnormal step
+
+
+def row_bytes(fmt, C):
+    """Elements (uint8 bytes; bf16: uint16 values) one row of C values takes in format fmt."""
+    return C if fmt == BF16 else (C // QK) * BLOCK_BYTES[fmt]
+
+
+# --------------------------------------------------------------------------- block vectors
+
+# A block's 32 values are one LLVM vector (<32 x float>: two AVX-512 or four AVX2 registers,
+# whatever the target has); an operation on a stack buffer is promoted to registers.
+
+_F32V = ir.VectorType(ir.FloatType(), QK)
+_I32V = ir.VectorType(ir.IntType(32), QK)
+_I64 = ir.IntType(64)
+# q4_0 on AVX-512: a nibble picks its value from a 16-entry table (vpermps reads the low four
+# bits of each index), which replaces the mask, the subtraction and the conversion, and the
+# table times d gives the scaled values at the cost of one multiply a block.
+_Q4_TABLE = ISA == "avx512"
+
+
+def _at(ctx, builder, aryty, ary, idx, vty):
+    # a pointer to vty at flat element idx of a C-contiguous array
+    data = ctx.make_array(aryty)(ctx, builder, ary).data
+    return builder.bitcast(builder.gep(data, [idx]), vty.as_pointer())
+
+
+def _vload(ctx, builder, aryty, ary, idx, vty=_F32V, align=4):
+    return builder.load(_at(ctx, builder, aryty, ary, idx, vty), align=align)
+
+
+def _vstore(ctx, builder, aryty, ary, idx, v, align=4):
+    builder.store(v, _at(ctx, builder, aryty, ary, idx, v.type), align=align)
+
+
+def _splat(builder, x, n=QK):
+    vty = ir.VectorType(x.type, n)
+    v = builder.insert_element(ir.Constant(vty, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), n), [0] * n))
+
+
+def _fmuladd(builder, a, b, c):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32V, [_F32V] * 3),
+                                        f"llvm.fmuladd.v{QK}f32")
+    return builder.call(fn, [a, b, c])
+
+
+def _c_array(a, dtype):
+    return isinstance(a, types.Array) and a.dtype == dtype and a.layout == "C"
+
+
+def _ok(*checks):
+    return all(checks)
+
+
+@intrinsic
+def vq8(typingctx, src, off, d, dst, doff):
+    """dst[doff:doff+32] = d * float32(int8(src[off:off+32])) (flat offsets; d == 1 folds)."""
+    if not _ok(_c_array(src, types.uint8), _c_array(dst, types.float32), d == types.float32):
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        q = _vload(ctx, builder, sig.args[0], args[0], args[1],
+                   ir.VectorType(ir.IntType(8), QK), 1)
+        v = builder.fmul(_splat(builder, args[2]), builder.sitofp(q, _F32V))
+        _vstore(ctx, builder, sig.args[3], args[3], args[4], v)
+        return ctx.get_dummy_value()
+    return types.void(src, off, d, dst, doff), codegen
+
+
+@intrinsic
+def vq4(typingctx, src, off, d, dst, doff):
+    """dst[doff:doff+32] = (nibbles of src[off:off+16] - 8) * d: the 16 low nibbles, then the
+    16 high ones (flat offsets; d == 1 folds)."""
+    if not _ok(_c_array(src, types.uint8), _c_array(dst, types.float32), d == types.float32):
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        h = QK // 2
+        i32h = ir.VectorType(ir.IntType(32), h)
+        f32h = ir.VectorType(ir.FloatType(), h)
+        q = builder.zext(_vload(ctx, builder, sig.args[0], args[0], args[1],
+                                ir.VectorType(ir.IntType(8), h), 1), i32h)
+        hi = builder.lshr(q, ir.Constant(i32h, [4] * h))
+        cat = ir.Constant(_I32V, list(range(QK)))
+        if _Q4_TABLE:
+            table = builder.fmul(ir.Constant(f32h, [float(i - 8) for i in range(h)]),
+                                 _splat(builder, args[2], h))
+            perm = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(f32h, [f32h, i32h]),
+                "llvm.x86.avx512.permvar.sf.512")
+            v = builder.shuffle_vector(builder.call(perm, [table, q]),
+                                       builder.call(perm, [table, hi]), cat)
+        else:
+            lo = builder.and_(q, ir.Constant(i32h, [15] * h))
+            v = builder.sub(builder.shuffle_vector(lo, hi, cat), ir.Constant(_I32V, [8] * QK))
+            v = builder.fmul(builder.sitofp(v, _F32V), _splat(builder, args[2]))
+        _vstore(ctx, builder, sig.args[3], args[3], args[4], v)
+        return ctx.get_dummy_value()
+    return types.void(src, off, d, dst, doff), codegen
+
+
+@intrinsic
+def vbf16(typingctx, src, off, dst, doff):
+    """dst[doff:doff+32] = the float32 values of the bf16 bits src[off:off+32] (uint16)."""
+    if not _ok(_c_array(src, types.uint16), _c_array(dst, types.float32)):
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        u = _vload(ctx, builder, sig.args[0], args[0], args[1],
+                   ir.VectorType(ir.IntType(16), QK), 2)
+        v = builder.shl(builder.zext(u, _I32V), ir.Constant(_I32V, [16] * QK))
+        _vstore(ctx, builder, sig.args[2], args[2], args[3], builder.bitcast(v, _F32V))
+        return ctx.get_dummy_value()
+    return types.void(src, off, dst, doff), codegen
+
+
+@intrinsic
+def vaxpy4(typingctx, acc, off, w, a0, a1, a2, a3):
+    """acc[off:off+32] += a0 w[0:32] + a1 w[32:64] + a2 w[64:96] + a3 w[96:128], the
+    multiply-adds in that order."""
+    if not _ok(_c_array(acc, types.float32), _c_array(w, types.float32),
+               *(a == types.float32 for a in (a0, a1, a2, a3))):
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        v = _vload(ctx, builder, sig.args[0], args[0], args[1])
+        for k in range(4):
+            wk = _vload(ctx, builder, sig.args[2], args[2], ir.Constant(_I64, k * QK))
+            v = _fmuladd(builder, _splat(builder, args[3 + k]), wk, v)
+        _vstore(ctx, builder, sig.args[0], args[0], args[1], v)
+        return ctx.get_dummy_value()
+    return types.void(acc, off, w, a0, a1, a2, a3), codegen
+
+
+@intrinsic
+def vaxpy1(typingctx, acc, off, w, a0):
+    """acc[off:off+32] += a0 w[0:32]."""
+    if not _ok(_c_array(acc, types.float32), _c_array(w, types.float32), a0 == types.float32):
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        v = _vload(ctx, builder, sig.args[0], args[0], args[1])
+        wk = _vload(ctx, builder, sig.args[2], args[2], ir.Constant(_I64, 0))
+        _vstore(ctx, builder, sig.args[0], args[0], args[1],
+                _fmuladd(builder, _splat(builder, args[3]), wk, v))
+        return ctx.get_dummy_value()
+    return types.void(acc, off, w, a0), codegen
+
+
+@intrinsic
+def vdot(typingctx, lanes, lo, x, xo, w):
+    """lanes[lo:lo+32] += x[xo:xo+32] * w[0:32], lane by lane (flat offsets)."""
+    if not _ok(_c_array(lanes, types.float32), _c_array(x, types.float32),
+               _c_array(w, types.float32)):
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        v = _vload(ctx, builder, sig.args[0], args[0], args[1])
+        xv = _vload(ctx, builder, sig.args[2], args[2], args[3])
+        wv = _vload(ctx, builder, sig.args[4], args[4], ir.Constant(_I64, 0))
+        _vstore(ctx, builder, sig.args[0], args[0], args[1], _fmuladd(builder, xv, wv, v))
+        return ctx.get_dummy_value()
+    return types.void(lanes, lo, x, xo, w), codegen
+
+
+@intrinsic
+def vadd(typingctx, a, ao, b, bo):
+    """a[ao:ao+32] += b[bo:bo+32]."""
+    if not _ok(_c_array(a, types.float32), _c_array(b, types.float32)):
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        v = builder.fadd(_vload(ctx, builder, sig.args[0], args[0], args[1]),
+                         _vload(ctx, builder, sig.args[2], args[2], args[3]))
+        _vstore(ctx, builder, sig.args[0], args[0], args[1], v)
+        return ctx.get_dummy_value()
+    return types.void(a, ao, b, bo), codegen
+
+
+@intrinsic
+def vsum(typingctx, a, off):
+    """sum(a[off:off+32]) in a fixed tree: halves added lane by lane, 32 -> 16 -> ... -> 1."""
+    if not _c_array(a, types.float32):
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        v = _vload(ctx, builder, sig.args[0], args[0], args[1])
+        n = QK
+        while n > 1:
+            n //= 2
+            mask = ir.VectorType(ir.IntType(32), n)
+            v = builder.fadd(builder.shuffle_vector(v, v, ir.Constant(mask, list(range(n)))),
+                             builder.shuffle_vector(v, v, ir.Constant(mask,
+                                                                      list(range(n, 2 * n)))))
+        return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
+    return types.float32(a, off), codegen
+
+
+@intrinsic
+def vzero(typingctx, a, off):
+    """a[off:off+32] = 0."""
+    if not _c_array(a, types.float32):
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        _vstore(ctx, builder, sig.args[0], args[0], args[1], ir.Constant(_F32V, [0.0] * QK))
+        return ctx.get_dummy_value()
+    return types.void(a, off), codegen
+
+
+@intrinsic
+def _u16_at(typingctx, a, off):
+    """The little-endian uint16 at byte offset off of a uint8 array, as uint32."""
+    if not _c_array(a, types.uint8):
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        h = builder.load(_at(ctx, builder, sig.args[0], args[0], args[1], ir.IntType(16)),
+                         align=1)
+        return builder.zext(h, ir.IntType(32))
+    return types.uint32(a, off), codegen
+
+
+@intrinsic
+def _half_fpext(typingctx, h):
+    """fp16 bits h (an integer) -> float32 through LLVM's fpext (vcvtph2ps with F16C)."""
+    if not isinstance(h, types.Integer):
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        i16 = ir.IntType(16)
+        v = builder.trunc(args[0], i16) if h.bitwidth > 16 else builder.zext(args[0], i16) \
+            if h.bitwidth < 16 else args[0]
+        return builder.fpext(builder.bitcast(v, ir.HalfType()), ir.FloatType())
+    return types.float32(h), codegen
+
+
+# --------------------------------------------------------------------------- fp16 scales
+
+@njit(inline="always", cache=True)
+def half_to_f32_bits(h):
+    # h: fp16 bits (an integer < 65536) -> its float32 value (exact, NaN payloads kept), by
+    # integer arithmetic alone
+    h = np.uint32(h)
+    sign = (h & np.uint32(0x8000)) << np.uint32(16)
+    em = h & np.uint32(0x7FFF)
+    if em >= np.uint32(0x7C00):                      # inf / nan
+        return _bits_f32(sign | np.uint32(0x7F800000) | ((em & np.uint32(0x3FF)) << 13))
+    if em >= np.uint32(0x0400):                      # normal: rebias the exponent by 112
+        return _bits_f32(sign | ((em << np.uint32(13)) + np.uint32(0x38000000)))
+    f = _F32(em) * _TWO_M24                          # subnormal or zero: exact in float32
+    return -f if sign else f
+
+
+@njit(inline="always", cache=True)
+def half_to_f32_fpext(h):
+    # h: fp16 bits -> float32 (one instruction with F16C; NaNs come out quiet)
+    return _half_fpext(h)
+
+
+# F16C has converted fp16 in hardware since 2012 (every AVX2 CPU); without it LLVM would call
+# a runtime helper the JIT may not provide, so the bit arithmetic is used instead.
+half_to_f32 = half_to_f32_fpext if host_features().get("f16c") else half_to_f32_bits
+
+
+# --------------------------------------------------------------------------- decoders
+
+@njit(inline="always", cache=True)
+def values_q8_0(blocks, o, dst, do):
+    # blocks: uint8 (flat offsets), o: a block's offset -> dst[do:do+32] = q; returns d
+    vq8(blocks, o + 2, _F32(1.0), dst, do)
+    return half_to_f32(_u16_at(blocks, o))
+
+
+@njit(inline="always", cache=True)
+def values_q4_0(blocks, o, dst, do):
+    # blocks: uint8 (flat offsets), o: a block's offset -> dst[do:do+32] = q - 8; returns d
+    vq4(blocks, o + 2, _F32(1.0), dst, do)
+    return half_to_f32(_u16_at(blocks, o))
+
+
+@njit(inline="always", cache=True)
+def values_bf16(blocks, o, dst, do):
+    # blocks: uint16 bf16 bits, o: the offset of 32 values -> dst[do:do+32]; returns 1
+    vbf16(blocks, o, dst, do)
+    return _F32(1.0)
+
+
+@njit(inline="always", cache=True)
+def decode_q8_0(blocks, o, dst, do):
+    # blocks: uint8 (flat offsets), o: a block's offset -> dst[do:do+32] = float32(d) * q
+    vq8(blocks, o + 2, half_to_f32(_u16_at(blocks, o)), dst, do)
+
+
+@njit(inline="always", cache=True)
+def decode_q4_0(blocks, o, dst, do):
+    # blocks: uint8 (flat offsets), o: a block's offset -> dst[do:do+32] = (q - 8) * d
+    vq4(blocks, o + 2, half_to_f32(_u16_at(blocks, o)), dst, do)
+
+
+@njit(inline="always", cache=True)
+def decode_bf16(blocks, o, dst, do):
+    # blocks: uint16 bf16 bits, o: the offset of 32 values -> dst[do:do+32] float32
+    vbf16(blocks, o, dst, do)
+
+
+@njit(inline="always", cache=True)
+def tail_bf16(blocks, o, n, dst):
+    # the last, partial chunk of a bf16 row: n < 32 values at offset o -> dst[:n]
+    for j in range(n):
+        dst[j] = _bits_f32(np.uint32(blocks.flat[o + j]) << np.uint32(16))
+
+
+@njit(inline="always", cache=True)
+def _no_tail(blocks, o, n, dst):
+    # q8_0 / q4_0 rows hold whole blocks: never called
+    return
+
+
+# format code -> (values, decode, tail)
+_DECODERS = {BF16: (values_bf16, decode_bf16, tail_bf16),
+             Q8_0: (values_q8_0, decode_q8_0, _no_tail),
+             Q4_0: (values_q4_0, decode_q4_0, _no_tail)}
+
+
+# --------------------------------------------------------------------------- dequantization
+
+def _make_dequant_rows(decode, tail, bs):
+    @njit(**FLAGS)
+    def dequant_rows(blocks, e, r0, r1, c0, c1, out):
+        # blocks: (E, R, row_bytes) uint8 [bf16: (E, R, C) uint16]; rows r0..r1 of expert e,
+        # columns c0..c1 (c0 a multiple of 32; c1 too, or C) -> out: (r1-r0, c1-c0) float32
+        # (rows C-contiguous), the dequantized values. Serial: the prefill path calls it
+        # inside its own parallel tasks, one panel at a time.
+        buf = carray(_stack_empty(QK, np.float32), (QK,))
+        rb = blocks.shape[2]
+        bf = c1 // QK
+        for r in range(r0, r1):
+            o = (e * blocks.shape[1] + r) * rb
+            orow = out[r - r0]
+            for b in range(c0 // QK, bf):
+                decode(blocks, o + b * bs, orow, b * QK - c0)
+            if bf * QK < c1:                         # bf16's last, partial chunk
+                tail(blocks, o + bf * bs, c1 - bf * QK, buf)
+                for j in range(c1 - bf * QK):
+                    orow[bf * QK - c0 + j] = buf[j]
+    return dequant_rows
+
+
+def _make_dequant_all(rows):
+    @njit(parallel=True, **FLAGS)
+    def dequant_all(blocks, out):
+        # blocks: (E, R, row_bytes) uint8 [bf16: (E, R, C) uint16] -> out (E, R, C) float32,
+        # rows in parallel
+        E, R, C = out.shape
+        for t in prange(E * R):
+            e = t // R
+            rows(blocks, e, t - e * R, t - e * R + 1, 0, C, out[e, t - e * R:])
+    return dequant_all
+
+
+_DEQUANT_ROWS = {f: _make_dequant_rows(dec, tail, BLOCK_STRIDE[f])
+                 for f, (_, dec, tail) in _DECODERS.items()}
+_DEQUANT_ALL = {f: _make_dequant_all(_DEQUANT_ROWS[f]) for f in _DECODERS}
+
+
+def dequant_rows(blocks, fmt, e, r0, r1, c0, c1, out):
+    """Rows r0..r1, columns c0..c1 (c0 a multiple of 32; c1 too, or C) of expert e of
+    `blocks` in format code fmt -> out (r1-r0, c1-c0) float32, rows C-contiguous (serial, for
+    a prefill panel; @njit code calls DEQUANT_ROWS[fmt] directly)."""
+    _DEQUANT_ROWS[fmt](blocks, e, r0, r1, c0, c1, out)
+
+
+def dequant(blocks, fmt, out):
+    """blocks (E, R, row_bytes(fmt, C)) -> out (E, R, C) float32, rows in parallel."""
+    _DEQUANT_ALL[fmt](blocks, out)
+
+
+DEQUANT_ROWS = _DEQUANT_ROWS
+
+
+# --------------------------------------------------------------------------- decoding GEMM
+
+@njit(cache=True)
+def qstream_plan(offsets, experts, K, M, trans):
+    # offsets (E+1,), experts (E,) bool: the experts to compute (only those with rows are
+    # read); K, M: an expert's (K, M) product [trans: stored (M, K)]
+    # -> tasks (n, 6) (e, p0, p1, c0, c1, base), groups (g, 2) [t0, t1): one column block's
+    #    tasks in depth order, and the partials' size (as gemm.stream_plan, so that
+    #    gemm.stream_sum adds them up). (K, M): STREAM_KC depth rows x columns in multiples
+    #    of 32 while rows x columns <= STREAM_ACC (at least 256); trans: QSTREAM_CT columns x
+    #    the whole depth, written straight to out (size 0, base unused).
+    n, g, _ = _qstream_blocks(offsets, experts, K, M, trans, np.empty((0, 6), np.int64),
+                              np.empty((0, 2), np.int64))
+    tasks, groups = np.empty((n, 6), np.int64), np.empty((g, 2), np.int64)
+    size = _qstream_blocks(offsets, experts, K, M, trans, tasks, groups)[2]
+    return tasks, groups, size
+
+
+@njit(cache=True)
+def _qstream_blocks(offsets, experts, K, M, trans, tasks, groups):
+    # qstream_plan's loop: counts (n, g, size), and fills tasks / groups when they have room
+    fill = tasks.shape[0] > 0
+    n, g, size = 0, 0, 0
+    for e in range(offsets.shape[0] - 1):
+        m = offsets[e + 1] - offsets[e]
+        if m == 0 or not experts[e]:
+            continue
+        kc = K if trans else STREAM_KC
+        cw = QSTREAM_CT if trans else max(STREAM_ACC // m // QK * QK, 256)
+        for c0 in range(0, M, cw):
+            c1 = min(c0 + cw, M)
+            if fill:
+                groups[g, 0], groups[g, 1] = n, n + (K + kc - 1) // kc
+            g += 1
+            for p0 in range(0, K, kc):
+                if fill:
+                    tasks[n, 0], tasks[n, 1], tasks[n, 2] = e, p0, min(p0 + kc, K)
+                    tasks[n, 3], tasks[n, 4], tasks[n, 5] = c0, c1, size
+                n += 1
+                if not trans:
+                    size += m * (c1 - c0)
+    return n, g, size
+
+
+def _make_rows_kernel(values, tail, bs):
+    @njit(parallel=True, **FLAGS)
+    def rows_kernel(src, ridx, blocks, offsets, tasks, part):
+        # (K, M) layout. src (*, K) float32, ridx (N,) int64: the rows src[ridx[r]] in expert
+        # order; blocks (E, K, row_bytes(M)) uint8 [bf16: (E, K, M) uint16]; offsets (E+1,);
+        # tasks (n, 6) (e, p0, p1, c0, c1, base) from qstream_plan -> part[base : base +
+        # m*(c1-c0)] as (m, c1-c0) = src[rows of e, p0:p1] @ W_e[p0:p1, c0:c1].
+        # Four depth rows at a time: per block of 32 columns their values in w (registers),
+        # a_k = x[r, p+k] * d_k per row, acc[r] += a0 w0 + a1 w1 + a2 w2 + a3 w3 in that order.
+        K, rb = blocks.shape[1], blocks.shape[2]
+        for t in prange(tasks.shape[0]):
+            e, p0, p1, c0, c1, base = (tasks[t, 0], tasks[t, 1], tasks[t, 2], tasks[t, 3],
+                                       tasks[t, 4], tasks[t, 5])
+            lo, m = offsets[e], offsets[e + 1] - offsets[e]
+            nc = c1 - c0
+            acc = part[base:base + m * nc]
+            acc[:] = 0.0
+            xa = np.empty((m, 4), np.float32)        # the rows' x at the four depth rows
+            w = carray(_stack_empty(_W4, np.float32), (_W4,))
+            b0, bf = c0 // QK, c1 // QK              # whole blocks b0..bf-1, then a tail
+            nt = c1 - bf * QK
+            p = p0
+            while p < p1:
+                q = 4 if p1 - p >= 4 else 1
+                for i in range(m):
+                    xi = src[ridx[lo + i]]
+                    for k in range(q):
+                        xa[i, k] = xi[p + k]
+                o = (e * K + p) * rb                 # depth row p's first block
+                if q == 4:
+                    for b in range(b0, bf):
+                        ob = o + b * bs
+                        d0, d1 = values(blocks, ob, w, 0), values(blocks, ob + rb, w, QK)
+                        d2 = values(blocks, ob + 2 * rb, w, 2 * QK)
+                        d3 = values(blocks, ob + 3 * rb, w, 3 * QK)
+                        off = b * QK - c0
+                        for i in range(m):
+                            vaxpy4(acc, off + i * nc, w, xa[i, 0] * d0, xa[i, 1] * d1,
+                                   xa[i, 2] * d2, xa[i, 3] * d3)
+                    if nt > 0:                       # bf16's partial last chunk
+                        for k in range(4):
+                            tail(blocks, o + k * rb + bf * bs, nt, w[k * QK:])
+                        for i in range(m):
+                            for j in range(nt):
+                                acc[i * nc + bf * QK - c0 + j] += (
+                                    xa[i, 0] * w[j] + xa[i, 1] * w[QK + j]
+                                    + xa[i, 2] * w[2 * QK + j] + xa[i, 3] * w[3 * QK + j])
+                else:                                # one depth row
+                    for b in range(b0, bf):
+                        d0 = values(blocks, o + b * bs, w, 0)
+                        off = b * QK - c0
+                        for i in range(m):
+                            vaxpy1(acc, off + i * nc, w, xa[i, 0] * d0)
+                    if nt > 0:
+                        tail(blocks, o + bf * bs, nt, w)
+                        for i in range(m):
+                            for j in range(nt):
+                                acc[i * nc + bf * QK - c0 + j] += xa[i, 0] * w[j]
+                p += q
+    return rows_kernel
+
+
+def _make_cols_group(decode, tail, bs, R, S):
+    size, RS = R * S * QK, R * S
+
+    @njit(**FLAGS)
+    def cols_group(src, ridx, r0, blocks, e, c0, c1, K, out):
+        # R rows src[ridx[r0 + i]] (*, K) and the weight rows c0..c1 of expert e (blocks
+        # along K) -> out[r0 + i, c0:c1] = their dot products. Lanes (S, R, 32): block b's
+        # products go to set b mod S (the last nb mod S blocks to set 0); then the sets are
+        # added in order, the 32 lanes in vsum's tree, and bf16's partial chunk after, in
+        # depth order. (One call a task and group: a call per column cost as much as its
+        # dot products, in reference counting of the arguments.)
+        lanes = carray(_stack_empty(size, np.float32), (size,))
+        w = carray(_stack_empty(QK, np.float32), (QK,))
+        rbytes = blocks.shape[2]
+        nb = K // QK
+        ns = nb - nb % S
+        n = K - nb * QK
+        for c in range(c0, c1):
+            o = (e * blocks.shape[1] + c) * rbytes
+            for i in range(RS):
+                vzero(lanes, i * QK)
+            for b0 in range(0, ns, S):
+                for s in range(S):
+                    b = b0 + s
+                    decode(blocks, o + b * bs, w, 0)
+                    for i in range(R):
+                        vdot(lanes, (s * R + i) * QK, src, ridx[r0 + i] * K + b * QK, w)
+            for b in range(ns, nb):
+                decode(blocks, o + b * bs, w, 0)
+                for i in range(R):
+                    vdot(lanes, i * QK, src, ridx[r0 + i] * K + b * QK, w)
+            for s in range(1, S):
+                for i in range(R):
+                    vadd(lanes, i * QK, lanes, (s * R + i) * QK)
+            if n > 0:                                # bf16's partial last chunk
+                tail(blocks, o + nb * bs, n, w)
+            for i in range(R):
+                acc = vsum(lanes, i * QK)
+                xo = ridx[r0 + i] * K + nb * QK
+                for j in range(n):
+                    acc += src.flat[xo + j] * w[j]
+                out[r0 + i, c] = acc
+    return cols_group
+
+
+def _make_cols_kernel(groups):
+    g_a, g_b, g_c = (groups + (groups[-1],) * 3)[:3]     # rows: a >= b >= c (c = 1)
+    ra, rb_, rc = g_a[0], g_b[0], g_c[0]
+    ga, gb, gc = g_a[1], g_b[1], g_c[1]
+
+    @njit(parallel=True, **FLAGS)
+    def cols_kernel(src, ridx, blocks, offsets, tasks, out):
+        # (M, K) layout. src (*, K) float32 C-contiguous, ridx (N,) int64; blocks (E, M,
+        # row_bytes(K)) uint8 [bf16: (E, M, K) uint16]; tasks (n, 6) (e, 0, K, c0, c1, _)
+        # from qstream_plan(trans=True) -> out[rows of e, c0:c1] = src[rows of e] @
+        # W_e[c0:c1].T. The expert's rows go in COL_GROUPS' groups, largest first (the split
+        # depends on the row count alone), each over the task's columns.
+        for t in prange(tasks.shape[0]):
+            e, K, c0, c1 = tasks[t, 0], tasks[t, 2], tasks[t, 3], tasks[t, 4]
+            lo, m = offsets[e], offsets[e + 1] - offsets[e]
+            g = 0
+            while m - g >= ra:
+                ga(src, ridx, lo + g, blocks, e, c0, c1, K, out)
+                g += ra
+            while m - g >= rb_:
+                gb(src, ridx, lo + g, blocks, e, c0, c1, K, out)
+                g += rb_
+            while m - g >= rc:
+                gc(src, ridx, lo + g, blocks, e, c0, c1, K, out)
+                g += rc
+    return cols_kernel
+
+
+_ROWS_KERNELS = {f: slp_vectorized(_make_rows_kernel(v, t, BLOCK_STRIDE[f]))
+                 for f, (v, _, t) in _DECODERS.items()}
+_COLS_KERNELS = {f: slp_vectorized(_make_cols_kernel(tuple(
+    (r, _make_cols_group(d, t, BLOCK_STRIDE[f], r, s)) for r, s in COL_GROUPS)))
+    for f, (_, d, t) in _DECODERS.items()}
+
+
+def qstream_rows(src, ridx, blocks, fmt, offsets, tasks, part):
+    """The (K, M) decoding kernel for format code fmt (see rows_kernel's comment)."""
+    _ROWS_KERNELS[fmt](src, ridx, blocks, offsets, tasks, part)
+
+
+def qstream_cols(src, ridx, blocks, fmt, offsets, tasks, out):
+    """The (M, K) decoding kernel for format code fmt (see cols_kernel's comment)."""
+    _COLS_KERNELS[fmt](src, ridx, blocks, offsets, tasks, out)
+
+
+def run_qstream(src, blocks, fmt, trans_w, offsets, out, experts, ridx=None):
+    """The host sequence of a decoding product (what backends/cpu.py's run_stream does for
+    float32): out[rows of e] = src[rows] @ W_e for every expert where the (E,) bool mask
+    `experts` is True, W_e decoded from `blocks` (format code fmt, (K, M) or trans_w (M, K)
+    layout), each expert's blocks read once. ridx (N,) int64: the rows are src[ridx[rows]].
+    src (*, K) float32, blocks and out C-contiguous."""
+    tasks, groups, size = qstream_plan(offsets, experts, src.shape[1], out.shape[1],
+                                       trans_w)
+    if ridx is None:
+        ridx = np.arange(out.shape[0], dtype=np.int64)
+    if trans_w:
+        qstream_cols(src, ridx, blocks, fmt, offsets, tasks, out)
+        return
+    part = np.empty(size, out.dtype)
+    qstream_rows(src, ridx, blocks, fmt, offsets, tasks, part)
+    stream_sum(part, tasks, groups, offsets, out)

@@ -33,6 +33,7 @@ from ..kernels.common import SWIGLU
 from ..kernels.cpu import activations as ka
 from ..kernels.cpu import dispatch as kd
 from ..kernels.cpu import gemm as kg
+from ..kernels.cpu import quant as kq
 from ..kernels.cpu import routing as kr
 from ..formats import QuantizedWeights, dequantize_rows
 from ..kernels.cpu.config import (BLAS_MIN_ROWS, FUSED_MAX_ROWS, HN, LOGITS_LOOP_ROWS, MR, NC, NR,
@@ -457,32 +458,50 @@ def _columns(qw, c):
     return c // qw.block * qw.block_bytes if qw.blocks.dtype == np.uint8 else c
 
 
-def decode_panel(qw, e, rows, c0, c1):
-    """Columns c0..c1 of expert e's product operand B_e, decoded: (K, c1 - c0) float32.
-    rows=False: B_e = W_e, qw holding (E, K, M), the columns along its blocked last axis;
-    rows=True: B_e = W_e^T, qw holding (E, M, K): the columns are rows c0..c1 of W_e (a
-    transposed view of their decoding)."""
-    b = qw.blocks[e]
+def decode_panel(qw, e, rows, c0, c1, scratch):
+    """Columns c0..c1 of expert e's product operand B_e, decoded: (K, c1 - c0) float32 (in the
+    thread's scratch for the kernels' formats). rows=False: B_e = W_e, qw holding (E, K, M),
+    the columns along its blocked last axis; rows=True: B_e = W_e^T, qw holding (E, M, K):
+    the columns are rows c0..c1 of W_e (a transposed view of their decoding)."""
+    E, R, C = qw.shape
+    code = kq.FORMATS.get(qw.format)
+    if code is None or not qw.blocks.flags.c_contiguous:    # the NumPy codec of formats.py
+        b = qw.blocks[e]
+        if rows:
+            return dequantize_rows(b[c0:c1], qw.format).T
+        return dequantize_rows(b[:, _columns(qw, c0):_columns(qw, c1)], qw.format)
     if rows:
-        return dequantize_rows(b[c0:c1], qw.format).T
-    return dequantize_rows(b[:, _columns(qw, c0):_columns(qw, c1)], qw.format)
+        out = pool.buffer(scratch, "panel", c1 - c0, C, np.float32)
+        kq.dequant_rows(qw.blocks, code, e, c0, c1, 0, C, out)
+        return out.T
+    out = pool.buffer(scratch, "panel", R, c1 - c0, np.float32)
+    kq.dequant_rows(qw.blocks, code, e, 0, R, c0, c1, out)
+    return out
 
 
 def quantized_gemm(a, qw, offsets, trans):
     """a: (N, K) contiguous, qw: QuantizedWeights (E, K, M) [trans: (E, M, K)] -> (N, M):
-    rows of expert e times B_e = W_e [trans: W_e^T]. A task is one expert's block of
-    QUANT_COLS output columns: its panel decoded once into scratch, then one BLAS call for all
-    the expert's rows (shape-fixed cuts: the same bits for any thread count)."""
+    rows of expert e times B_e = W_e [trans: W_e^T]. The route's streamed experts (a few rows)
+    have their blocks read once and decoded in registers (kernels/cpu/quant.py, for the
+    formats it has); for the others a task is one expert's block of QUANT_COLS output columns:
+    its panel decoded once into scratch, then one BLAS call for all the expert's rows.
+    Shape-fixed cuts: the same bits for any thread count."""
     E, R, C = qw.shape
     M = R if trans else C
     out = np.empty((a.shape[0], M), a.dtype)
-    tasks = [(e, c0, min(c0 + QUANT_COLS, M)) for e in range(E) if offsets[e + 1] > offsets[e]
-             for c0 in range(0, M, QUANT_COLS)]
+    r = route(offsets)
+    stream = r.stream if qw.format in kq.FORMATS and qw.blocks.flags.c_contiguous \
+        else np.zeros(E, np.bool_)
+    if stream.any():
+        kq.run_qstream(a, qw.blocks, kq.FORMATS[qw.format], trans, offsets, out, stream)
+    tasks = [(e, c0, min(c0 + QUANT_COLS, M)) for e in np.flatnonzero(
+             (np.diff(offsets) > 0) & ~stream) for c0 in range(0, M, QUANT_COLS)]
 
     def task(t, scratch):
         e, c0, c1 = t
         lo, hi = offsets[e], offsets[e + 1]
-        np.matmul(a[lo:hi], decode_panel(qw, e, trans, c0, c1), out=out[lo:hi, c0:c1])
+        np.matmul(a[lo:hi], decode_panel(qw, e, trans, c0, c1, scratch),
+                  out=out[lo:hi, c0:c1])
 
     pool.run_tasks(task, tasks)
     return out

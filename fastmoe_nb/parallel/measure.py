@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 from . import comm as mc
+from ..moe import moe_backward, moe_forward
 from .moe import ep_moe_backward, ep_moe_forward, shard_experts
 
 A2A_BYTES = (64, 1024, 8192, 65536, 262144, 1048576, 4194304)
@@ -64,8 +65,6 @@ def allreduce_times(comm, sizes=ALLREDUCE_BYTES):
 
 
 def step_times(comm, T, d, h, E, k, repeat=5):
-    import fastmoe_nb as fm  # noqa: PLC0415
-
     P, r = comm.Get_size(), comm.Get_rank()
     rng = np.random.default_rng(0)
     f = lambda *s, sc=1.0: (rng.standard_normal(s) * sc).astype(np.float32)  # noqa: E731
@@ -84,8 +83,8 @@ def step_times(comm, T, d, h, E, k, repeat=5):
     kl = min(k, E // P)
 
     def local_step():
-        y, ctx = fm.moe_forward(x, rw_local, w1l, w2l, k=kl, return_context=True)
-        fm.moe_backward(dy, ctx)
+        y, ctx = moe_forward(x, rw_local, w1l, w2l, k=kl, return_context=True)
+        moe_backward(dy, ctx)
 
     rows = T * kl                                   # routed rows of the local step
     flops = 3 * 2.0 * rows * d * (2 * h + h)        # forward + backward (2x) expert GEMMs

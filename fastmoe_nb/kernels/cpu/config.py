@@ -76,12 +76,21 @@ _AVX2 = dict(
     LOGITS_LOOP_ROWS=64,
 )
 
+_AVX2.update(
+    # kernels/cpu/quant.py, (M, K) layout of the decoding GEMM: output columns a task takes,
+    # and the row groups (rows sharing one decoded block) with their lane sets, largest first:
+    # rows * sets * 32 lanes fill 16 AVX2 registers (shape-fixed: the sets cut the sums, so
+    # this layout's float32 bits differ between ISA classes, not between runs).
+    QSTREAM_CT=64,
+    COL_GROUPS=((2, 1), (1, 2)),
+)
+
 SETTINGS = {
     "avx2": _AVX2,
     # 16 fp32 columns are one AVX-512 vector; Zen 4 runs 512-bit FMAs as two 256-bit halves,
     # so its fp32 peak per cycle is Zen 3's and the AVX2 blocking fits it (32 registers leave
     # room, a wider MR is not measured yet).
-    "avx512": dict(_AVX2),
+    "avx512": dict(_AVX2, COL_GROUPS=((4, 1), (2, 2), (1, 4))),   # 8 of 32 zmm registers
     # no wide vectors known: the same blocking is correct everywhere, merely slower.
     "portable": dict(_AVX2),
 }
@@ -96,6 +105,7 @@ STREAM_KC, STREAM_ACC, STREAM_CT, STREAM_SUB = (_S[n] for n in ("STREAM_KC", "ST
                                                                 "STREAM_CT", "STREAM_SUB"))
 STREAM_ROWS, BLAS_MIN_ROWS, FUSED_MAX_ROWS = (_S[n] for n in ("STREAM_ROWS", "BLAS_MIN_ROWS",
                                                               "FUSED_MAX_ROWS"))
+QSTREAM_CT, COL_GROUPS = _S["QSTREAM_CT"], _S["COL_GROUPS"]
 TASK_ROWS, TASK_COLS, LOGITS_LOOP_ROWS, QUANT_COLS = (
     _S[n] for n in ("TASK_ROWS", "TASK_COLS", "LOGITS_LOOP_ROWS", "QUANT_COLS"))
 

@@ -45,7 +45,7 @@ from numba import carray, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .config import ISA, STREAM_ACC, STREAM_KC, host_features
+from .config import COL_GROUPS, ISA, QSTREAM_CT, STREAM_ACC, STREAM_KC, host_features
 from .fastmath import _bits_f32
 from .gemm import _stack_empty, slp_vectorized, stream_sum
 
@@ -56,11 +56,6 @@ QK = 32                                    # values per block (bf16: a decoding 
 BLOCK_BYTES = {BF16: 2 * QK, Q8_0: 2 + QK, Q4_0: 2 + QK // 2}
 BLOCK_STRIDE = {BF16: QK, Q8_0: 2 + QK, Q4_0: 2 + QK // 2}   # in blocks' elements
 
-QSTREAM_CT = 64       # (M, K) layout: output columns a task takes (shape-fixed)
-# (M, K) layout: row groups (rows sharing one decoded block) and their lane sets, largest
-# first; rows * sets * 32 lanes = 8 AVX-512 registers (shape-fixed: the sets cut the sums).
-# Without AVX-512 the same lanes take 16 AVX2 registers: groups of at most 2 rows.
-COL_GROUPS = ((4, 1), (2, 2), (1, 4)) if ISA == "avx512" else ((2, 1), (1, 2))
 _W4 = 4 * QK          # stack buffer sizes (literals)
 
 FLAGS = {"cache": True, "fastmath": {"contract"}}   # FMA contraction only: no reassociation

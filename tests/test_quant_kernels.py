@@ -10,7 +10,7 @@ zero, inf and nan scales, int8 -128, nibbles 0 and 15) and on random bytes.
 Tolerance of the products: each output is a float32 sum of K products of float32 values, so
 its rounding error is a few times K * 2^-24 of the sum of |terms| in the worst case and about
 sqrt(K) * 2^-24 typically; |got - want| <= 1e-5 * sum_k |x_k w_k| (plus a 1e-30 floor) holds
-with room at the depths used here (K <= 1100: worst ~7e-5 would need every rounding aligned).
+with room at the depths used here (K <= 512).
 """
 import numba
 import numpy as np
@@ -253,7 +253,7 @@ def run(src, ridx, blocks, fmt, trans, offsets, M, experts=None):
 
 # (rows an expert, K, M): T = 1, 3, 12 rows an expert, an expert without rows, E = 1,
 # K and M multiples of 32 and of 256; (K, M) with a depth tail of one row and of 3 rows
-# (four depth rows at a time), two column blocks of 12 rows (5504 > 65536 / 12).
+# (four depth rows at a time), several column blocks of 12 rows (12 x 5504 > QSTREAM_ACC).
 SHAPES = [
     ((1,), 32, 32),
     ((3, 0, 12), 256, 512),

@@ -528,7 +528,7 @@ def _qstream_blocks(offsets, experts, K, M, trans, acc, tasks, groups):
     return n, g, size
 
 
-def _make_rows_kernel(values, tail, bs):
+def _make_rows_kernel(values, tail, bs, pf_every):
     @njit(parallel=True, **FLAGS)
     def rows_kernel(src, ridx, blocks, offsets, tasks, part):
         # (K, M) layout. src (*, K) float32, ridx (N,) int64: the rows src[ridx[r]] in expert
@@ -536,7 +536,8 @@ def _make_rows_kernel(values, tail, bs):
         # tasks (n, 6) (e, p0, p1, c0, c1, base) from qstream_plan -> part[base : base +
         # m*(c1-c0)] as (m, c1-c0) = src[rows of e, p0:p1] @ W_e[p0:p1, c0:c1].
         # Four depth rows at a time: per block of 32 columns their values in w (registers),
-        # a_k = x[r, p+k] * d_k per row, acc[r] += a0 w0 + a1 w1 + a2 w2 + a3 w3 in that order.
+        # a_k = x[r, p+k] * d_k per row, acc[r] += a0 w0 + a1 w1 + a2 w2 + a3 w3 in that order;
+        # the next four depth rows' lines are requested meanwhile (every pf_every blocks).
         K, rb = blocks.shape[1], blocks.shape[2]
         for t in prange(tasks.shape[0]):
             e, p0, p1, c0, c1, base = (tasks[t, 0], tasks[t, 1], tasks[t, 2], tasks[t, 3],
@@ -560,8 +561,9 @@ def _make_rows_kernel(values, tail, bs):
                 if q == 4:
                     for b in range(b0, bf):
                         ob = o + b * bs
-                        for k in range(4, 8):        # the next four depth rows
-                            prefetch(blocks, ob + k * rb)
+                        if pf_every == 1 or (b - b0) % pf_every == 0:
+                            for k in range(4, 8):    # the next four depth rows
+                                prefetch(blocks, ob + k * rb)
                         d0, d1 = values(blocks, ob, w, 0), values(blocks, ob + rb, w, QK)
                         d2 = values(blocks, ob + 2 * rb, w, 2 * QK)
                         d3 = values(blocks, ob + 3 * rb, w, 3 * QK)
@@ -671,7 +673,10 @@ def _make_cols_kernel(groups):
     return cols_kernel
 
 
-_ROWS_KERNELS = {f: slp_vectorized(_make_rows_kernel(v, t, BLOCK_STRIDE[f]))
+# (K, M) layout: the next depth rows are requested once a cache line (every block of q8_0 and
+# bf16, every third of q4_0): once a row left the kernel at about half the memory's speed.
+_ROWS_KERNELS = {f: slp_vectorized(_make_rows_kernel(v, t, BLOCK_STRIDE[f],
+                                                     max(1, 64 // BLOCK_BYTES[f])))
                  for f, (v, _, t) in _DECODERS.items()}
 _COLS_KERNELS = {f: slp_vectorized(_make_cols_kernel(tuple(
     (r, _make_cols_group(d, t, BLOCK_STRIDE[f], r, s)) for r, s in COL_GROUPS)))

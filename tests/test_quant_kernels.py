@@ -10,7 +10,7 @@ zero, inf and nan scales, int8 -128, nibbles 0 and 15) and on random bytes.
 Tolerance of the products: each output is a float32 sum of K products of float32 values, so
 its rounding error is a few times K * 2^-24 of the sum of |terms| in the worst case and about
 sqrt(K) * 2^-24 typically; |got - want| <= 1e-5 * sum_k |x_k w_k| (plus a 1e-30 floor) holds
-with room at the depths used here (K <= 1100: worst ~7e-5 would need every rounding aligned).
+with room at the depths used here (K <= 512).
 """
 import numba
 import numpy as np
@@ -253,7 +253,7 @@ def run(src, ridx, blocks, fmt, trans, offsets, M, experts=None):
 
 # (rows an expert, K, M): T = 1, 3, 12 rows an expert, an expert without rows, E = 1,
 # K and M multiples of 32 and of 256; (K, M) with a depth tail of one row and of 3 rows
-# (four depth rows at a time), two column blocks of 12 rows (5504 > 65536 / 12).
+# (four depth rows at a time), several column blocks of 12 rows (12 x 5504 > QSTREAM_ACC).
 SHAPES = [
     ((1,), 32, 32),
     ((3, 0, 12), 256, 512),
@@ -351,3 +351,45 @@ def test_plan_cuts_from_shapes_alone():
     tasks, _, size = kq.qstream_plan(offsets, experts, 512, 300, True)
     assert size == 0 and (tasks[:, 1] == 0).all() and (tasks[:, 2] == 512).all()
     assert (tasks[:, 4] - tasks[:, 3] <= kq.QSTREAM_CT).all()
+
+
+# --------------------------------------------------------------------------- other hosts' paths
+
+def test_q4_decoder_without_the_avx512_table(monkeypatch):
+    """The nibble table (vpermps) is AVX-512 only; the arithmetic path other CPUs compile gives
+    the same bits (the flag is read when a caller is compiled)."""
+    monkeypatch.setattr(kq, "_Q4_TABLE", False)
+
+    @njit
+    def arith(blocks, out):
+        for i in range(blocks.shape[0]):
+            kq.decode_q4_0(blocks, i * blocks.shape[1], out, i * 32)
+
+    blocks = np.ascontiguousarray(np.concatenate([
+        special_blocks("q4_0"),
+        random_blocks(np.random.default_rng(6), "q4_0", 1, 8, 8 * QK)[0].reshape(-1, 18)]))
+    with np.errstate(invalid="ignore"):
+        want = decode(blocks[None], "q4_0", QK)[0]
+    got = np.empty((blocks.shape[0], QK), np.float32)
+    arith(blocks, got)
+    nan = np.isnan(want)
+    assert np.array_equal(bits(got)[~nan], bits(want)[~nan]) and np.isnan(got[nan]).all()
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "q4_0"])
+def test_cols_kernel_with_the_avx2_row_groups(fmt):
+    """Hosts without AVX-512 group the (M, K) layout's rows in twos (COL_GROUPS); that kernel,
+    built here from the same factories, matches float64 too."""
+    code = kq.FORMATS[fmt]
+    _, dec, tail = kq._DECODERS[code]
+    kernel = kq.slp_vectorized(kq._make_cols_kernel(tuple(
+        (r, kq._make_cols_group(dec, tail, kq.BLOCK_STRIDE[code], r, s))
+        for r, s in ((2, 1), (1, 2)))))
+    rng = np.random.default_rng(14)
+    K, M = (96, 70) if fmt == "bf16" else (256, 64)
+    src, ridx, blocks, offsets, W = make_case(rng, fmt, (5, 0, 2, 1), K, M, True, True)
+    tasks, _, _ = kq.qstream_plan(offsets, np.ones(4, np.bool_), K, M, True)
+    got = np.full((int(offsets[-1]), M), np.nan, np.float32)
+    kernel(src, ridx, blocks, offsets, tasks, got)
+    want, scale = expected(src, ridx, W, offsets)
+    assert (np.abs(got - want) <= 1e-5 * scale + 1e-30).all()

@@ -83,6 +83,13 @@ _AVX2.update(
     # this layout's float32 bits differ between ISA classes, not between runs).
     QSTREAM_CT=64,
     COL_GROUPS=((2, 1), (1, 2)),
+    # kernels/cpu/quant.py, (K, M) layout: a task's partial products (rows x columns, float32)
+    # at most this many, so that they stay in L1 while four depth rows at a time are added in
+    # (bench/bench_quant.py re-derives it) (shape-fixed).
+    QSTREAM_ACC=8192,
+    # kernels/cpu/quant.py, (M, K) layout: how far ahead of its reads a task asks for lines
+    # (the hardware prefetcher alone is slower on q8_0; bench/bench_quant.py re-derives it).
+    PREFETCH_BYTES=2048,
 )
 
 SETTINGS = {
@@ -105,7 +112,8 @@ STREAM_KC, STREAM_ACC, STREAM_CT, STREAM_SUB = (_S[n] for n in ("STREAM_KC", "ST
                                                                 "STREAM_CT", "STREAM_SUB"))
 STREAM_ROWS, BLAS_MIN_ROWS, FUSED_MAX_ROWS = (_S[n] for n in ("STREAM_ROWS", "BLAS_MIN_ROWS",
                                                               "FUSED_MAX_ROWS"))
-QSTREAM_CT, COL_GROUPS = _S["QSTREAM_CT"], _S["COL_GROUPS"]
+QSTREAM_CT, COL_GROUPS, QSTREAM_ACC, PREFETCH_BYTES = (
+    _S[n] for n in ("QSTREAM_CT", "COL_GROUPS", "QSTREAM_ACC", "PREFETCH_BYTES"))
 TASK_ROWS, TASK_COLS, LOGITS_LOOP_ROWS, QUANT_COLS = (
     _S[n] for n in ("TASK_ROWS", "TASK_COLS", "LOGITS_LOOP_ROWS", "QUANT_COLS"))
 

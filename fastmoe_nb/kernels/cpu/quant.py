@@ -40,12 +40,14 @@ factories below from its decoder (no loop branches on the format); the entry poi
 qstream_rows / qstream_cols / dequant_rows / dequant take the format code.
 """
 import numpy as np
+from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import carray, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .config import COL_GROUPS, ISA, QSTREAM_CT, STREAM_ACC, STREAM_KC, host_features
+from .config import (COL_GROUPS, ISA, PREFETCH_BYTES, QSTREAM_ACC, QSTREAM_CT, STREAM_KC,
+                     host_features)
 from .fastmath import _bits_f32
 from .gemm import _stack_empty, slp_vectorized, stream_sum
 
@@ -274,6 +276,23 @@ def vzero(typingctx, a, off):
 
 
 @intrinsic
+def prefetch(typingctx, a, off):
+    """Ask for the cache line of flat element off of array a (never faults, any offset)."""
+    if not (isinstance(a, types.Array) and a.layout == "C"):
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        i32 = ir.IntType(32)
+        p = _at(ctx, builder, sig.args[0], args[0], args[1], ir.IntType(8))
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [p.type, i32, i32, i32]),
+            "llvm.prefetch.p0")
+        builder.call(fn, [p, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return ctx.get_dummy_value()
+    return types.void(a, off), codegen
+
+
+@intrinsic
 def _u16_at(typingctx, a, off):
     """The little-endian uint16 at byte offset off of a uint8 array, as uint32."""
     if not _c_array(a, types.uint8):
@@ -288,15 +307,20 @@ def _u16_at(typingctx, a, off):
 
 @intrinsic
 def _half_fpext(typingctx, h):
-    """fp16 bits h (an integer) -> float32 through LLVM's fpext (vcvtph2ps with F16C)."""
+    """fp16 bits h (an integer) -> float32 by F16C's vcvtph2ps, from a register written whole
+    (vmovd): LLVM's own lowering of a half -> float extension inserted the bits into
+    whatever vector register was at hand (vpinsrw), which made each block's scale wait for
+    an accumulator's multiply-adds."""
     if not isinstance(h, types.Integer):
         return None
 
     def codegen(ctx, builder, sig, args):
-        i16 = ir.IntType(16)
-        v = builder.trunc(args[0], i16) if h.bitwidth > 16 else builder.zext(args[0], i16) \
-            if h.bitwidth < 16 else args[0]
-        return builder.fpext(builder.bitcast(v, ir.HalfType()), ir.FloatType())
+        i32 = ir.IntType(32)
+        v = builder.trunc(args[0], i32) if h.bitwidth > 32 else builder.zext(args[0], i32) \
+            if h.bitwidth < 32 else args[0]
+        asm = ir.InlineAsm(ir.FunctionType(ir.FloatType(), [i32]),
+                           "vmovd $1, $0\n\tvcvtph2ps $0, $0", "=x,r")
+        return builder.call(asm, [v], attrs=("nounwind", "readnone"))   # lets loads move
     return types.float32(h), codegen
 
 
@@ -322,6 +346,10 @@ def half_to_f32_fpext(h):
     # h: fp16 bits -> float32 (one instruction with F16C; NaNs come out quiet)
     return _half_fpext(h)
 
+
+# The inline assembly needs LLVM's assembly parser, which numba does not set up itself.
+if host_features().get("f16c"):
+    llvm.initialize_native_asmparser()
 
 # F16C has converted fp16 in hardware since 2012 (every AVX2 CPU); without it LLVM would call
 # a runtime helper the JIT may not provide, so the bit arithmetic is used instead.
@@ -447,23 +475,23 @@ DEQUANT_ROWS = _DEQUANT_ROWS
 # --------------------------------------------------------------------------- decoding GEMM
 
 @njit(cache=True)
-def qstream_plan(offsets, experts, K, M, trans):
+def qstream_plan(offsets, experts, K, M, trans, acc=QSTREAM_ACC):
     # offsets (E+1,), experts (E,) bool: the experts to compute (only those with rows are
     # read); K, M: an expert's (K, M) product [trans: stored (M, K)]
     # -> tasks (n, 6) (e, p0, p1, c0, c1, base), groups (g, 2) [t0, t1): one column block's
     #    tasks in depth order, and the partials' size (as gemm.stream_plan, so that
     #    gemm.stream_sum adds them up). (K, M): STREAM_KC depth rows x columns in multiples
-    #    of 32 while rows x columns <= STREAM_ACC (at least 256); trans: QSTREAM_CT columns x
-    #    the whole depth, written straight to out (size 0, base unused).
-    n, g, _ = _qstream_blocks(offsets, experts, K, M, trans, np.empty((0, 6), np.int64),
+    #    of 32 while rows x columns <= acc (at least 256); trans: QSTREAM_CT columns x the
+    #    whole depth, written straight to out (size 0, base unused).
+    n, g, _ = _qstream_blocks(offsets, experts, K, M, trans, acc, np.empty((0, 6), np.int64),
                               np.empty((0, 2), np.int64))
     tasks, groups = np.empty((n, 6), np.int64), np.empty((g, 2), np.int64)
-    size = _qstream_blocks(offsets, experts, K, M, trans, tasks, groups)[2]
+    size = _qstream_blocks(offsets, experts, K, M, trans, acc, tasks, groups)[2]
     return tasks, groups, size
 
 
 @njit(cache=True)
-def _qstream_blocks(offsets, experts, K, M, trans, tasks, groups):
+def _qstream_blocks(offsets, experts, K, M, trans, acc, tasks, groups):
     # qstream_plan's loop: counts (n, g, size), and fills tasks / groups when they have room
     fill = tasks.shape[0] > 0
     n, g, size = 0, 0, 0
@@ -472,7 +500,7 @@ def _qstream_blocks(offsets, experts, K, M, trans, tasks, groups):
         if m == 0 or not experts[e]:
             continue
         kc = K if trans else STREAM_KC
-        cw = QSTREAM_CT if trans else max(STREAM_ACC // m // QK * QK, 256)
+        cw = QSTREAM_CT if trans else max(acc // m // QK * QK, 256)
         for c0 in range(0, M, cw):
             c1 = min(c0 + cw, M)
             if fill:
@@ -488,7 +516,7 @@ def _qstream_blocks(offsets, experts, K, M, trans, tasks, groups):
     return n, g, size
 
 
-def _make_rows_kernel(values, tail, bs):
+def _make_rows_kernel(values, tail, bs, pf_every):
     @njit(parallel=True, **FLAGS)
     def rows_kernel(src, ridx, blocks, offsets, tasks, part):
         # (K, M) layout. src (*, K) float32, ridx (N,) int64: the rows src[ridx[r]] in expert
@@ -496,7 +524,8 @@ def _make_rows_kernel(values, tail, bs):
         # tasks (n, 6) (e, p0, p1, c0, c1, base) from qstream_plan -> part[base : base +
         # m*(c1-c0)] as (m, c1-c0) = src[rows of e, p0:p1] @ W_e[p0:p1, c0:c1].
         # Four depth rows at a time: per block of 32 columns their values in w (registers),
-        # a_k = x[r, p+k] * d_k per row, acc[r] += a0 w0 + a1 w1 + a2 w2 + a3 w3 in that order.
+        # a_k = x[r, p+k] * d_k per row, acc[r] += a0 w0 + a1 w1 + a2 w2 + a3 w3 in that order;
+        # the next four depth rows' lines are requested meanwhile (every pf_every blocks).
         K, rb = blocks.shape[1], blocks.shape[2]
         for t in prange(tasks.shape[0]):
             e, p0, p1, c0, c1, base = (tasks[t, 0], tasks[t, 1], tasks[t, 2], tasks[t, 3],
@@ -520,6 +549,9 @@ def _make_rows_kernel(values, tail, bs):
                 if q == 4:
                     for b in range(b0, bf):
                         ob = o + b * bs
+                        if pf_every == 1 or (b - b0) % pf_every == 0:
+                            for k in range(4, 8):    # the next four depth rows
+                                prefetch(blocks, ob + k * rb)
                         d0, d1 = values(blocks, ob, w, 0), values(blocks, ob + rb, w, QK)
                         d2 = values(blocks, ob + 2 * rb, w, 2 * QK)
                         d3 = values(blocks, ob + 3 * rb, w, 3 * QK)
@@ -550,8 +582,10 @@ def _make_rows_kernel(values, tail, bs):
     return rows_kernel
 
 
-def _make_cols_group(decode, tail, bs, R, S):
+def _make_cols_group(decode, tail, bs, R, S, pf_bytes=PREFETCH_BYTES):
     size, RS = R * S * QK, R * S
+    pf = pf_bytes // (2 if bs == QK else 1)              # in the blocks' elements
+    use_pf = pf > 0
 
     @njit(**FLAGS)
     def cols_group(src, ridx, r0, blocks, e, c0, c1, K, out):
@@ -563,6 +597,9 @@ def _make_cols_group(decode, tail, bs, R, S):
         # dot products, in reference counting of the arguments.)
         lanes = carray(_stack_empty(size, np.float32), (size,))
         w = carray(_stack_empty(QK, np.float32), (QK,))
+        xo = carray(_stack_empty(R, np.int64), (R,))     # the rows' offsets in src
+        for i in range(R):
+            xo[i] = ridx[r0 + i] * K
         rbytes = blocks.shape[2]
         nb = K // QK
         ns = nb - nb % S
@@ -574,13 +611,15 @@ def _make_cols_group(decode, tail, bs, R, S):
             for b0 in range(0, ns, S):
                 for s in range(S):
                     b = b0 + s
+                    if use_pf and s == 0:
+                        prefetch(blocks, o + b * bs + pf)
                     decode(blocks, o + b * bs, w, 0)
                     for i in range(R):
-                        vdot(lanes, (s * R + i) * QK, src, ridx[r0 + i] * K + b * QK, w)
+                        vdot(lanes, (s * R + i) * QK, src, xo[i] + b * QK, w)
             for b in range(ns, nb):
                 decode(blocks, o + b * bs, w, 0)
                 for i in range(R):
-                    vdot(lanes, i * QK, src, ridx[r0 + i] * K + b * QK, w)
+                    vdot(lanes, i * QK, src, xo[i] + b * QK, w)
             for s in range(1, S):
                 for i in range(R):
                     vadd(lanes, i * QK, lanes, (s * R + i) * QK)
@@ -588,9 +627,8 @@ def _make_cols_group(decode, tail, bs, R, S):
                 tail(blocks, o + nb * bs, n, w)
             for i in range(R):
                 acc = vsum(lanes, i * QK)
-                xo = ridx[r0 + i] * K + nb * QK
                 for j in range(n):
-                    acc += src.flat[xo + j] * w[j]
+                    acc += src.flat[xo[i] + nb * QK + j] * w[j]
                 out[r0 + i, c] = acc
     return cols_group
 
@@ -623,7 +661,10 @@ def _make_cols_kernel(groups):
     return cols_kernel
 
 
-_ROWS_KERNELS = {f: slp_vectorized(_make_rows_kernel(v, t, BLOCK_STRIDE[f]))
+# (K, M) layout: the next depth rows are requested once a cache line (every block of q8_0 and
+# bf16, every third of q4_0): once a row left the kernel at about half the memory's speed.
+_ROWS_KERNELS = {f: slp_vectorized(_make_rows_kernel(v, t, BLOCK_STRIDE[f],
+                                                     max(1, 64 // BLOCK_BYTES[f])))
                  for f, (v, _, t) in _DECODERS.items()}
 _COLS_KERNELS = {f: slp_vectorized(_make_cols_kernel(tuple(
     (r, _make_cols_group(d, t, BLOCK_STRIDE[f], r, s)) for r, s in COL_GROUPS)))

@@ -337,21 +337,25 @@ def stream_kernel(src, ridx, w, trans, offsets, tasks, part):
 
 
 @njit(cache=True)
-def stream_plan(offsets, experts, K, M, trans):
-    # The tasks of stream_kernel for every expert e with rows and experts[e] (cut from the
-    # shapes alone): row layout, STREAM_KC depth rows x as many columns as STREAM_ACC allows
-    # (at least 256); trans, STREAM_CT columns x the whole depth
+def stream_plan(offsets, experts, K, M, trans, ct=STREAM_CT, acc=STREAM_ACC, align=1,
+                direct=False):
+    # The tasks of stream_kernel (and of quant.py's decoding GEMM) for every expert e with
+    # rows and experts[e] (cut from the shapes alone): row layout, STREAM_KC depth rows x as
+    # many columns (a multiple of align) as acc partial products allow (at least 256);
+    # trans, ct columns x the whole depth, with partials (direct=False) or written straight
+    # to the output (direct=True: no partials for trans tasks)
     # -> tasks (n, 6) (e, p0, p1, c0, c1, base), groups (g, 2) [t0, t1): one column block's
     #    tasks in depth order, and the partials' size
-    n, g, _ = _stream_blocks(offsets, experts, K, M, trans, np.empty((0, 6), np.int64),
-                             np.empty((0, 2), np.int64))
+    n, g, _ = _stream_blocks(offsets, experts, K, M, trans, ct, acc, align, direct,
+                             np.empty((0, 6), np.int64), np.empty((0, 2), np.int64))
     tasks, groups = np.empty((n, 6), np.int64), np.empty((g, 2), np.int64)
-    size = _stream_blocks(offsets, experts, K, M, trans, tasks, groups)[2]
+    size = _stream_blocks(offsets, experts, K, M, trans, ct, acc, align, direct, tasks,
+                          groups)[2]
     return tasks, groups, size
 
 
 @njit(cache=True)
-def _stream_blocks(offsets, experts, K, M, trans, tasks, groups):
+def _stream_blocks(offsets, experts, K, M, trans, ct, acc, align, direct, tasks, groups):
     # stream_plan's loop: counts (n, g, size), and fills tasks / groups when they have room
     fill = tasks.shape[0] > 0
     n, g, size = 0, 0, 0
@@ -360,7 +364,7 @@ def _stream_blocks(offsets, experts, K, M, trans, tasks, groups):
         if m == 0 or not experts[e]:
             continue
         kc = K if trans else STREAM_KC
-        cw = STREAM_CT if trans else max(STREAM_ACC // m, 256)
+        cw = ct if trans else max(acc // m // align * align, 256)
         for c0 in range(0, M, cw):
             c1 = min(c0 + cw, M)
             if fill:
@@ -371,7 +375,8 @@ def _stream_blocks(offsets, experts, K, M, trans, tasks, groups):
                     tasks[n, 0], tasks[n, 1], tasks[n, 2] = e, p0, min(p0 + kc, K)
                     tasks[n, 3], tasks[n, 4], tasks[n, 5] = c0, c1, size
                 n += 1
-                size += m * (c1 - c0)
+                if not (trans and direct):
+                    size += m * (c1 - c0)
     return n, g, size
 
 

@@ -46,10 +46,10 @@ from numba import carray, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .config import (COL_GROUPS, ISA, PREFETCH_BYTES, QSTREAM_ACC, QSTREAM_CT, STREAM_KC,
+from .config import (COL_GROUPS, ISA, PREFETCH_BYTES, QSTREAM_ACC, QSTREAM_CT,
                      host_features)
 from .fastmath import _bits_f32
-from .gemm import _stack_empty, slp_vectorized, stream_sum
+from .gemm import _stack_empty, slp_vectorized, stream_plan, stream_sum
 
 # Format codes the kernels take (the weight type's `format` name -> code).
 BF16, Q8_0, Q4_0 = 1, 2, 3
@@ -474,46 +474,12 @@ DEQUANT_ROWS = _DEQUANT_ROWS
 
 # --------------------------------------------------------------------------- decoding GEMM
 
-@njit(cache=True)
 def qstream_plan(offsets, experts, K, M, trans, acc=QSTREAM_ACC):
-    # offsets (E+1,), experts (E,) bool: the experts to compute (only those with rows are
-    # read); K, M: an expert's (K, M) product [trans: stored (M, K)]
-    # -> tasks (n, 6) (e, p0, p1, c0, c1, base), groups (g, 2) [t0, t1): one column block's
-    #    tasks in depth order, and the partials' size (as gemm.stream_plan, so that
-    #    gemm.stream_sum adds them up). (K, M): STREAM_KC depth rows x columns in multiples
-    #    of 32 while rows x columns <= acc (at least 256); trans: QSTREAM_CT columns x the
-    #    whole depth, written straight to out (size 0, base unused).
-    n, g, _ = _qstream_blocks(offsets, experts, K, M, trans, acc, np.empty((0, 6), np.int64),
-                              np.empty((0, 2), np.int64))
-    tasks, groups = np.empty((n, 6), np.int64), np.empty((g, 2), np.int64)
-    size = _qstream_blocks(offsets, experts, K, M, trans, acc, tasks, groups)[2]
-    return tasks, groups, size
-
-
-@njit(cache=True)
-def _qstream_blocks(offsets, experts, K, M, trans, acc, tasks, groups):
-    # qstream_plan's loop: counts (n, g, size), and fills tasks / groups when they have room
-    fill = tasks.shape[0] > 0
-    n, g, size = 0, 0, 0
-    for e in range(offsets.shape[0] - 1):
-        m = offsets[e + 1] - offsets[e]
-        if m == 0 or not experts[e]:
-            continue
-        kc = K if trans else STREAM_KC
-        cw = QSTREAM_CT if trans else max(acc // m // QK * QK, 256)
-        for c0 in range(0, M, cw):
-            c1 = min(c0 + cw, M)
-            if fill:
-                groups[g, 0], groups[g, 1] = n, n + (K + kc - 1) // kc
-            g += 1
-            for p0 in range(0, K, kc):
-                if fill:
-                    tasks[n, 0], tasks[n, 1], tasks[n, 2] = e, p0, min(p0 + kc, K)
-                    tasks[n, 3], tasks[n, 4], tasks[n, 5] = c0, c1, size
-                n += 1
-                if not trans:
-                    size += m * (c1 - c0)
-    return n, g, size
+    """The decoding GEMM's tasks, gemm.stream_plan's cut (so that gemm.stream_sum adds the
+    partials up): (K, M): STREAM_KC depth rows x columns in multiples of 32 while rows x
+    columns <= acc (at least 256); trans: QSTREAM_CT columns x the whole depth, written
+    straight to out (no partials)."""
+    return stream_plan(offsets, experts, K, M, trans, QSTREAM_CT, acc, QK, True)
 
 
 def _make_rows_kernel(values, tail, bs, pf_every):

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from numba import njit
 
+from fastmoe_nb.kernels.cpu import config as kconfig
 from fastmoe_nb.kernels.cpu import quant as kq
 
 QK = 32
@@ -341,7 +342,7 @@ def test_plan_cuts_from_shapes_alone():
     tasks, groups, size = kq.qstream_plan(offsets, experts, 600, 5504, False)
     assert set(tasks[:, 0].tolist()) == {0, 2}
     assert (tasks[:, 3] % QK == 0).all() and (tasks[:, 4] % QK == 0).all()
-    assert (tasks[:, 2] - tasks[:, 1] <= kq.STREAM_KC).all()
+    assert (tasks[:, 2] - tasks[:, 1] <= kconfig.STREAM_KC).all()
     for t0, t1 in groups:        # one column block's tasks, depth in order, covering 0..K
         g = tasks[t0:t1]
         assert (g[:, 3] == g[0, 3]).all() and g[0, 1] == 0 and g[-1, 2] == 600
@@ -350,7 +351,7 @@ def test_plan_cuts_from_shapes_alone():
     assert size == int((m * (tasks[:, 4] - tasks[:, 3])).sum())
     tasks, _, size = kq.qstream_plan(offsets, experts, 512, 300, True)
     assert size == 0 and (tasks[:, 1] == 0).all() and (tasks[:, 2] == 512).all()
-    assert (tasks[:, 4] - tasks[:, 3] <= kq.QSTREAM_CT).all()
+    assert (tasks[:, 4] - tasks[:, 3] <= kconfig.QSTREAM_CT).all()
 
 
 # --------------------------------------------------------------------------- other hosts' paths

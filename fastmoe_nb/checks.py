@@ -205,11 +205,17 @@ def check_offsets(offsets, E, N, name="offsets"):
     return np.ascontiguousarray(o, dtype=np.int64)
 
 
+def check_format_dtype(name, w, dtype, operand):
+    """Weights in a format compute in the dtype they decode to: the operand must have it."""
+    if isinstance(w, QuantizedWeights) and w.dtype != np.dtype(dtype):
+        raise TypeError(f"{name}: {w.format} weights compute in {w.dtype} (float32 "
+                        f"accumulation and activations); expected {operand} of {w.dtype}, got "
+                        f"{np.dtype(dtype)}")
+
+
 def check_gemm_weights(a, w, trans_w, name="w"):
     """w: (E, K, M) [trans_w: (E, M, K)] of a's dtype with K = a.shape[1] -> M."""
-    if isinstance(w, QuantizedWeights) and w.dtype != a.dtype:
-        raise TypeError(f"{name}: {w.format} weights compute in {w.dtype}; expected a of "
-                        f"{w.dtype}, got {a.dtype}")
+    check_format_dtype(name, w, a.dtype, "a")
     chk.check_float(name, w, ndim=3, dtype=a.dtype)
     K = a.shape[1]
     if (w.shape[2] if trans_w else w.shape[1]) != K:
@@ -378,10 +384,7 @@ def check_expert_weights(w1, w2, d, dtype, activation, trans_w, num_experts=None
     the E w1 must hold (router_w's); shard: (E_local, P) when each rank holds E / P experts."""
     activation_code(activation)
     for name, w in (("w1", w1), ("w2", w2)):
-        if isinstance(w, QuantizedWeights) and w.dtype != np.dtype(dtype):
-            raise TypeError(f"{name}: {w.format} weights compute in {w.dtype} (float32 "
-                            f"accumulation, float32 activations); expected x of {w.dtype}, "
-                            f"got {np.dtype(dtype)}")
+        check_format_dtype(name, w, dtype, "x")
     chk.check_float("w1", w1, ndim=3, dtype=dtype)
     E = int(w1.shape[0])
     H1 = int(w1.shape[1] if trans_w else w1.shape[2])

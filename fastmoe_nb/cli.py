@@ -9,8 +9,9 @@
 
 Every bench first checks the op against reference.py on the same inputs and refuses to time a
 wrong result (exit status 1). Then it reports the first call apart (compile or cache load),
-the median / min / max time per call over --repeat samples (a sample: enough calls to take
-2 ms; fastmoe_nb and its baselines in interleaved rounds), GFLOP/s and GB/s, and on the
+the median / min / max time per call over --repeat samples (a sample: enough calls to
+outlast the clock's noise, benchmark/timer.py's MIN_SAMPLE_S; fastmoe_nb and its baselines in
+interleaved rounds), the FLOP and byte rates, and on the
 CPU the fraction of the machine's ceiling measured in the same run: the dense-matmul rate for
 compute-bound ops, the read bandwidth for memory-bound ones (whichever the op's FLOPs per
 byte says, roofline style).

@@ -458,14 +458,20 @@ def _columns(qw, c):
     return c // qw.block * qw.block_bytes if qw.blocks.dtype == np.uint8 else c
 
 
+def _kernel_format(qw):
+    """The format code kernels/cpu/quant.py decodes qw's blocks with, or None (a format it
+    lacks, or blocks that are not C-contiguous: the NumPy codec of formats.py then)."""
+    return kq.FORMATS.get(qw.format) if qw.blocks.flags.c_contiguous else None
+
+
 def decode_panel(qw, e, rows, c0, c1, scratch):
     """Columns c0..c1 of expert e's product operand B_e, decoded: (K, c1 - c0) float32 (in the
     thread's scratch for the kernels' formats). rows=False: B_e = W_e, qw holding (E, K, M),
     the columns along its blocked last axis; rows=True: B_e = W_e^T, qw holding (E, M, K):
     the columns are rows c0..c1 of W_e (a transposed view of their decoding)."""
     E, R, C = qw.shape
-    code = kq.FORMATS.get(qw.format)
-    if code is None or not qw.blocks.flags.c_contiguous:    # the NumPy codec of formats.py
+    code = _kernel_format(qw)
+    if code is None:                                         # the NumPy codec of formats.py
         b = qw.blocks[e]
         if rows:
             return dequantize_rows(b[c0:c1], qw.format).T
@@ -489,11 +495,10 @@ def quantized_gemm(a, qw, offsets, trans):
     E, R, C = qw.shape
     M = R if trans else C
     out = np.empty((a.shape[0], M), a.dtype)
-    r = route(offsets)
-    stream = r.stream if qw.format in kq.FORMATS and qw.blocks.flags.c_contiguous \
-        else np.zeros(E, np.bool_)
+    code = _kernel_format(qw)
+    stream = route(offsets).stream if code is not None else np.zeros(E, np.bool_)
     if stream.any():
-        kq.run_qstream(a, qw.blocks, kq.FORMATS[qw.format], trans, offsets, out, stream)
+        kq.run_qstream(a, qw.blocks, code, trans, offsets, out, stream)
     tasks = [(e, c0, min(c0 + QUANT_COLS, M)) for e in np.flatnonzero(
              (np.diff(offsets) > 0) & ~stream) for c0 in range(0, M, QUANT_COLS)]
 

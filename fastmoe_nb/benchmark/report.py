@@ -6,8 +6,8 @@ import sys
 
 
 def ms(t):
-    """Seconds as milliseconds, never with an exponent: no decimals from 100 ms on, one from
-    1 ms on, three below."""
+    """Seconds as milliseconds, never with an exponent: whole milliseconds for long calls, one
+    decimal for calls of a millisecond or more, three below."""
     if t is None:
         return "-"
     m = t * 1e3

@@ -246,7 +246,8 @@ def vadd(typingctx, a, ao, b, bo):
 
 @intrinsic
 def vsum(typingctx, a, off):
-    """sum(a[off:off+32]) in a fixed tree: halves added lane by lane, 32 -> 16 -> ... -> 1."""
+    """sum(a[off:off+32]) in a fixed tree: the two halves added lane by lane, again and again
+    down to one lane."""
     if not _c_array(a, types.float32):
         return None
 

@@ -47,8 +47,9 @@ def _moe_forward(x, router_w, w1, w2, shared_w1, shared_w2, shared_gate_w, route
 
 
 def _expert_weight(w, name):
-    """An expert weight tensor -> what routed_experts takes, over the same memory: a bf16
-    tensor as a bf16 QuantizedWeights of its bits (frozen), any other as as_array's view."""
+    """w: (E, R, C) expert weight tensor -> what routed_experts takes, over the same memory:
+    a bf16 tensor as a bf16 QuantizedWeights (E, R, C) of its bits (frozen), any other as
+    as_array's view."""
     if w.dtype != torch.bfloat16:
         return as_array(w, name)
     if w.device.type != "cpu":

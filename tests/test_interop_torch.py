@@ -6,8 +6,11 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import fastmoe_nb as fm  # noqa: E402
-from helpers import assert_close, make_layer  # noqa: E402
+from fastmoe_nb import reference as ref  # noqa: E402
+from fastmoe_nb.formats import QuantizedWeights  # noqa: E402
+from helpers import assert_close, make_experts, make_layer  # noqa: E402
 from fastmoe_nb.interop import as_array, to_torch  # noqa: E402
+from fastmoe_nb.interop import pytorch  # noqa: E402
 from fastmoe_nb.interop.pytorch import MoE, experts, moe  # noqa: E402
 
 
@@ -88,6 +91,51 @@ def test_experts_function_gradcheck_float64(rng):
         y0 = experts(x, idx, wts, w1, w2, trans_w=True)
     assert y.grad_fn is not None and y0.grad_fn is None
     assert_close(y0.numpy(), y.detach().numpy())
+
+
+def test_experts_bf16_weights_run_in_place_frozen_in_float32(rng, monkeypatch):
+    """bf16 w1 / w2 (a bf16 model's experts): y, dx and d_weights equal the float64 reference
+    on the same bf16 values to float32 rounding (the compute is float32: bf16 weights decode
+    exactly); the weights are read in place; a bf16 x gives y rounded to bf16 once; asking
+    for the weights' gradient, a non-contiguous weight and float16 are clear errors."""
+    T, d, h, E, k = 13, 40, 24, 5, 2                 # expert 4 left empty
+    x, _, w1, w2 = make_layer(rng, T, d, h, E, np.float32, trans_w=True).args
+    w1b, w2b = (torch.from_numpy(w).to(torch.bfloat16) for w in (w1, w2))
+    idx = torch.from_numpy(make_experts(rng, T, E, k, empty=True)).long()
+    wts = torch.rand(T, k, generator=torch.Generator().manual_seed(3))
+    dy = rng.standard_normal((T, d)).astype(np.float32)
+    seen = []
+    real = pytorch.routed_experts
+    monkeypatch.setattr(pytorch, "routed_experts",
+                        lambda *a, **kw: (seen.append(a[3:5]), real(*a, **kw))[1])
+    xt, wt = torch.from_numpy(x).requires_grad_(), wts.clone().requires_grad_()
+    y = experts(xt, idx, wt, w1b, w2b, trans_w=True)
+    y.backward(torch.from_numpy(dy))
+    for q, t in zip(seen[0], (w1b, w2b)):
+        assert isinstance(q, QuantizedWeights) and q.format == "bf16"
+        assert np.shares_memory(q.blocks, t.view(torch.int16).numpy())
+    f64 = lambda t: t.double().numpy()              # noqa: E731
+    want, ctx = ref.routed_experts(f64(xt.detach()), idx.numpy(), f64(wts), f64(w1b), f64(w2b),
+                                   "swiglu", True, return_context=True)
+    dx, d_wts, _, _ = ref.routed_experts_backward(dy.astype(np.float64), ctx)
+    assert y.dtype == torch.float32
+    assert_close(y.detach().numpy(), want.astype(np.float32))
+    assert_close(xt.grad.numpy(), dx.astype(np.float32))
+    assert_close(wt.grad.numpy(), d_wts.astype(np.float32))
+    xb = xt.detach().to(torch.bfloat16)
+    yb = experts(xb, idx, wts, w1b, w2b, trans_w=True)
+    assert yb.dtype == torch.bfloat16
+    assert torch.equal(yb, experts(xb.float(), idx, wts, w1b, w2b, trans_w=True).bfloat16())
+    w1g = w1b.clone().requires_grad_()              # forward works; backward asks for dw1
+    y = experts(xt, idx, wts, w1g, w2b, trans_w=True)
+    with pytest.raises(RuntimeError, match=r"w1: fastmoe_nb's bfloat16 experts are frozen.*"
+                                           r"requires_grad_\(False\)"):
+        y.sum().backward()
+    with pytest.raises(ValueError, match="w2: expected a contiguous bfloat16 tensor"):
+        experts(xt, idx, wts, w1b, w2b.transpose(1, 2).contiguous().transpose(1, 2),
+                trans_w=True)
+    with pytest.raises(TypeError, match="w1: float16 is neither"):
+        experts(xt, idx, wts, w1b.half(), w2b, trans_w=True)
 
 
 def test_moe_module_matches_numpy_forward_and_backward(rng):

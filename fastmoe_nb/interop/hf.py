@@ -12,8 +12,16 @@ fastmoe_nb's plan, permute, grouped GEMMs, activation and combine forward and ba
 without copying them. Gradients reach hidden_states, the weights (so HF's router trains) and
 both projections. Mixtral, Qwen2/3-MoE, OLMoE and DeepSeek-V3 experts qualify: SwiGLU
 (`hidden_act` silu), [gate | up] concatenated, no biases, no expert parallelism.
+
+A bfloat16 model (CPU) runs too: its expert weights are read as fastmoe_nb's bf16 format over
+the parameters' own memory, the hidden states are cast to float32 (float32 compute and
+accumulation) and the result back to the model's dtype. Those experts are frozen: backward
+gives hidden_states' and the routing weights' gradients, and raises if the expert parameters
+require grad (param.requires_grad_(False) freezes them). float16 models are a TypeError.
 """
 from __future__ import annotations
+
+import torch
 
 from .pytorch import experts as _experts
 
@@ -23,9 +31,14 @@ _SILU = ("silu", "swish")
 
 def _check_module(module):
     """The HF experts module must be one fastmoe_nb computes exactly; else a ValueError naming
-    the attribute."""
+    the attribute (a TypeError for float16 weights)."""
     from transformers.integrations.moe import _default_apply_gate  # noqa: PLC0415
 
+    if torch.float16 in (module.gate_up_proj.dtype, module.down_proj.dtype):
+        raise TypeError(f"experts_implementation={NAME!r}: {type(module).__name__} holds "
+                        f"float16 weights, which fastmoe_nb neither computes in nor stores "
+                        f"experts in; load the model with dtype=torch.bfloat16 (frozen experts) "
+                        f"or torch.float32")
     act = getattr(module.config, "hidden_act", None)
     unsupported = [
         (not getattr(module, "has_gate", False), "has_gate=False (ungated experts, up_proj)"),
@@ -52,7 +65,8 @@ def fastmoe_nb_experts_forward(self, hidden_states, top_k_index, top_k_weights):
 
     HF's is_transposed=False layout, gate_up_proj (E, 2h, d) and down_proj (E, d, h), is
     fastmoe_nb's trans_w=True; is_transposed=True, (E, d, 2h) and (E, h, d), is trans_w=False.
-    The weights are cast to hidden_states' dtype (HF routers return float32 weights)."""
+    top_k_weights (HF routers return float32) are cast to the compute dtype: hidden_states',
+    or float32 for a bfloat16 model, whose result comes back in bfloat16."""
     _check_module(self)
     return _experts(hidden_states, top_k_index, top_k_weights, self.gate_up_proj,
                     self.down_proj, activation="swiglu",

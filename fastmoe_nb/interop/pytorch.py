@@ -7,7 +7,9 @@
 
 Tensors cross without copies (DLPack for CPU tensors; CUDA tensors go to the CUDA backend
 through `__cuda_array_interface__`); results come back as tensors over fastmoe_nb's arrays.
-float32 and float64 tensors are supported (bfloat16 / float16 are a TypeError).
+float32 and float64 tensors are supported. `experts` also takes bfloat16 CPU expert weights
+(a bf16 model's): they run as fastmoe_nb's bf16 format over the tensors' own memory, frozen
+(no weight gradient), with the activations in float32; float16 is a TypeError.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import math
 
 import torch
 
+from ..formats import from_blocks
 from ..moe import moe_backward, moe_forward, routed_experts, routed_experts_backward
 from .arrays import as_array, to_torch
 
@@ -43,11 +46,40 @@ def _moe_forward(x, router_w, w1, w2, shared_w1, shared_w2, shared_gate_w, route
     return moe_forward(**arrays, k=k, **opts, return_context=return_context)
 
 
+def _expert_weight(w, name):
+    """w: (E, R, C) expert weight tensor -> what routed_experts takes, over the same memory:
+    a bf16 tensor as a bf16 QuantizedWeights (E, R, C) of its bits (frozen), any other as
+    as_array's view."""
+    if w.dtype != torch.bfloat16:
+        return as_array(w, name)
+    if w.device.type != "cpu":
+        raise TypeError(f"{name}: bfloat16 expert weights run on the CPU; got a tensor on "
+                        f"{w.device} (fastmoe_nb's CUDA kernels take float32 / float64)")
+    if not w.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous bfloat16 tensor (bf16 weights are "
+                         f"used without a copy), got strides {tuple(w.stride())}")
+    return from_blocks(w.detach(), "bf16", tuple(w.shape))
+
+
 def _experts_forward(x, experts, weights, w1, w2, activation, trans_w, return_context):
     """routed_experts on the tensors' memory -> y [, ExpertsContext]."""
     return routed_experts(as_array(x, "x"), as_array(experts, "experts"),
-                          as_array(weights, "weights"), as_array(w1, "w1"), as_array(w2, "w2"),
-                          activation, trans_w, return_context=return_context)
+                          as_array(weights, "weights"), _expert_weight(w1, "w1"),
+                          _expert_weight(w2, "w2"), activation, trans_w,
+                          return_context=return_context)
+
+
+def _check_frozen(ctx):
+    """ExpertsFunction's backward: a RuntimeError if autograd asks for the gradient of a
+    bfloat16 w1 / w2 (weights in a format are frozen)."""
+    asked = [n for n, i, bf16 in (("w1", 3, ctx.bf16[0]), ("w2", 4, ctx.bf16[1]))
+             if bf16 and ctx.needs_input_grad[i]]
+    if asked:
+        raise RuntimeError(
+            f"{', '.join(asked)}: fastmoe_nb's bfloat16 experts are frozen (they get no weight "
+            f"gradient), but these weights require grad and backward asked for it. Freeze them "
+            f"with param.requires_grad_(False) (in an HF model: each experts module's "
+            f"gate_up_proj and down_proj), or run in float32 to train the experts")
 
 
 class MoEFunction(torch.autograd.Function):
@@ -87,17 +119,20 @@ def moe(x, router_w, w1, w2, k, shared_w1=None, shared_w2=None, shared_gate_w=No
 
 class ExpertsFunction(torch.autograd.Function):
     """y = routed_experts(x, experts, weights, w1, w2, activation, trans_w): the experts with a
-    routing chosen elsewhere. Gradients reach x, weights (and so the caller's router), w1, w2."""
+    routing chosen elsewhere. Gradients reach x, weights (and so the caller's router), w1, w2;
+    bfloat16 w1 / w2 are frozen: backward raises if they require grad."""
 
     @staticmethod
     def forward(ctx, x, experts, weights, w1, w2, activation, trans_w):
         y, ctx.experts = _experts_forward(x, experts, weights, w1, w2, activation, trans_w,
                                           return_context=True)
         ctx.device = x.device
+        ctx.bf16 = (w1.dtype == torch.bfloat16, w2.dtype == torch.bfloat16)
         return to_torch(y, device=x.device)
 
     @staticmethod
     def backward(ctx, dy):
+        _check_frozen(ctx)
         dx, d_weights, dw1, dw2 = routed_experts_backward(as_array(dy.contiguous(), "dy"),
                                                           ctx.experts)
         dev = ctx.device
@@ -105,13 +140,30 @@ class ExpertsFunction(torch.autograd.Function):
                 None, None)
 
 
+def _compute_dtype(x, w1, w2):
+    """The dtype fastmoe_nb computes in: float32 when x or a weight is bfloat16 (bf16 weights
+    decode to float32 and accumulate in float32), else x's. float16 is a TypeError."""
+    for name, t in (("x", x), ("w1", w1), ("w2", w2)):
+        if t.dtype == torch.float16:
+            raise TypeError(f"{name}: float16 is neither a dtype fastmoe_nb computes in nor a "
+                            f"format it stores experts in; use bfloat16, float32 or float64")
+    return torch.float32 if torch.bfloat16 in (x.dtype, w1.dtype, w2.dtype) else x.dtype
+
+
 def experts(x, top_k_index, top_k_weights, w1, w2, activation="swiglu", trans_w=False):
     """The functional form of ExpertsFunction. x: (T, d), top_k_index: (T, k) int,
-    top_k_weights: (T, k) (cast to x's dtype), w1, w2 as in fm.moe_forward -> y: (T, d)."""
-    args = (x, top_k_index, top_k_weights.to(x.dtype), w1, w2, activation, bool(trans_w))
-    if not _needs_grad(x, args[2], w1, w2):      # inference: no activations kept
-        return to_torch(_experts_forward(*args, return_context=False), x.device)
-    return ExpertsFunction.apply(*args)
+    top_k_weights: (T, k), w1, w2 as in fm.moe_forward -> y: (T, d) in x's dtype.
+
+    x and top_k_weights are cast to the compute dtype: x's, or float32 when x, w1 or w2 is
+    bfloat16 (bf16 weights are read as they are, without a copy, and are frozen). The casts
+    are autograd's, so the gradients come back in the caller's dtypes."""
+    dt = _compute_dtype(x, w1, w2)
+    args = (x.to(dt), top_k_index, top_k_weights.to(dt), w1, w2, activation, bool(trans_w))
+    if not _needs_grad(x, top_k_weights, w1, w2):      # inference: no activations kept
+        y = to_torch(_experts_forward(*args, return_context=False), x.device)
+    else:
+        y = ExpertsFunction.apply(*args)
+    return y.to(x.dtype)
 
 
 class MoE(torch.nn.Module):

@@ -27,7 +27,8 @@ def _raw(w, fmt):
     lead = w.shape[:-1]
     q = F.quantize(w.reshape(1, -1, w.shape[-1]), fmt)
     raw = np.ascontiguousarray(q.blocks).view(np.uint8).reshape(*lead, -1)
-    return raw, gguf.GGMLQuantizationType(F.FORMAT[fmt].ggml_type), F.dequantize(q, 0).reshape(w.shape)
+    kind = gguf.GGMLQuantizationType(F.FORMAT[fmt].ggml_type)
+    return raw, kind, F.dequantize(q, 0).reshape(w.shape)
 
 
 def _write(path, arch, meta, tensors):

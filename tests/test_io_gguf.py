@@ -182,6 +182,8 @@ def test_mixtral_fused_gate_up_and_deepseek_v3_router(tmp_path, rng):
     want = ref.moe_forward(x, k=k, router="sigmoid_topk", bias=bias, n_group=4, topk_group=2,
                            renormalize=True, scale=2.5, **_float_layer(dec))
     assert_close(layer.forward(x), want)
+    y = layer.forward(x, router="softmax_topk")      # the caller's router, not the file's options
+    assert_close(y, ref.moe_forward(x, k=k, **_float_layer(dec)))
 
 
 def test_unmapped_routing_takes_the_callers_router(tmp_path, rng):

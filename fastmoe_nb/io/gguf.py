@@ -90,12 +90,13 @@ class GGUFMoELayer:
         return self.router_w.shape[0]
 
     def kwargs(self, **overrides) -> dict:
-        """moe_forward's keyword arguments for this layer, overrides applied (e.g. router=,
-        renormalize=, return_context=True): fm.moe_forward(x, **layer.kwargs())."""
+        """moe_forward's keyword arguments for this layer, overrides applied (e.g.
+        renormalize=, return_context=True): fm.moe_forward(x, **layer.kwargs()). router=
+        replaces the file's router and its options (give the new router's own)."""
         kw = dict(router_w=self.router_w, w1=self.w1, w2=self.w2, k=self.k,
                   activation=self.activation, trans_w=True, shared_w1=self.shared_w1,
                   shared_w2=self.shared_w2, shared_gate_w=self.shared_gate_w)
-        if self.router is not None:
+        if self.router is not None and "router" not in overrides:
             kw.update(router=self.router, **self.router_options)
         elif "router" not in overrides:
             raise ValueError(f"router: blk.{self.layer} of this {self.arch!r} file has no "

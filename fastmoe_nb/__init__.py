@@ -10,6 +10,7 @@ from .ops.routing import (sigmoid_topk, sigmoid_topk_backward, softmax, softmax_
                           softmax_topk, softmax_topk_backward, topk)
 from .types import MoEContext, Plan, Routing
 from . import routing  # routers of models and papers, balancing losses, statistics
+from . import io  # checkpoint readers: an MoE layer of a GGUF file (needs gguf)
 
 __version__ = "0.1.0"
 

@@ -10,6 +10,11 @@ C / block blocks of `block_bytes` bytes, so C must be a multiple of the format's
         blocks: (E, R, C // block * block_bytes) uint8   q8_0, q4_0, q4_k, q6_k
                 (E, R, C) uint16 (the bf16 bits)           bf16
                 (E, R, C) float32 / float64                f32 / f64
+                or a tuple of such (E, R_i, ...) parts     stacked along axis 1 (stack())
+
+A stacked weight is its parts one after another along axis 1, each the caller's own array:
+GGUF stores a SwiGLU expert's gate and up as two tensors, and stack(gate, up) is the (E, 2h, d)
+w1 = [gate | up] the layer takes, with neither copied.
 
 The GGUF formats are bit-compatible with llama.cpp: `quantize` writes the bytes of ggml's
 reference quantizers (quantize_row_*_ref, what llama-quantize writes without an importance
@@ -106,7 +111,9 @@ class QuantizedWeights:
     format: one of FORMATS
     shape:  (E, R, C) the logical float shape (what dequantize returns); C % block == 0
     blocks: (E, R, C // block * block_bytes) uint8 | (E, R, C) uint16 for bf16 | (E, R, C)
-            float32 / float64 for f32 / f64 — the caller's array (a memmap stays a memmap)
+            float32 / float64 for f32 / f64 — the caller's array (a memmap stays a memmap);
+            or a tuple of such arrays (E, R_i, ...) with sum(R_i) = R: the weight's rows
+            R_0 + R_1 + ... stacked along axis 1, each part kept as it is (stack())
     """
 
     format: str
@@ -118,7 +125,11 @@ class QuantizedWeights:
         shape = _check_shape(self.shape, spec)
         object.__setattr__(self, "format", spec.name)
         object.__setattr__(self, "shape", shape)
-        object.__setattr__(self, "blocks", _check_blocks(self.blocks, spec, shape))
+        if isinstance(self.blocks, tuple):
+            blocks = _check_parts(self.blocks, spec, shape)
+        else:
+            blocks = _check_blocks(self.blocks, spec, shape)
+        object.__setattr__(self, "blocks", blocks)
 
     @property
     def spec(self) -> Format:
@@ -134,9 +145,23 @@ class QuantizedWeights:
         return self.spec.dtype
 
     @property
+    def stacked(self) -> bool:
+        """Whether the blocks are parts stacked along axis 1 (a tuple of arrays)."""
+        return isinstance(self.blocks, tuple)
+
+    @property
+    def parts(self) -> tuple:
+        """((r0, blocks), ...): each part's first row along axis 1 and its (E, R_i, ...)
+        blocks; one part, (0, blocks), for a weight that is not stacked."""
+        if not self.stacked:
+            return ((0, self.blocks),)
+        starts = np.cumsum([0] + [b.shape[1] for b in self.blocks[:-1]])
+        return tuple((int(r0), b) for r0, b in zip(starts, self.blocks))
+
+    @property
     def nbytes(self) -> int:
         """Bytes of the blocks, scales included."""
-        return int(self.blocks.size) * self.blocks.dtype.itemsize
+        return sum(int(b.size) * b.dtype.itemsize for _, b in self.parts)
 
     @property
     def block(self) -> int:
@@ -152,15 +177,49 @@ class QuantizedWeights:
         return self.spec.row_bytes(self.shape[2])
 
     def expert(self, e):
-        """A view of expert e's blocks: (R, row_bytes) uint8, or (R, C) for f32 / f64 / bf16."""
+        """A view of expert e's blocks: (R, row_bytes) uint8, or (R, C) for f32 / f64 / bf16;
+        for a stacked weight, a tuple of its parts' views (R_i, ...)."""
         e = chk.check_int("e", e, 0, self.num_experts - 1,
                           what=f"an expert id in 0..{self.num_experts - 1}")
+        if self.stacked:
+            return tuple(b[e] for b in self.blocks)
         return self.blocks[e]
 
     def __repr__(self):
-        kind = type(self.blocks).__name__
+        kinds = sorted({type(b).__name__ for _, b in self.parts})
+        kind = "/".join(kinds) + (f" x {len(self.blocks)} parts" if self.stacked else "")
         return (f"QuantizedWeights(format={self.format!r}, shape={self.shape}, "
                 f"nbytes={self.nbytes}, blocks={kind})")
+
+
+def stack(*weights) -> QuantizedWeights:
+    """QuantizedWeights (E, R_i, C) of one format -> their (E, sum R_i, C) stack along axis 1,
+    without a copy: the result's blocks are the parts' own arrays (a stacked part's parts).
+
+    Stacking runs along the weight's rows, not its blocked last axis: stack(gate, up) of
+    GGUF's (E, h, d) ffn_gate_exps / ffn_up_exps is the (E, 2h, d) SwiGLU w1 of trans_w=True.
+    """
+    if not weights:
+        raise ValueError("weights: expected at least one QuantizedWeights to stack")
+    for i, w in enumerate(weights):
+        if not isinstance(w, QuantizedWeights):
+            raise TypeError(f"weights[{i}]: expected a QuantizedWeights (quantize or "
+                            f"from_blocks), got {type(w).__name__}")
+    first = weights[0]
+    for i, w in enumerate(weights[1:], 1):
+        if w.format != first.format:
+            raise ValueError(f"weights[{i}]: expected the format of weights[0], "
+                             f"{first.format!r}, got {w.format!r} (one weight holds one "
+                             f"format)")
+        if (w.shape[0], w.shape[2]) != (first.shape[0], first.shape[2]):
+            raise ValueError(f"weights[{i}]: expected shape (E, R, C) = ({first.shape[0]}, *, "
+                             f"{first.shape[2]}) as weights[0] {first.shape} (parts stack "
+                             f"along axis 1), got {w.shape}")
+    if len(weights) == 1:
+        return first
+    blocks = tuple(b for w in weights for _, b in w.parts)
+    shape = (first.shape[0], sum(w.shape[1] for w in weights), first.shape[2])
+    return QuantizedWeights(first.format, shape, blocks)
 
 
 def _check_shape(shape, spec):
@@ -208,6 +267,32 @@ def _check_blocks(blocks, spec, shape):
         raise ValueError(f"blocks: expected each row contiguous (last-axis stride "
                          f"{spec.storage.itemsize}), got strides {blocks.strides}")
     return blocks
+
+
+def _check_parts(parts, spec, shape):
+    """A tuple of (E, R_i, row) part blocks, each checked as _check_blocks does (viewed, never
+    copied), with sum(R_i) = R; one part is that part's array itself."""
+    if not parts:
+        raise ValueError("blocks: expected an array or a non-empty tuple of part arrays, got "
+                         "an empty tuple")
+    E, R, C = shape
+    out = []
+    for i, b in enumerate(parts):
+        name = f"blocks[{i}]"
+        b, _ = _host_view(name, b)
+        if getattr(b, "ndim", 0) != 3 or b.shape[0] != E:
+            raise ValueError(f"{name}: expected a part's blocks of shape (E = {E}, R_i, row) "
+                             f"(a stacked weight's parts are 3-D), got shape "
+                             f"{getattr(b, 'shape', None)}")
+        try:
+            out.append(_check_blocks(b, spec, (E, b.shape[1], C)))
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{name}: {str(err).partition(': ')[2]}") from None
+    if sum(b.shape[1] for b in out) != R:
+        raise ValueError(f"blocks: the parts hold {sum(b.shape[1] for b in out)} rows along "
+                         f"axis 1 ({' + '.join(str(b.shape[1]) for b in out)}), expected "
+                         f"R = {R} of shape {shape}")
+    return out[0] if len(out) == 1 else tuple(out)
 
 
 def _view_last_axis(name, a, dtype):
@@ -289,7 +374,8 @@ def from_blocks(blocks, format, shape) -> QuantizedWeights:
 
     blocks: (E, R, row_bytes) uint8, or any C-contiguous array of those bytes (a flat GGUF
             buffer); bf16 also as uint16 bits, an ml_dtypes.bfloat16 array or a torch bf16
-            tensor; f32 / f64 as float32 / float64 (E, R, C).
+            tensor; f32 / f64 as float32 / float64 (E, R, C); or a tuple of (E, R_i, ...)
+            part arrays stacked along axis 1 (as stack() makes).
     """
     return QuantizedWeights(format, shape, blocks)
 
@@ -315,9 +401,11 @@ def dequantize(qw, experts=None, out=None):
             raise ValueError("out: expected a writeable array")
     view = out[None] if single else out
     step = _chunk_rows(C)
-    for i, e in enumerate(ids):
-        for r0 in range(0, R, step):
-            view[i, r0:r0 + step] = _decode(qw.blocks[e, r0:r0 + step], qw.spec, C)
+    for p0, b in qw.parts:                       # a stacked weight part by part, in place
+        for i, e in enumerate(ids):
+            for r0 in range(0, b.shape[1], step):
+                r1 = min(b.shape[1], r0 + step)
+                view[i, p0 + r0:p0 + r1] = _decode(b[e, r0:r1], qw.spec, C)
     return out
 
 

@@ -137,3 +137,70 @@ def test_bad_input_names_the_argument(rng):
     with pytest.raises(ValueError, match="into: w1, w2 in a format get no weight gradient"):
         fm.experts_backward(np.ones_like(ys), xs, h_pre, h_act, q1, q2, offsets, "swiglu",
                             into=(np.zeros((2, 256, 128), np.float32), None))
+
+
+# --------------------------------------------------------------------------- stacked weights
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("trans_w", [False, True])
+def test_stacked_weight_equals_its_parts_concatenated(rng, fmt, trans_w):
+    """formats.stack(gate, up): parts of 96 and 160 rows along axis 1, never copied, run as
+    the concatenated weight. trans_w: the parts are blocks of output columns; else blocks of
+    the depth, whose products are summed. Experts 0 and 3 have a few rows (streamed: the
+    decoding kernel part by part), expert 2 has 40 (BLAS on decoded panels, which cross the
+    parts' boundary), expert 1 none."""
+    K, M = 256, 256
+    counts = (2, 0, 40, 1)
+    offsets = _offsets(counts)
+    E = len(counts)
+    inner = K if trans_w else M                       # the blocked last axis
+    qa, wa = _weights(rng, (E, 96, inner), fmt)
+    qb, wb = _weights(rng, (E, 160, inner), fmt)
+    q = F.stack(qa, qb)
+    assert q.stacked and q.shape == (E, 256, inner) and q.nbytes == qa.nbytes + qb.nbytes
+    assert q.blocks[0] is qa.blocks and q.blocks[1] is qb.blocks
+    w = np.concatenate([wa, wb], axis=1)
+    np.testing.assert_array_equal(F.dequantize(q), w)
+    np.testing.assert_array_equal(F.dequantize(q, E - 1), w[E - 1])
+    a = rng.standard_normal((int(offsets[-1]), K)).astype(np.float32)
+    got = fm.grouped_gemm(a, q, offsets, trans_w=trans_w)
+    assert_close(got, ref.grouped_gemm(a, w, offsets, trans_w))
+    np.testing.assert_array_equal(got, fm.grouped_gemm(a, q, offsets, trans_w=trans_w))
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_k"])
+def test_layer_on_stacked_gate_and_up(rng, fmt):
+    """The GGUF layout: w1 = stack(gate (E, h, d), up (E, h, d)) with trans_w=True; forward
+    and the frozen experts' backward (dx, router gradient) as with the decoded weights."""
+    T, d, h, E, k = 24, 256, 256, 4, 2
+    x = rng.standard_normal((T, d)).astype(np.float32)
+    router_w = (rng.standard_normal((d, E)) / 16).astype(np.float32)
+    (qg, wg), (qu, wu) = _weights(rng, (E, h, d), fmt), _weights(rng, (E, h, d), fmt)
+    q2, w2 = _weights(rng, (E, d, h), fmt)
+    q1, w1 = F.stack(qg, qu), np.concatenate([wg, wu], axis=1)
+    y, ctx = fm.moe_forward(x, router_w, q1, q2, k, trans_w=True, return_context=True)
+    yf, ctxf = fm.moe_forward(x, router_w, w1, w2, k, trans_w=True, return_context=True)
+    assert_close(y, yf)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dx, grads = fm.moe_backward(dy, ctx)
+    dxf, gradsf = fm.moe_backward(dy, ctxf)
+    assert sorted(grads) == ["router_w"]
+    assert_close(dx, dxf)
+    assert_close(grads["router_w"], gradsf["router_w"])
+
+
+def test_stack_bad_input(rng):
+    q8, _ = _weights(rng, (2, 4, 64), "q8_0")
+    q4, _ = _weights(rng, (2, 4, 64), "q4_0")
+    with pytest.raises(ValueError, match=r"weights\[1\]: expected the format"):
+        F.stack(q8, q4)
+    with pytest.raises(ValueError, match=r"weights\[1\]: expected shape"):
+        F.stack(q8, _weights(rng, (3, 4, 64), "q8_0")[0])
+    with pytest.raises(ValueError, match=r"weights\[1\]: expected shape"):
+        F.stack(q8, _weights(rng, (2, 4, 96), "q8_0")[0])
+    with pytest.raises(TypeError, match=r"weights\[0\]"):
+        F.stack(np.zeros((2, 4, 64), np.float32))
+    with pytest.raises(ValueError, match="blocks: the parts hold 8 rows"):
+        F.QuantizedWeights("q8_0", (2, 9, 64), (q8.blocks, q8.blocks))
+    with pytest.raises(ValueError, match=r"blocks\[1\]: expected a part's blocks"):
+        F.QuantizedWeights("q8_0", (2, 8, 64), (q8.blocks, q8.blocks.reshape(-1)))

@@ -455,50 +455,93 @@ def _experts_backward_blas(d_ys, xs, h_pre, h_act, w1, w2, offsets, code, trans_
 
 def _columns(qw, c):
     """Where column c of a row of qw's blocks starts (in the storage's own units)."""
-    return c // qw.block * qw.block_bytes if qw.blocks.dtype == np.uint8 else c
+    return c // qw.block * qw.block_bytes if qw.spec.storage == np.uint8 else c
 
 
 def _kernel_format(qw):
     """The format code kernels/cpu/quant.py decodes qw's blocks with, or None (a format it
-    lacks, or blocks that are not C-contiguous: the NumPy codec of formats.py then)."""
-    return kq.FORMATS.get(qw.format) if qw.blocks.flags.c_contiguous else None
+    lacks, or a part whose blocks are not C-contiguous: the NumPy codec of formats.py then)."""
+    ok = all(b.flags.c_contiguous for _, b in qw.parts)
+    return kq.FORMATS.get(qw.format) if ok else None
+
+
+def _decode_rows(qw, code, b, e, r0, r1, c0, c1, out):
+    # b: one part's (E, R_i, row) blocks; rows r0..r1, columns c0..c1 of expert e
+    # -> out (r1 - r0, c1 - c0) of qw's dtype, rows C-contiguous
+    if code is not None:
+        kq.dequant_rows(b, code, e, r0, r1, c0, c1, out)
+    else:                                                    # the NumPy codec of formats.py
+        out[:] = dequantize_rows(b[e, r0:r1, _columns(qw, c0):_columns(qw, c1)], qw.format)
 
 
 def decode_panel(qw, e, rows, c0, c1, scratch):
-    """Columns c0..c1 of expert e's product operand B_e, decoded: (K, c1 - c0) float32 (in the
-    thread's scratch for the kernels' formats). rows=False: B_e = W_e, qw holding (E, K, M),
-    the columns along its blocked last axis; rows=True: B_e = W_e^T, qw holding (E, M, K):
-    the columns are rows c0..c1 of W_e (a transposed view of their decoding)."""
+    """Columns c0..c1 of expert e's product operand B_e, decoded into the thread's scratch:
+    (K, c1 - c0) of qw's dtype. rows=False: B_e = W_e, qw holding (E, K, M), the columns along its
+    blocked last axis; rows=True: B_e = W_e^T, qw holding (E, M, K): the columns are rows
+    c0..c1 of W_e (a transposed view of their decoding). A stacked weight's parts fill their
+    own rows of W_e, so a panel may span parts."""
     E, R, C = qw.shape
     code = _kernel_format(qw)
-    if code is None:                                         # the NumPy codec of formats.py
-        b = qw.blocks[e]
-        if rows:
-            return dequantize_rows(b[c0:c1], qw.format).T
-        return dequantize_rows(b[:, _columns(qw, c0):_columns(qw, c1)], qw.format)
     if rows:
-        out = pool.buffer(scratch, "panel", c1 - c0, C, np.float32)
-        kq.dequant_rows(qw.blocks, code, e, c0, c1, 0, C, out)
+        out = pool.buffer(scratch, "panel", c1 - c0, C, qw.dtype)
+        for p0, b in qw.parts:
+            s0, s1 = max(c0, p0), min(c1, p0 + b.shape[1])
+            if s0 < s1:
+                _decode_rows(qw, code, b, e, s0 - p0, s1 - p0, 0, C, out[s0 - c0:s1 - c0])
         return out.T
-    out = pool.buffer(scratch, "panel", R, c1 - c0, np.float32)
-    kq.dequant_rows(qw.blocks, code, e, 0, R, c0, c1, out)
+    out = pool.buffer(scratch, "panel", R, c1 - c0, qw.dtype)
+    for p0, b in qw.parts:
+        _decode_rows(qw, code, b, e, 0, b.shape[1], c0, c1, out[p0:p0 + b.shape[1]])
     return out
+
+
+def _stream_parts(a, qw, code, trans, offsets, out, stream):
+    # out[rows of the streamed experts] = a[rows] @ B_e, each part's blocks read once by the
+    # decoding GEMM (it takes one contiguous blocks array). trans: a part is a block of output
+    # columns, decoded into its own (N, R_i) array and copied in; else a block of depth rows
+    # (a's columns p0..p1, gathered for the streamed rows only) whose products are added in
+    # part order.
+    parts = qw.parts
+    if len(parts) == 1:
+        kq.run_qstream(a, qw.blocks, code, trans, offsets, out, stream)
+        return
+    runs = expert_runs(offsets, stream)
+    N = a.shape[0]
+    if not trans:
+        rows = np.concatenate([np.arange(lo, hi, dtype=np.int64) for lo, hi in runs]
+                              + [np.zeros(0, np.int64)])
+        ridx = np.zeros(N, np.int64)
+        ridx[rows] = np.arange(rows.shape[0])
+    for i, (p0, b) in enumerate(parts):
+        p1 = p0 + b.shape[1]
+        if trans:
+            part = np.empty((N, p1 - p0), a.dtype)
+            kq.run_qstream(a, b, code, True, offsets, part, stream)
+            for lo, hi in runs:
+                out[lo:hi, p0:p1] = part[lo:hi]
+            continue
+        src = np.ascontiguousarray(a[rows, p0:p1])
+        part = out if i == 0 else np.empty(out.shape, a.dtype)
+        kq.run_qstream(src, b, code, False, offsets, part, stream, ridx)
+        if i:
+            for lo, hi in runs:
+                out[lo:hi] += part[lo:hi]
 
 
 def quantized_gemm(a, qw, offsets, trans):
     """a: (N, K) contiguous, qw: QuantizedWeights (E, K, M) [trans: (E, M, K)] -> (N, M):
     rows of expert e times B_e = W_e [trans: W_e^T]. The route's streamed experts (a few rows)
     have their blocks read once and decoded in registers (kernels/cpu/quant.py, for the
-    formats it has); for the others a task is one expert's block of QUANT_COLS output columns:
-    its panel decoded once into scratch, then one BLAS call for all the expert's rows.
-    Shape-fixed cuts: the same bits for any thread count."""
+    formats it has; a stacked weight part by part); for the others a task is one expert's
+    block of QUANT_COLS output columns: its panel decoded once into scratch, then one BLAS
+    call for all the expert's rows. Shape-fixed cuts: the same bits for any thread count."""
     E, R, C = qw.shape
     M = R if trans else C
     out = np.empty((a.shape[0], M), a.dtype)
     code = _kernel_format(qw)
     stream = route(offsets).stream if code is not None else np.zeros(E, np.bool_)
     if stream.any():
-        kq.run_qstream(a, qw.blocks, code, trans, offsets, out, stream)
+        _stream_parts(a, qw, code, trans, offsets, out, stream)
     tasks = [(e, c0, min(c0 + QUANT_COLS, M)) for e in np.flatnonzero(
              (np.diff(offsets) > 0) & ~stream) for c0 in range(0, M, QUANT_COLS)]
 

@@ -364,22 +364,12 @@ class Layer:
 
 
 def check_quantized(name, w, be):
-    """Quantized expert weights (fastmoe_nb.formats) as they are. On the CPU every format; with
-    device arrays (blocks on the device, e.g. fastmoe_nb.backends.cuda.to_device(w)) the
-    formats the CUDA kernels decode, blocks of the format's storage dtype and (E, R, row)
-    shape."""
-    if be != CUDA:
-        return w
-    if w.format not in CUDA_WEIGHT_FORMATS:
+    """Quantized expert weights (fastmoe_nb.formats) as they are: on the CPU every format, with
+    device arrays (blocks on the device: fastmoe_nb.backends.cuda.to_device / on_device, which
+    check them) the formats the CUDA kernels decode."""
+    if be == CUDA and w.format not in CUDA_WEIGHT_FORMATS:
         raise TypeError(f"{name}: {w.format} weights run on the CPU only; on CUDA pass weights "
                         f"in one of {', '.join(CUDA_WEIGHT_FORMATS)} (or host arrays)")
-    spec = w.spec
-    want = (w.shape[0], w.shape[1], spec.row_bytes(w.shape[2]) // spec.storage.itemsize)
-    got = (chk.dtype_of(w.blocks), tuple(w.blocks.shape))
-    if got != (spec.storage, want):
-        raise ValueError(f"{name}.blocks: expected a {spec.storage} device array of shape "
-                         f"{want} for {w.format} weights of shape {w.shape}, got {got[0]} of "
-                         f"shape {got[1]}")
     return w
 
 

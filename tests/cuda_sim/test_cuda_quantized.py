@@ -12,6 +12,7 @@ import pytest
 import fastmoe_nb as fm
 from fastmoe_nb import reference as ref
 from fastmoe_nb.backends import cuda as kc
+from fastmoe_nb.checks import check_quantized
 from fastmoe_nb.formats import dequantize, quantize
 from fastmoe_nb.kernels.common import SWIGLU
 from fastmoe_nb.kernels.cuda import WEIGHT_FORMATS
@@ -118,10 +119,15 @@ def test_device_blocks_and_errors(rng):
     bits = to_device(qb.blocks.view(np.int16))
     from_int16 = kc.on_device(bits, "bf16", (2, 3, 32))
     equal(fm.grouped_gemm(a, from_int16, o), fm.grouped_gemm(a, kc.to_device(qb), o))
+    equal(fm.grouped_gemm(a, kc.to_device(quantize(w, "f32")), o),     # plain floats
+          fm.grouped_gemm(a, to_device(w), o))
     flat = kc.on_device(to_device(q4.blocks.reshape(-1)), "Q4_0", [2, 3, 32])
     assert flat.blocks.shape == q4.blocks.shape and flat.nbytes == q4.nbytes
     with pytest.raises(ValueError, match="format: the CUDA kernels read f32, f64, bf16, q8_0"):
         kc.to_device(quantize(rng.standard_normal((1, 1, 256)).astype(np.float32), "q4_k"))
+    with pytest.raises(TypeError, match="w1: q4_k weights run on the CPU only; on CUDA pass"):
+        check_quantized("w1", quantize(w[:1, :1].repeat(8, axis=2), "q4_k"), "cuda")
+    assert check_quantized("w1", qb, "cuda") is qb
     with pytest.raises(TypeError, match="qw: expected QuantizedWeights"):
         kc.to_device(w)
     with pytest.raises(TypeError, match="blocks: expected a device array"):

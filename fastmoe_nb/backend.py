@@ -14,7 +14,11 @@ CUDA = "cuda"
 
 def is_device_array(a) -> bool:
     # __cuda_ndarray__: Numba's device arrays, including the simulator's (which lack the
-    # interface)
+    # interface); a weight in a format lives where its blocks are
+    from .formats import QuantizedWeights  # noqa: PLC0415  (formats may come to import this)
+
+    if isinstance(a, QuantizedWeights):
+        a = a.blocks
     return hasattr(a, "__cuda_array_interface__") or bool(getattr(a, "__cuda_ndarray__", False))
 
 

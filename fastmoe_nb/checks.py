@@ -19,6 +19,7 @@ from .backend import CUDA, as_host, backend_of, to_host
 from .kernels.common import ACTIVATION_CODES, SWIGLU
 from .kernels.cpu import dispatch as kd
 from .kernels.cpu.config import HN, NR
+from .kernels.cuda import WEIGHT_FORMATS as CUDA_WEIGHT_FORMATS
 from .formats import QuantizedWeights
 from .types import PackedWeights, Plan
 
@@ -363,10 +364,12 @@ class Layer:
 
 
 def check_quantized(name, w, be):
-    """Quantized expert weights (fastmoe_nb.formats) as they are: they run on the CPU."""
-    if be == CUDA:
-        raise TypeError(f"{name}: {w.format} weights (QuantizedWeights) run on the CPU; pass "
-                        f"host arrays with them, or float weights with device arrays")
+    """Quantized expert weights (fastmoe_nb.formats) as they are: on the CPU every format, with
+    device arrays (blocks on the device: fastmoe_nb.backends.cuda.to_device / on_device, which
+    check them) the formats the CUDA kernels decode."""
+    if be == CUDA and w.format not in CUDA_WEIGHT_FORMATS:
+        raise TypeError(f"{name}: {w.format} weights run on the CPU only; on CUDA pass weights "
+                        f"in one of {', '.join(CUDA_WEIGHT_FORMATS)} (or host arrays)")
     return w
 
 

@@ -23,6 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
+# the checkout this script is in, not an installed fastmoe_nb (the script's folder would come
+# first on the path otherwise)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 TARGETS = ((9, 0), (7, 5))  # Hopper, and the oldest architecture CUDA 13 (cu13) still builds
 
 

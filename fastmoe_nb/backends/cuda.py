@@ -6,16 +6,25 @@ returns Numba device arrays; the names and arguments mirror backends/cpu.py. The
 validated shapes and dtypes (fastmoe_nb.checks); what needs the data (expert ids in range,
 finite logits, offsets) is checked here, on the device or on a small host copy, before any
 output is written, and raised as the same ValueError as on the CPU.
+
+Expert weights in a format (fastmoe_nb.formats: bf16, q8_0, q4_0; f32 / f64) are
+QuantizedWeights whose blocks are a device array (to_device / on_device below make them): the
+grouped GEMM reads the blocks as they are and decodes each weight in its load, accumulating in
+float32. They are frozen: their backward gives the inputs' gradient only.
 """
 from __future__ import annotations
+
+import operator
 
 import numpy as np
 from numba import cuda
 
 from .. import errors as chk
-from ..backend import is_device_array
-from ..checks import check_experts, check_gemm_weights, check_offsets
+from ..backend import CUDA, is_device_array
+from ..checks import check_experts, check_gemm_weights, check_offsets, check_quantized
+from ..formats import QuantizedWeights, check_format
 from ..kernels.common import SWIGLU
+from ..kernels.cuda import WEIGHT_FORMATS
 from ..kernels.cuda import activations as ka
 from ..kernels.cuda import dispatch as kd
 from ..kernels.cuda import gemm as kg
@@ -226,7 +235,8 @@ def _host_offsets(offsets, E, N):
 
 
 def _gemm(a, w, offsets_h, trans_w, code, out):
-    """The tiled grouped GEMM kernel (swiglu epilogue when code is SWIGLU)."""
+    """The tiled grouped GEMM kernel (swiglu epilogue when code is SWIGLU); w a float device
+    array or QuantizedWeights with device blocks (the kernel of its format)."""
     BM = CONFIG["gemm_bm"]
     counts = np.diff(offsets_h)
     tiles = np.zeros(offsets_h.shape[0], np.int64)
@@ -236,17 +246,26 @@ def _gemm(a, w, offsets_h, trans_w, code, out):
     total = int(tiles[-1]) * ncol
     if total == 0:
         return out
+    name = "gemm_glu" if glu else "gemm"
+    if isinstance(w, QuantizedWeights):
+        name += "" if w.format in ("f32", "f64") else f"_{w.format}"
+        w = dev(w.blocks)
     grid = max(1, min(total, CONFIG["max_blocks"]))
-    kernel(kg.specs, "gemm_glu" if glu else "gemm", np.dtype(a.dtype))[grid, gemm_threads()](
+    kernel(kg.specs, name, np.dtype(a.dtype))[grid, gemm_threads()](
         a, w, bool(trans_w), cuda.to_device(offsets_h), cuda.to_device(tiles), code, out)
     return out
 
 
-def grouped_gemm(a, w, offsets, trans_w=False, code=-1):
-    # a: (N, K), w: (E, K, M) [trans_w: (E, M, K)], offsets: (E+1,) -> (N, M),
-    # or act(.) with an activation code (swiglu: (N, M/2))
-    a, w = dev(a), dev(w)
-    M = check_gemm_weights(a, w, trans_w)
+def _weights(name, w):
+    """A float weight as a device array; QuantizedWeights checked for the CUDA kernels."""
+    return check_quantized(name, w, CUDA) if isinstance(w, QuantizedWeights) else dev(w)
+
+
+def grouped_gemm(a, w, offsets, trans_w=False, code=-1, name="w"):
+    # a: (N, K), w: (E, K, M) [trans_w: (E, M, K)] (or QuantizedWeights of that logical shape),
+    # offsets: (E+1,) -> (N, M), or act(.) with an activation code (swiglu: (N, M/2))
+    a, w = dev(a), _weights(name, w)
+    M = check_gemm_weights(a, w, trans_w, name)
     o = _host_offsets(offsets, w.shape[0], a.shape[0])
     Mo = M // 2 if code == SWIGLU else M
     return _gemm(a, w, o, trans_w, code, _empty((a.shape[0], Mo), a.dtype))
@@ -430,19 +449,25 @@ def add_into(y, s):
 
 
 def experts_forward(xs, w1, w2, offsets, code, h, trans_w, keep, tokens=None):
-    # xs: (N, d), w1: (E, d, H1), w2: (E, h, d) [trans_w: transposed] -> (h_pre or None,
-    # h_act, ys); not keeping h_pre, the activation runs in the first GEMM's epilogue
+    # xs: (N, d), w1: (E, d, H1), w2: (E, h, d) [trans_w: transposed] (either may be
+    # QuantizedWeights) -> (h_pre or None, h_act, ys); not keeping h_pre, the activation runs
+    # in the first GEMM's epilogue
     if not keep:
-        h_act = grouped_gemm(xs, w1, offsets, trans_w, code)
-        return None, h_act, grouped_gemm(h_act, w2, offsets, trans_w)
-    h_pre = grouped_gemm(xs, w1, offsets, trans_w)
+        h_act = grouped_gemm(xs, w1, offsets, trans_w, code, "w1")
+        return None, h_act, grouped_gemm(h_act, w2, offsets, trans_w, name="w2")
+    h_pre = grouped_gemm(xs, w1, offsets, trans_w, name="w1")
     h_act = activate(h_pre, code)
-    return h_pre, h_act, grouped_gemm(h_act, w2, offsets, trans_w)
+    return h_pre, h_act, grouped_gemm(h_act, w2, offsets, trans_w, name="w2")
 
 
 def experts_backward(d_ys, xs, h_pre, h_act, w1, w2, offsets, code, trans_w, into=None):
     # the gradients of experts_forward -> (d_xs, dw1, dw2) (into: host accumulators only,
-    # refused by the ops before this)
+    # refused by the ops before this). Weights in a format are frozen: dw1 = dw2 = None, and
+    # the inputs' gradient runs the forward kernel on the other layout of the same blocks.
+    if isinstance(w1, QuantizedWeights) or isinstance(w2, QuantizedWeights):
+        d_h_act = grouped_gemm(d_ys, w2, offsets, not trans_w, name="w2")
+        d_h_pre = activate_backward(d_h_act, h_pre, code)
+        return grouped_gemm(d_h_pre, w1, offsets, not trans_w, name="w1"), None, None
     d_h_act, dw2 = grouped_gemm_backward(d_ys, h_act, w2, offsets, trans_w)
     d_h_pre = activate_backward(d_h_act, h_pre, code)
     d_xs, dw1 = grouped_gemm_backward(d_h_pre, xs, w1, offsets, trans_w)
@@ -459,3 +484,65 @@ def shared_forward(x, w1, w2, gate_w, code):
         gate = sigmoid(matmul(x, gate_w))
         s = scale_rows(s, gate)
     return s, {"h_pre": h_pre, "h_act": h_act, "gate": gate}
+
+
+# --------------------------------------------------------------------------- weights in a format
+
+def to_device(qw):
+    """QuantizedWeights with host blocks -> the same weights with their blocks copied to the
+    device once (one array of the blocks' bytes: a q4_0 weight stays 4.5 bits a value), for
+    layers on device arrays. The formats the CUDA kernels read: WEIGHT_FORMATS."""
+    if not isinstance(qw, QuantizedWeights):
+        raise TypeError(f"qw: expected QuantizedWeights (fastmoe_nb.formats.quantize), got "
+                        f"{type(qw).__name__}")
+    return on_device(cuda.to_device(np.ascontiguousarray(qw.blocks)), qw.format, qw.shape)
+
+
+def on_device(blocks, format, shape):
+    """blocks already on the device (a Numba device array, or any __cuda_array_interface__
+    array: a torch CUDA bf16 tensor viewed as int16 / uint16, the uint8 blocks of a GGUF
+    tensor) -> QuantizedWeights(format, shape, blocks) with those blocks, not copied.
+
+    shape: the logical float shape (E, R, C), blocks along C, as in fastmoe_nb.formats;
+    blocks: (E, R, C) uint16 (int16 is taken as the same bits) for bf16, (E, R, C/32 *
+    block_bytes) uint8 for q8_0 / q4_0, (E, R, C) float for f32 / f64 — or a C-contiguous
+    array of that many elements."""
+    spec = check_format(format)
+    if spec.name not in WEIGHT_FORMATS:
+        raise ValueError(f"format: the CUDA kernels read {', '.join(WEIGHT_FORMATS)} weights, "
+                         f"got {spec.name} (it runs on the CPU: pass host arrays)")
+    if not is_device_array(blocks):
+        raise TypeError(f"blocks: expected a device array (__cuda_array_interface__), got "
+                        f"{type(blocks).__name__}; to_device(qw) copies host blocks over")
+    # QuantizedWeights validates host blocks only: it checks the format and shape here on a
+    # read-only stand-in of the blocks' layout (one row of zeros, repeated by zero strides),
+    # and the device blocks are checked against the same layout below, then put in its place
+    st = spec.storage
+    qw = QuantizedWeights(spec.name, shape, _layout_stand_in(spec, shape))
+    want = tuple(qw.blocks.shape)
+    b = dev(blocks)
+    if spec.name == "bf16" and b.dtype == np.int16:
+        b = b.view(np.uint16)
+    if b.dtype != st:
+        raise TypeError(f"blocks: expected {st} blocks for a {spec.name} weight, got {b.dtype}")
+    if tuple(b.shape) != want:
+        if b.size != int(np.prod(want)) or not b.is_c_contiguous():
+            raise ValueError(f"blocks: expected shape {want} (or a C-contiguous array of "
+                             f"{int(np.prod(want))} elements) for a {spec.name} weight of "
+                             f"shape {qw.shape}, got shape {tuple(b.shape)}")
+        b = b.reshape(want)
+    object.__setattr__(qw, "blocks", b)
+    return qw
+
+
+def _layout_stand_in(spec, shape):
+    """A read-only host array of the (E, R, row) blocks shape and storage dtype of a weight
+    of that shape, one row of zeros in memory, which formats.py accepts."""
+    it = spec.storage.itemsize
+    try:
+        E, R, C = (operator.index(s) for s in shape)
+        n = spec.row_bytes(C) // it
+        return np.lib.stride_tricks.as_strided(np.zeros(max(n, 1), spec.storage), (E, R, n),
+                                               (0, 0, it), writeable=False)
+    except (TypeError, ValueError):
+        return np.zeros(0, spec.storage)   # shape is wrong: QuantizedWeights says how

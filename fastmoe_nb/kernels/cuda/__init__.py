@@ -6,6 +6,10 @@ Importing this package does not import numba.cuda; `require()` does, and gives t
 error when CUDA cannot run here.
 """
 
+# the expert weight formats (fastmoe_nb.formats) the CUDA grouped GEMM reads: f32 / f64 as
+# plain arrays, the others decoded in its weight loads (gemm.LOADS)
+WEIGHT_FORMATS = ("f32", "f64", "bf16", "q8_0", "q4_0")
+
 
 def require():
     """Raise the one clear error when a device array cannot be run on: numba-cuda missing, or

@@ -10,16 +10,82 @@ activation. The swiglu variant (glu=True) gives each block BN/2 output columns a
 their gate columns and their up columns (w columns c and H + c) side by side, so a thread
 holds both halves of its outputs and writes silu(gate) * up: h_pre never reaches memory.
 
+Weights in a format (fastmoe_nb.formats: bf16, q8_0, q4_0) run in the same forward kernel: the
+weight load is a device function chosen per format when the kernel is built (load_w(w, e, r, c)
+is the value (r, c) of expert e's logical (R, C) matrix, blocks along C), which decodes the
+element to float32 on its way into shared memory; the rest of the kernel — tile schedule,
+products, accumulation, epilogue — is the float32 kernel's. Each decoder returns exactly the
+float32 value formats.dequantize gives, so a weight in a format computes what the float32
+kernel computes on its dequantized copy.
+
 Every output element is summed by one thread in increasing K: deterministic.
 """
 import numpy as np
-from numba import boolean, cuda, from_dtype, int64, void
+from numba import boolean, cuda, float32, from_dtype, int32, int64, uint8, uint16, uint32, void
 
 from ..common import act_scalar
 
+Q = 32   # values per q8_0 / q4_0 block
+
+
+# --------------------------------------------------------------------------- weight loads
+
+@cuda.jit(device=True)
+def _float_from_bits(u):
+    # u: uint32 -> the float32 with those bits (a register move once compiled)
+    t = cuda.local.array(1, uint32)
+    t[0] = u
+    return t.view(np.float32)[0]
+
+
+@cuda.jit(device=True)
+def _fp16_scale(w, e, r, o):
+    # w: (E, R, row_bytes) uint8, o: a block's first byte -> its little-endian fp16 scale d
+    # as float32 (exact)
+    t = cuda.local.array(1, uint16)
+    t[0] = uint16(int32(w[e, r, o]) | (int32(w[e, r, o + 1]) << 8))
+    return float32(t.view(np.float16)[0])
+
+
+@cuda.jit(device=True)
+def load_float(w, e, r, c):
+    # w: (E, R, C) float32 / float64 -> w[e, r, c]
+    return w[e, r, c]
+
+
+@cuda.jit(device=True)
+def load_bf16(w, e, r, c):
+    # w: (E, R, C) uint16 bf16 bits -> the float32 whose high half they are (exact widening)
+    return _float_from_bits(uint32(w[e, r, c]) << 16)
+
+
+@cuda.jit(device=True)
+def load_q8_0(w, e, r, c):
+    # w: (E, R, C/32*34) uint8 q8_0 blocks (fp16 d, 32 int8 q) -> d * q of value c, as float32
+    o = (c // Q) * 34
+    q = int32(w[e, r, o + 2 + c % Q])
+    return _fp16_scale(w, e, r, o) * float32(q - ((q & 128) << 1))   # the byte as int8
+
+
+@cuda.jit(device=True)
+def load_q4_0(w, e, r, c):
+    # w: (E, R, C/32*18) uint8 q4_0 blocks (fp16 d, 16 bytes: values j in the low nibbles,
+    # j + 16 in the high ones) -> (q - 8) * d of value c, as float32
+    o = (c // Q) * 18
+    j = c % Q
+    b = int32(w[e, r, o + 2 + j % 16])
+    q = (b & 15) if j < 16 else (b >> 4)
+    return float32(q - 8) * _fp16_scale(w, e, r, o)
+
+
+# format -> (weight load, the blocks' element type); formats.py describes the layouts
+LOADS = {"bf16": (load_bf16, uint16), "q8_0": (load_q8_0, uint8), "q4_0": (load_q4_0, uint8)}
+
 
 def specs(dt, cfg):
-    """{name: (kernel, signature)}: "gemm", "gemm_glu" (swiglu epilogue) and "gemm_dw"."""
+    """{name: (kernel, signature)}: "gemm", "gemm_glu" (swiglu epilogue) and "gemm_dw"; for
+    float32, also "gemm_<fmt>" and "gemm_glu_<fmt>" reading weights in each format of LOADS
+    (they decode to float32, so they have no float64 version)."""
     BM, BN, BK = cfg["gemm_bm"], cfg["gemm_bn"], cfg["gemm_bk"]
     TM, TN = cfg["gemm_tm"], cfg["gemm_tn"]
     NX = BN // TN                 # threads along the columns of a tile
@@ -42,14 +108,15 @@ def specs(dt, cfg):
                 for j in range(TN):
                     acc[i * TN + j] += ra[i] * rb[j]
 
-    def make_gemm(glu):
+    def make_gemm(glu, load_w):
         P = 2 if glu else 1       # parts of a tile: swiglu's gate and up
         BNp = BN // P             # output columns per tile
         TNp = TN // P             # output columns per thread
 
         def gemm_kernel(a, w, trans_w, offsets, tiles, code, out):
-            # a: (N, K), w: (E, K, M) or trans_w (E, M, K), offsets, tiles: (E+1,) int64,
-            # code: activation (-1: none) -> out: (N, M), swiglu: (N, M/2)
+            # a: (N, K), w: (E, K, M) or trans_w (E, M, K) (in a format: its blocks, read
+            # through load_w), offsets, tiles: (E+1,) int64, code: activation (-1: none)
+            # -> out: (N, M), swiglu: (N, M/2)
             As = cuda.shared.array((BK, BM), f)
             Bs = cuda.shared.array((BK, BN), f)
             acc = cuda.local.array(TMN, f)
@@ -96,9 +163,9 @@ def specs(dt, cfg):
                         v = f(0)
                         if oc < Mo and k0 + kk < K:
                             if trans_w:
-                                v = w[e, part * Mo + oc, k0 + kk]
+                                v = load_w(w, e, part * Mo + oc, k0 + kk)
                             else:
-                                v = w[e, k0 + kk, part * Mo + oc]
+                                v = load_w(w, e, k0 + kk, part * Mo + oc)
                         Bs[kk, c] = v
                     cuda.syncthreads()
                     tile_mma(As, Bs, acc, ty, tx, TNp, BNp)
@@ -165,13 +232,21 @@ def specs(dt, cfg):
                         if c < M:
                             dw[e, kq, c] = acc[i * TN + j]
 
-    sig = void(f[:, :], f[:, :, :], boolean, int64[:], int64[:], int64, f[:, :])
-    return {
-        "gemm": (make_gemm(False), sig),
-        "gemm_glu": (make_gemm(True), sig),
+    def sig(wt):
+        return void(f[:, :], wt[:, :, :], boolean, int64[:], int64[:], int64, f[:, :])
+
+    out = {
+        "gemm": (make_gemm(False, load_float), sig(f)),
+        "gemm_glu": (make_gemm(True, load_float), sig(f)),
         "gemm_dw": (gemm_dw_kernel, void(f[:, :], f[:, :], int64[:], f[:, :, :])),
     }
+    if f == float32:
+        for fmt, (load_w, wt) in LOADS.items():
+            out[f"gemm_{fmt}"] = (make_gemm(False, load_w), sig(wt))
+            out[f"gemm_glu_{fmt}"] = (make_gemm(True, load_w), sig(wt))
+    return out
 
 
-# the dtypes each kernel is launched with (tools/cuda_compile_check.py compiles them all)
-LAUNCHED = {}  # every kernel: float32 and float64
+# the dtypes each kernel is launched with (tools/cuda_compile_check.py compiles them all):
+# float32 and float64, but weights in a format with float32 only
+LAUNCHED = {f"{g}_{fmt}": ("float32",) for fmt in LOADS for g in ("gemm", "gemm_glu")}

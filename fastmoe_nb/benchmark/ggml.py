@@ -199,7 +199,8 @@ class GgmlExperts:
     The inputs are copied (quantized) into ggml's buffers; nothing handed in is modified.
     layer(x (T, d) float32, experts (T, k) int ids, weights (T, k) float32) -> (T, d) float32.
     Graphs are built once per token count T (the last few kept) and only computed on later
-    calls. repacked: the weights ggml holds in its CPU repack buffer ("gate", "up", "down").
+    calls. nbytes: the bytes of the three weight tensors in ggml's format, scales included;
+    repacked: those ggml holds in its CPU repack buffer ("gate", "up", "down"), or ().
     """
 
     def __init__(self, w1, w2, fmt, threads=2):

@@ -87,7 +87,7 @@ def test_graphs_are_reused_per_token_count():
     # bitwise the first result; a new T gets its own graph
     d, h = shape_of("q4_0")
     w1, w2, x, experts, weights = make_layer_inputs(1, E=3, T=5, k=3, d=d, h=h)
-    layer = ggml.GgmlExperts(w1, w2, "q4_0", threads=2)
+    layer = ggml.GgmlExperts(w1, w2, "q4_0", threads=2, poll=False)
     y5 = layer(x, experts, weights)
     y1 = layer(x[:1], experts[:1, :1], weights[:1, :1])
     q1, q2 = ggml.dequantize_like_ggml(w1, "q4_0"), ggml.dequantize_like_ggml(w2, "q4_0")
@@ -132,6 +132,8 @@ def test_bad_input_names_the_argument():
         ggml.GgmlExperts(w1, bad, "q8_0")
     with pytest.raises(ValueError, match="threads"):
         ggml.GgmlExperts(w1, w2, "q8_0", threads=0)
+    with pytest.raises(TypeError, match="poll"):
+        ggml.GgmlExperts(w1, w2, "q8_0", poll="yes")
     layer = ggml.GgmlExperts(w1, w2, "q8_0")
     with pytest.raises(ValueError, match="experts"):
         layer(x, experts + 2, weights)

@@ -20,8 +20,9 @@ Where the library comes from (no Python package of ggml is required by fastmoe_n
   ggml/): taken before ggml-python when set. There the weights go where llama.cpp places them
   by default: Q4_0 and Q4_K in the CPU backend's repack buffer (rows interleaved 8 by 8 for
   the AVX2 / AVX-512 kernels) when their row count allows it, every other format in the
-  plain CPU buffer; the graph runs on a persistent threadpool (llama.cpp without OpenMP),
-  paused after each call so that its threads do not spin while other work runs.
+  plain CPU buffer; the graph runs on a persistent threadpool (llama.cpp without OpenMP)
+  whose threads poll for the next graph for a while after each call, as llama.cpp's do
+  between tokens (poll=False pauses them after each call instead).
 
 The first call with a new token count T builds its graph (a benchmark calls once before
 timing); later calls copy x, the ids and the weights in, compute, and copy y out.
@@ -195,7 +196,9 @@ class GgmlExperts:
     """SwiGLU experts run by ggml, weights quantized by ggml to fmt.
 
     w1: (E, 2h, d) float32, [gate | up] rows (trans_w layout: HF Linear / GGUF), w2: (E, d, h)
-    float32; fmt: one of FORMATS (d and h multiples of its block); threads: ggml's threads.
+    float32; fmt: one of FORMATS (d and h multiples of its block); threads: ggml's threads;
+    poll: leave ggml's threadpool polling for work after a call (llama.cpp's default; the
+    threads spin for a while) or pause it (False: the next call wakes them).
     The inputs are copied (quantized) into ggml's buffers; nothing handed in is modified.
     layer(x (T, d) float32, experts (T, k) int ids, weights (T, k) float32) -> (T, d) float32.
     Graphs are built once per token count T (the last few kept) and only computed on later
@@ -203,7 +206,7 @@ class GgmlExperts:
     repacked: those ggml holds in its CPU repack buffer ("gate", "up", "down"), or ().
     """
 
-    def __init__(self, w1, w2, fmt, threads=2):
+    def __init__(self, w1, w2, fmt, threads=2, poll=True):
         api = _api()
         if api is None:
             raise RuntimeError("ggml is not available: pip install fastmoe-nb[ggml] "
@@ -212,6 +215,9 @@ class GgmlExperts:
         self.format = chk.check_choice("fmt", fmt.lower() if isinstance(fmt, str) else fmt,
                                        FORMATS)
         self.threads = chk.check_int("threads", threads, 1, None, "a positive integer")
+        if not isinstance(poll, (bool, np.bool_)):
+            raise TypeError(f"poll: expected a bool, got {type(poll).__name__}")
+        self.poll = bool(poll)
         chk.check_float("w1", w1, ndim=3, dtype=np.float32)
         E, h2, d = (int(s) for s in w1.shape)
         if h2 % 2:
@@ -377,7 +383,7 @@ class GgmlExperts:
         idv[...] = experts
         wv[...] = weights
         status = self._api.backend_graph_compute(self._backend, graph)
-        if self._pool:
+        if self._pool and not self.poll:
             self._api.threadpool_pause(self._pool)   # no spinning threads between calls
         if status != 0:
             raise RuntimeError(f"ggml_backend_graph_compute failed (status {status})")

@@ -9,11 +9,11 @@ own format and its own kernels; the activations are rounded as ggml's kernels ro
 
 Where the library comes from (no Python package of ggml is required by fastmoe_nb):
 - ggml-python (`pip install fastmoe-nb[ggml]`): its bundled libggml, the ggml of mid-2024.
-  It has mul_mat_id with per-token expert ids and the bf16 type, but no CPU backend of its
-  own and none of the repacked ("CPU_REPACK") buffer types: Q4_0 runs on its plain rows.
+  It has mul_mat_id with per-token expert ids and the bf16 type, but its CPU backend has
+  no repacked ("CPU_REPACK") buffer type yet: Q4_0 runs on its plain rows.
   Its build compiles for AVX2 unless asked for more, e.g. CMAKE_ARGS="-DCMAKE_C_FLAGS=
-  -march=native" (the AVX-512 options of that ggml only reach MSVC). Its silu goes through
-  a float16 table, and its q4_k / q6_k quantizer chooses other scales than today's
+  -march=native" (the AVX-512 options of that ggml only reach MSVC). Its silu is a table
+  of float16 inputs and outputs, and its q4_k / q6_k quantizer chooses other scales than today's
   llama.cpp (and formats.quantize) on some blocks; f32 / bf16 / q8_0 / q4_0 bytes are equal.
 - FASTMOE_NB_LIBGGML_DIR=<dir>, a directory holding a recent ggml's libggml-base.so,
   libggml-cpu.so and libggml.so (cmake -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=ON of llama.cpp's
@@ -25,7 +25,7 @@ Where the library comes from (no Python package of ggml is required by fastmoe_n
   between tokens (poll=False pauses them after each call instead).
 
 The first call with a new token count T builds its graph (a benchmark calls once before
-timing); later calls copy x, the ids and the weights in, compute, and copy y out.
+timing); later calls copy x, the expert ids and the routing weights in, compute, and copy y out.
 
 Only ggml's C functions are called, through ctypes with prototypes of our own, so one code
 path serves both libraries; no field of ggml's structs is read.

@@ -32,10 +32,10 @@ import numpy as np
 # the checkout this script lies in, not an installed fastmoe_nb (a worktree has its own)
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import fastmoe_nb as fm  # noqa: E402
-from fastmoe_nb import formats, reference  # noqa: E402
-from fastmoe_nb.benchmark import ggml, machine_info, timed  # noqa: E402
-from fastmoe_nb.benchmark.timer import no_sync  # noqa: E402
+import fastmoe_nb as fm
+from fastmoe_nb import formats, reference
+from fastmoe_nb.benchmark import ggml, machine_info, timed
+from fastmoe_nb.benchmark.timer import no_sync
 
 D, H, E, TOP_K = 1024, 3584, 8, 2
 TOKENS = {"decode-1": 1, "decode-8": 8, "decode-64": 64, "mixtral-mini": 2048}
@@ -94,10 +94,10 @@ def timing(presets, fmts, threads, repeat):
             # the two run the same weights: they differ by ggml's activation rounding only
             if rel_err(y_gg, y_fm.astype(np.float64)) > 0.05:
                 raise SystemExit(f"{name} {fmt}: ggml and fastmoe_nb disagree")
-            runs.append((f"fastmoe_nb {fmt}", lambda q1=q1, q2=q2: fm.routed_experts(
-                x, experts, weights, q1, q2, "swiglu", trans_w=True), no_sync))
-            runs.append((f"ggml {fmt}", lambda layer=layer: layer(x, experts, weights),
-                         no_sync))
+            args = (x, experts, weights)
+            runs.append((f"fastmoe_nb {fmt}", lambda a=args, q1=q1, q2=q2: fm.routed_experts(
+                *a, q1, q2, "swiglu", trans_w=True), no_sync))
+            runs.append((f"ggml {fmt}", lambda a=args, layer=layer: layer(*a), no_sync))
         times = [t for t, _ in timed(runs, repeat)]
         for layer in layers:
             layer.close()

@@ -144,8 +144,11 @@ def _load_dir(path):
 
 
 def _load_ggml_python():
-    import ggml.ggml as gp   # ggml-python: loads its bundled libggml
-    version = getattr(__import__("ggml"), "__version__", "?")
+    """ggml-python's bundled libggml (importing ggml.ggml loads it)."""
+    import ggml
+    import ggml.ggml as gp
+
+    version = getattr(ggml, "__version__", "?")
     return _Api([gp.lib], f"ggml-python {version} ({gp.lib._name})")
 
 
@@ -245,7 +248,7 @@ class GgmlExperts:
 
     def _setup(self, w1, w2):
         # ggml's (ne0, ne1, ne2) = (columns, rows, experts): w[e] row-major, as GGUF stores
-        api, E, d, h = self._api, self.E, self.d, self.h
+        api, E, h = self._api, self.E, self.h
         gtype = _ggml_type(self.format)
         parts = {"gate": w1[:, :h], "up": w1[:, h:], "down": w2}
         self._ctx = api.init(_InitParams(api.tensor_overhead() * 8, None, True))

@@ -12,8 +12,8 @@ import numpy as np
 
 from .. import __version__
 from .. import baselines as B
-from ..formats import FORMAT
 from ..backends import cuda_module
+from ..formats import FORMAT
 from .core import UsageError
 
 

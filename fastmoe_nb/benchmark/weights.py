@@ -34,7 +34,7 @@ from .core import TOLERANCE, UsageError, rel_err
 from .timer import Progress, stats, timed_cold
 
 WEIGHT_FORMATS = ("f32", "bf16", "q8_0", "q4_0", "q4_k", "q6_k")
-FLUSH_BYTES = 96 << 20   # read before each timed call: three times this host's 32 MiB L3
+FLUSH_BYTES = 96 << 20   # read before each timed call: a few times a server's L3 (32 MiB a CCD)
 READ_BYTES = 256 << 20   # the read-bandwidth probe: far larger than any cache
 GGML_EXTRA = "pip install 'fastmoe-nb[ggml]'"
 
@@ -141,6 +141,8 @@ def _run(res, p, formats, threads, seed, skew, check_tokens, repeat, ggml, quiet
     res["flops"] = 2.0 * (T * d * E + N * d * (p.h1 + h) + T * d * (hs1 + hs))
     shared_bytes = 4 * d * (hs1 + hs)
 
+    experts, rw = np.asarray(r.experts), np.asarray(r.weights, np.float32)   # ggml's routing
+
     P = min(T, check_tokens)
     y32 = ref.moe_forward(x[:P], router_w, w1t, w2t, **kw)   # the float32 layer
     checked = f"y of the first {P} tokens, each format against its dequantized weights"
@@ -184,7 +186,6 @@ def _run(res, p, formats, threads, seed, skew, check_tokens, repeat, ggml, quiet
                 e["ggml_skipped"] = f"ggml's comparison has no {f}"
                 continue
             layer = gmod.GgmlExperts(w1t, w2t, f, threads)
-            experts, rw = np.asarray(r.experts), np.asarray(r.weights, np.float32)
             gfn = (lambda layer=layer: layer(x, experts, rw))
             t0 = time.perf_counter()
             yg = gfn()

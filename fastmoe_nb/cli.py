@@ -41,7 +41,7 @@ from . import presets as P
 from .benchmark import (WEIGHT_FORMATS, UsageError, backend, bench_op, bench_weights,
                         check_memory, machine_info, measure_machine, print_result,
                         print_weights, versions, write_plot)
-from .benchmark.weights import check_shape, ggml_status
+from .benchmark.weights import check_shape, ggml_status, ggml_supports
 from .checks import ACTIVATIONS, check_sigmoid_options
 from .routing.registry import router_names
 
@@ -284,6 +284,8 @@ def cmd_bench(args):
     for _, p, _ in configs:
         if formats:
             check_shape(p, formats)
+        if ggml == "explicit" and ggml_supports(p):
+            raise UsageError(f"--compare ggml: {ggml_supports(p)} (preset {p.name})")
         if args.backend == "cpu":
             check_memory(p, args.dtype, op, bool(compare), formats or (), bool(ggml))
     be = backend(args.backend)

@@ -418,6 +418,10 @@ def test_compare_ggml_times_it_beside_each_format(tmp_path, small_probes, monkey
     assert "ggml" not in q8 and "no q8_0" in q8["ggml_skipped"]
     out = capsys.readouterr().out
     assert "ours/ggml" in out and "\n       ggml " in out and "ggml q8_0: skipped" in out
+    # a shape ggml's MoE does not compute, named explicitly: an error before anything runs
+    assert cli.main(["bench", *TINY_Q, "--weights", "q4_0", "--compare", "ggml",
+                     "--activation", "gelu"]) == 2
+    assert "SwiGLU" in one_line_error(capsys.readouterr().err)
     # --compare ggml alone: the float32 layer against ggml's
     status, doc = bench_json(tmp_path, *TINY_Q, "--compare", "ggml")
     assert status == 0 and doc["results"][0]["formats"] == ["f32"]

@@ -84,7 +84,8 @@ def print_weights(res, out=None):
       f"{'floor ms':>10}{'x floor':>9}{'rel RMS vs f32':>16}"
       + (f"{'ours/ggml':>11}" if ggml else "") + "\n")
     for e in res["weights"]:
-        rows = [("fastmoe_nb", e, f"{e['ours_vs_ggml']:.2f}x" if "ours_vs_ggml" in e else "")]
+        r = e.get("ours_vs_ggml")
+        rows = [("fastmoe_nb", e, "" if r is None else f"{r:.2f}x" if r >= 0.1 else f"{r:.3f}x")]
         if "ggml" in e:
             rows.append(("ggml", e["ggml"], ""))
         for i, (name, t, ratio) in enumerate(rows):

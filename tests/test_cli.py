@@ -365,13 +365,17 @@ def test_weights_every_format_is_checked_then_timed(tmp_path, small_probes, caps
         assert e["floor_s"] == pytest.approx(max(e["bytes"] / bw, res["flops"] / rate))
         assert e["time_vs_floor"] == pytest.approx(e["median_s"] / e["floor_s"])
         assert e["fraction_of_read_bw"] == pytest.approx(e["bytes"] / e["median_s"] / bw)
+        bw, rate = c["best_read_gbs"] * 1e9, c["best_matmul_gflops"] * 1e9
+        assert e["best_floor_s"] == pytest.approx(max(e["bytes"] / bw, res["flops"] / rate))
+        assert e["best_time_vs_floor"] == pytest.approx(e["min_s"] / e["best_floor_s"])
         err[e["format"]] = e["err_vs_f32"]
     # the float32 layer against reference.py's: float32 rounding; the formats in the order
     # of their bits (bf16 keeps 8 significant bits, q8_0 ~7, q6_k ~5, the 4-bit ones ~3)
     assert err["f32"] < 1e-5
     assert 1e-4 < err["bf16"] < err["q8_0"] < err["q6_k"] < min(err["q4_0"], err["q4_k"]) < 0.3
     out = capsys.readouterr().out
-    for col in ("MB", "of read bw", "floor ms", "x floor", "rel RMS vs f32", "ceilings"):
+    for col in ("MB", "of read bw", "floor ms", "x floor", "best x floor", "rel RMS vs f32",
+                "ceilings"):
         assert col in out, col
     assert "ours/ggml" not in out
     for f in formats:
@@ -413,6 +417,7 @@ def test_compare_ggml_times_it_beside_each_format(tmp_path, small_probes, monkey
     g = q4["ggml"]
     assert len(g["times_s"]) == 2 and g["median_s"] > 0
     assert q4["ours_vs_ggml"] == pytest.approx(q4["median_s"] / g["median_s"])
+    assert q4["ours_vs_ggml_best"] == pytest.approx(q4["min_s"] / g["min_s"])
     assert g["err_vs_f32"] == pytest.approx(q4["err_vs_f32"], rel=1e-3)   # the same weights
     assert g["floor_s"] == q4["floor_s"]
     assert "ggml" not in q8 and "no q8_0" in q8["ggml_skipped"]

@@ -128,7 +128,7 @@ def _run(res, p, formats, threads, seed, skew, check_tokens, repeat, ggml, quiet
     w2t = np.ascontiguousarray(host.pop("w2").transpose(0, 2, 1))   # (E, d, h)
     T, d, h, E, k = p.shape
 
-    # the routing the layer chooses (ggml is handed it), and what it costs to read
+    # the routing the layer chooses (ggml is handed it) and the experts it reads
     logits = x @ router_w
     rkw = {n: kw[n] for n in ("renormalize", "bias", "n_group", "topk_group", "scale")
            if n in kw}
@@ -193,7 +193,6 @@ def _run(res, p, formats, threads, seed, skew, check_tokens, repeat, ggml, quiet
             e["ggml"] = {"first_call_s": time.perf_counter() - t0,
                          "err_vs_f32": rel_rms(np.asarray(yg)[:P], y32)}
             runs.append((f"ggml {f}", gfn))
-        del y, w1f, w2f
     res["correct"] = True
     res["check"] = {"max_rel_err": worst, "tolerance": TOLERANCE["float32"],
                     "checked": checked, "reference": "reference.py"}

@@ -4,6 +4,7 @@
     fastmoe-nb bench grouped_gemm --preset fine-128 --compare --json out.json
     fastmoe-nb bench --tokens 64 --d 32 --h 64 --experts 4 --k 2 --skew zipf:1.2
     fastmoe-nb bench --sweep tokens=256,1024,4096 --compare --plot sweep.png
+    fastmoe-nb bench --preset decode-1 --weights f32,bf16,q8_0,q4_0 --compare ggml
     fastmoe-nb info                       # versions, threads, BLAS, CPU, CUDA, numba cache
     fastmoe-nb presets                    # the named shapes
 
@@ -15,6 +16,12 @@ interleaved rounds), the FLOP and byte rates, and on the
 CPU the fraction of the machine's ceiling measured in the same run: the dense-matmul rate for
 compute-bound ops, the read bandwidth for memory-bound ones (whichever the op's FLOPs per
 byte says, roofline style).
+With --weights FORMATS the layer's experts are stored in each format (trans_w, GGUF's layout),
+each checked against reference.py on its dequantized weights, then all timed in the same
+rounds with caches flushed before each call, beside a read-bandwidth probe and a dense matmul
+(and ggml's MoE with --compare ggml): per format the selected experts' bytes, the fraction of
+the read bandwidth, the floor max(bytes / bandwidth, FLOPs / matmul rate), time over floor,
+and the error against the float32 layer (relative RMS).
 Bad input (an unknown op or preset, inconsistent shapes, a missing optional dependency) is one
 line on stderr and exit status 2.
 """
@@ -31,8 +38,10 @@ import numpy as np
 
 from . import baselines as B
 from . import presets as P
-from .benchmark import (UsageError, backend, bench_op, check_memory, machine_info,
-                        measure_machine, print_result, versions, write_plot)
+from .benchmark import (WEIGHT_FORMATS, UsageError, backend, bench_op, bench_weights,
+                        check_memory, machine_info, measure_machine, print_result,
+                        print_weights, versions, write_plot)
+from .benchmark.weights import check_shape, ggml_status, ggml_supports
 from .checks import ACTIVATIONS, check_sigmoid_options
 from .routing.registry import router_names
 
@@ -41,6 +50,7 @@ OPS = ("layer", "grouped_gemm", "permute", "combine", "route", "train-step")
 BENCH_ROUTERS = router_names(backend="cuda")   # on every backend; reference.py specifies them
 SWEEP_KEYS = ("tokens", "d", "h", "experts", "k", "threads")
 BASELINES = ("numpy", "dense", "hf-eager", "hf-grouped_mm")
+GGML = "ggml"   # compared only when named: it runs the --weights formats, not these baselines
 SCHEMA = "fastmoe-nb-bench/1"
 
 
@@ -92,13 +102,25 @@ def _sweep(s):
     return key, values
 
 
+def _weights(s):
+    """'q8_0' or 'f32,bf16,q4_0' -> ('q8_0',) / ('f32', 'bf16', 'q4_0'), each of
+    WEIGHT_FORMATS once."""
+    names = s.split(",")
+    for n in names:
+        if n not in WEIGHT_FORMATS:
+            raise argparse.ArgumentTypeError(f"--weights: expected one of "
+                                             f"{', '.join(WEIGHT_FORMATS)} or a comma list of "
+                                             f"them, got {n!r}")
+    return tuple(dict.fromkeys(names))
+
+
 def _compare(s):
-    """'all' or a comma list of BASELINES ('hf' is both HF implementations)."""
+    """'all' or a comma list of BASELINES ('hf' is both HF implementations) or ggml."""
     groups = {"all": list(BASELINES), "hf": ["hf-eager", "hf-grouped_mm"]}
     names = []
     for n in s.split(","):
-        if n not in BASELINES and n not in groups:
-            raise argparse.ArgumentTypeError(f"--compare: expected all, hf or a list of "
+        if n not in BASELINES and n not in groups and n != GGML:
+            raise argparse.ArgumentTypeError(f"--compare: expected all, hf, ggml or a list of "
                                              f"{', '.join(BASELINES)}, got {n!r}")
         names += groups.get(n, [n])
     return {"explicit": s != "all", "names": list(dict.fromkeys(names))}
@@ -135,9 +157,13 @@ def build_parser():
     b.add_argument("--plot", metavar="PATH", help="a PNG of the sweep (needs matplotlib)")
     b.add_argument("--sweep", type=_sweep, metavar="KEY=V1,V2,..",
                    help=f"run once per value of one of {', '.join(SWEEP_KEYS)}")
+    b.add_argument("--weights", type=_weights, metavar="FORMATS",
+                   help="the layer with its experts in these weight formats, side by side: "
+                        f"one or a comma list of {', '.join(WEIGHT_FORMATS)}")
     b.add_argument("--compare", type=_compare, nargs="?", const="all", metavar="LIST",
                    help="also time the baselines, in the same run: all (default) or some of "
-                        f"{', '.join(BASELINES)}, hf")
+                        f"{', '.join(BASELINES)}, hf; or ggml (llama.cpp's MoE on the "
+                        "--weights formats; an optional extra)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
 
     i = sub.add_parser("info", help="versions, threads, BLAS, CPU features, CUDA, numba cache")
@@ -188,8 +214,43 @@ def _check_output_path(flag, path):
         raise UsageError(f"{flag}: cannot write {path!r} (no writable folder {d!r})")
 
 
+def _weights_mode(args):
+    """(formats, ggml) of a --weights / --compare ggml run: formats None for an ordinary
+    bench; ggml None, "explicit" (--compare ggml: an error when it cannot run) or "implicit"
+    (a bare --compare beside --weights: skipped when it cannot run)."""
+    compare = args.compare
+    named = compare["names"] if compare and compare["explicit"] else []
+    if GGML in named and len(named) > 1:
+        raise UsageError("--compare ggml: compared on its own (numpy, dense and HF run float32 "
+                         f"weights in another layout), got {', '.join(named)}")
+    if args.weights and named and named != [GGML]:
+        raise UsageError(f"--compare: with --weights only ggml is compared, got "
+                         f"{', '.join(named)}")
+    if not args.weights and named != [GGML]:
+        return None, None
+    formats = args.weights or ("f32",)
+    flag = "--weights" if args.weights else "--compare ggml"
+    if args.op != "layer":
+        raise UsageError(f"{flag}: times the whole layer (op 'layer'), got op {args.op!r}")
+    if args.dtype != "float32":
+        raise UsageError(f"{flag}: the formats compute in float32, not with --dtype "
+                         f"{args.dtype}")
+    if args.backend != "cpu":
+        raise UsageError(f"{flag}: runs on the CPU backend, got --backend {args.backend}")
+    if args.plot:
+        raise UsageError(f"--plot: draws a sweep of one implementation per line, not of "
+                         f"{flag}'s formats")
+    ggml = "explicit" if named == [GGML] else "implicit" if compare else None
+    if ggml == "explicit":
+        _, why = ggml_status()
+        if why is not None:
+            raise UsageError(f"--compare ggml: {why}")
+    return formats, ggml
+
+
 def cmd_bench(args):
     op = args.op
+    formats, ggml = _weights_mode(args)
     max_threads = numba.config.NUMBA_NUM_THREADS
     sweep_key, sweep_vals = args.sweep or (None, [None])
     threads_list = sweep_vals if sweep_key == "threads" else [args.threads or max_threads]
@@ -221,11 +282,17 @@ def cmd_bench(args):
             if not ok:
                 raise UsageError(f"--compare hf: {why}")
     for _, p, _ in configs:
+        if formats:
+            check_shape(p, formats)
+        if ggml == "explicit" and ggml_supports(p):
+            raise UsageError(f"--compare ggml: {ggml_supports(p)} (preset {p.name})")
         if args.backend == "cpu":
-            check_memory(p, args.dtype, op, bool(compare))
+            check_memory(p, args.dtype, op, bool(compare), formats or (), bool(ggml))
     be = backend(args.backend)
 
-    machine = measure_machine(args.dtype, max(threads_list)) if be.name == "cpu" else None
+    # --weights measures its ceilings in its own rounds, beside the formats
+    machine = (measure_machine(args.dtype, max(threads_list))
+               if be.name == "cpu" and not formats else None)
     doc = {"schema": SCHEMA, "command": "fastmoe-nb " + " ".join(args.argv),
            "versions": versions(), "machine": machine, "sweep": sweep_key, "results": []}
     if machine:
@@ -234,17 +301,24 @@ def cmd_bench(args):
               f"{machine['read_gbs']:.1f} GB/s")
     status = EXIT_OK
     for v, p, threads in configs:
-        res = bench_op(op, p, preset=args.preset, dtype=args.dtype, be=be, threads=threads,
-                       seed=args.seed, skew=args.skew, check_tokens=args.check_tokens,
-                       repeat=args.repeat, machine=machine, compare=compare, quiet=args.quiet)
+        if formats:
+            res = bench_weights(p, formats, preset=args.preset, threads=threads, seed=args.seed,
+                                skew=args.skew, check_tokens=args.check_tokens,
+                                repeat=args.repeat, ggml=ggml, quiet=args.quiet)
+        else:
+            res = bench_op(op, p, preset=args.preset, dtype=args.dtype, be=be, threads=threads,
+                           seed=args.seed, skew=args.skew, check_tokens=args.check_tokens,
+                           repeat=args.repeat, machine=machine, compare=compare,
+                           quiet=args.quiet)
         if sweep_key:
             res["sweep_value"] = v
         doc["results"].append(res)
-        print_result(res)
+        (print_weights if formats else print_result)(res)
         sys.stdout.flush()
         if not res["correct"]:
             status = EXIT_WRONG
-            print(f"fastmoe-nb: {op} on {p.name} differs from reference.py "
+            where = f" with {res['check']['format']} weights" if "format" in res["check"] else ""
+            print(f"fastmoe-nb: {op} on {p.name}{where} differs from reference.py "
                   f"(max rel err {res['check']['max_rel_err']}); not timed", file=sys.stderr)
             break
     if args.json:
@@ -278,9 +352,12 @@ def cmd_info(args):
 
 def cmd_presets(args):
     print(f"{'name':<20}{'T':>6}{'d':>6}{'h':>7}{'E':>5}{'k':>3}  {'weights':>9}  options")
+    perf = tuple(n for n in P.CPU_PERF_PRESETS if n not in P.DECODE_PRESETS)
     for title, names in (("models, full size (GPU)", P.MODEL_PRESETS),
                          ("models scaled for a laptop CPU", P.LAPTOP_PRESETS),
-                         ("CPU performance", P.CPU_PERF_PRESETS)):
+                         ("CPU performance", perf),
+                         ("CPU decoding (reads the selected experts' weights)",
+                          P.DECODE_PRESETS)):
         print(f"# {title}")
         for n in names:
             p = P.PRESETS[n]

@@ -1,5 +1,6 @@
 """Named MoE layer shapes: real models at full size (GPU scale), the same models scaled for a
-laptop CPU, and the four CPU-performance presets of the benchmarks.
+laptop CPU, the four CPU-performance presets of the benchmarks, and the decoding presets
+(a few tokens a call: bound by reading the selected experts' weights).
 
 A Preset is a shape (T, d, h, E, k) plus the model's router and expert options; it knows its
 FLOPs and turns itself into `moe_forward` keyword arguments.
@@ -131,10 +132,24 @@ _CPU_PERF = [
            description="CPU performance: decoding 8 tokens, bound by reading the weights"),
 ]
 
-PRESETS = {p.name: p for p in _MODELS + _LAPTOP + _CPU_PERF}
+# Decoding: T = 1, 8, 64 of the Mixtral-like shape (decode-8 is above), and 8-token batches of
+# deepseek-mini's and fine-128's shapes; the shapes of issue #20's decoding targets.
+_DECODE = [
+    Preset("decode-1", 1, 1024, 3584, 8, 2,
+           description="decoding one token, Mixtral-like: bound by reading two experts"),
+    Preset("decode-64", 64, 1024, 3584, 8, 2,
+           description="decoding 64 tokens, Mixtral-like: every expert read once"),
+    Preset("deepseek-decode-8", 8, 1024, 512, 64, 6,
+           description="decoding 8 tokens of deepseek-mini's shape (64 small experts, top-6)"),
+    Preset("fine-decode-8", 8, 512, 256, 128, 8,
+           description="decoding 8 tokens of fine-128's shape (128 tiny experts, top-8)"),
+]
+
+PRESETS = {p.name: p for p in _MODELS + _LAPTOP + _CPU_PERF + _DECODE}
 MODEL_PRESETS = tuple(p.name for p in _MODELS)
 LAPTOP_PRESETS = tuple(p.name for p in _LAPTOP)
 CPU_PERF_PRESETS = tuple(p.name for p in _CPU_PERF)
+DECODE_PRESETS = ("decode-1", "decode-8", "decode-64", "deepseek-decode-8", "fine-decode-8")
 DEFAULT_PRESET = "mixtral-mini"
 
 
@@ -155,5 +170,5 @@ def custom_preset(tokens, d, h, experts, k, base=None, **options) -> Preset:
                    description="explicit sizes", **options)
 
 
-__all__ = ["CPU_PERF_PRESETS", "DEFAULT_PRESET", "LAPTOP_PRESETS", "MODEL_PRESETS", "PRESETS",
+__all__ = ["CPU_PERF_PRESETS", "DECODE_PRESETS", "DEFAULT_PRESET", "LAPTOP_PRESETS", "MODEL_PRESETS", "PRESETS",
            "Preset", "custom_preset", "get_preset"]

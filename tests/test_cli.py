@@ -249,6 +249,14 @@ def test_zipf_skew_reaches_the_routing(tmp_path, stub_machine):
     (["bench", "--plot", "out.png"], ["--plot", "--sweep"]),
     (["bench", "--json", "/nonexistent-folder/x.json"], ["--json", "nonexistent-folder"]),
     (["bench", "--dtype", "float16"], ["--dtype", "float16"]),
+    (["bench", "--weights", "q5_0"], ["--weights", "'q5_0'", "q4_k"]),
+    (["bench", "--weights", "f32,"], ["--weights", "''"]),
+    (["bench", "--weights", "q8_0"], ["--weights q8_0", "32", "d=24"]),
+    (["bench", "permute", "--weights", "bf16"], ["--weights", "'permute'"]),
+    (["bench", "--weights", "bf16", "--dtype", "float64"], ["--weights", "float64"]),
+    (["bench", "--weights", "bf16", "--compare", "numpy"], ["--weights", "ggml", "numpy"]),
+    (["bench", "--compare", "ggml,dense"], ["--compare ggml", "dense"]),
+    (["bench", "--weights", "bf16", "--sweep", "d=8,16", "--plot", "x.png"], ["--plot"]),
     (["frobnicate"], ["'frobnicate'"]),
     ([], ["required"]),
 ])
@@ -287,7 +295,185 @@ def test_cuda_backend_without_cuda(monkeypatch, capsys):
     assert "--backend cuda" in line and "no CUDA here" in line
 
 
+# --------------------------------------------------------------------------- --weights
+
+# d and h multiples of 256, the k-formats' block; 4 experts, 8 tokens: every format in seconds
+TINY_Q = ["--tokens", "8", "--d", "256", "--h", "256", "--experts", "4", "--k", "2",
+          "--repeat", "2", "--quiet"]
+
+
+@pytest.fixture
+def small_probes(monkeypatch):
+    """The ceilings' probes and the cache flush shrunk, the pause between samples dropped:
+    the --weights tests time tiny layers, not the machine (a real run measures it)."""
+    from fastmoe_nb.benchmark import weights as W
+
+    monkeypatch.setattr(B, "settle", lambda: None)
+    monkeypatch.setattr(W, "FLUSH_BYTES", 1 << 20)
+    monkeypatch.setattr(W, "READ_BYTES", 1 << 20)
+    monkeypatch.setattr(B, "MATMUL_SHAPE", (64, 32, 48))
+
+
+def fake_ggml(formats=("f32", "bf16", "q8_0", "q4_0"), available=True):
+    """A stand-in for fastmoe_nb.benchmark.ggml with its interface: the experts computed by
+    reference.py on weights put through our quantizer (ggml's own is bit-compatible)."""
+    import types
+
+    from fastmoe_nb import formats as F
+
+    mod = types.ModuleType("fastmoe_nb.benchmark.ggml")
+    mod.FORMATS, mod.available, mod.made = tuple(formats), (lambda: available), []
+
+    class GgmlExperts:
+        def __init__(self, w1, w2, fmt, threads):
+            mod.made.append((w1.shape, w2.shape, fmt, threads))
+            q = (lambda w: w) if fmt == "f32" else (lambda w: F.dequantize(F.quantize(w, fmt)))
+            self.w1, self.w2 = q(w1), q(w2)
+
+        def __call__(self, x, experts, weights):
+            return ref.routed_experts(x, experts, weights, self.w1, self.w2,
+                                      trans_w=True).astype(np.float32)
+
+    mod.GgmlExperts = GgmlExperts
+    return mod
+
+
+def test_weights_every_format_is_checked_then_timed(tmp_path, small_probes, capsys):
+    from fastmoe_nb import formats as F
+
+    formats = list(bm.WEIGHT_FORMATS)
+    status, doc = bench_json(tmp_path, *TINY_Q, "--weights", ",".join(formats))
+    assert status == 0
+    assert doc["machine"] is None          # the ceilings are the result's, from its rounds
+    (res,) = doc["results"]
+    assert res["correct"] is True and res["formats"] == formats and res["layout"] == "trans_w"
+    assert res["check"]["max_rel_err"] <= res["check"]["tolerance"] == 1e-4
+    c = res["ceilings"]
+    assert c["read_gbs"] > 0 and c["matmul_gflops"] > 0 and c["matmul_shape"] == [64, 32, 48]
+    assert [e["format"] for e in res["weights"]] == formats
+    used = 4 - res["routing"]["empty_experts"]
+    d = h = 256
+    err = {}
+    for e in res["weights"]:
+        f = F.FORMAT[e["format"]]
+        # w1 (E, 2h, d): 2h rows of d values; w2 (E, d, h): d rows of h values
+        assert e["bytes"] == used * (2 * h * f.row_bytes(d) + d * f.row_bytes(h))
+        assert e["check"]["max_rel_err"] <= 1e-4
+        assert len(e["times_s"]) == 2 and e["calls_per_sample"] == 1
+        assert e["min_s"] <= e["median_s"] <= e["max_s"]
+        bw, rate = c["read_gbs"] * 1e9, c["matmul_gflops"] * 1e9
+        assert e["floor_s"] == pytest.approx(max(e["bytes"] / bw, res["flops"] / rate))
+        assert e["time_vs_floor"] == pytest.approx(e["median_s"] / e["floor_s"])
+        assert e["fraction_of_read_bw"] == pytest.approx(e["bytes"] / e["median_s"] / bw)
+        bw, rate = c["best_read_gbs"] * 1e9, c["best_matmul_gflops"] * 1e9
+        assert e["best_floor_s"] == pytest.approx(max(e["bytes"] / bw, res["flops"] / rate))
+        assert e["best_time_vs_floor"] == pytest.approx(e["min_s"] / e["best_floor_s"])
+        err[e["format"]] = e["err_vs_f32"]
+    # the float32 layer against reference.py's: float32 rounding; the formats in the order
+    # of their bits (bf16 keeps 8 significant bits, q8_0 ~7, q6_k ~5, the 4-bit ones ~3)
+    assert err["f32"] < 1e-5
+    assert 1e-4 < err["bf16"] < err["q8_0"] < err["q6_k"] < min(err["q4_0"], err["q4_k"]) < 0.3
+    out = capsys.readouterr().out
+    for col in ("MB", "of read bw", "floor ms", "x floor", "best x floor", "rel RMS vs f32",
+                "ceilings"):
+        assert col in out, col
+    assert "ours/ggml" not in out
+    for f in formats:
+        assert f"\n{f} " in out
+
+
+def test_weights_check_refuses_a_wrong_quantized_layer(tmp_path, small_probes, monkeypatch,
+                                                     capsys):
+    import fastmoe_nb as fm
+    from fastmoe_nb.formats import QuantizedWeights
+
+    good = fm.moe_forward
+
+    def off_when_quantized(x, router_w, w1, w2, **kw):
+        y = good(x, router_w, w1, w2, **kw)
+        return y * 1.01 if isinstance(w1, QuantizedWeights) else y
+
+    monkeypatch.setattr(fm, "moe_forward", off_when_quantized)
+    status, doc = bench_json(tmp_path, *TINY_Q, "--weights", "f32,q8_0,q4_0")
+    assert status == cli.EXIT_WRONG
+    (res,) = doc["results"]
+    assert res["correct"] is False and res["check"]["format"] == "q8_0"
+    assert res["check"]["max_rel_err"] == pytest.approx(0.01, rel=1e-3)
+    assert [e["format"] for e in res["weights"]] == ["f32", "q8_0"]
+    assert all("median_s" not in e for e in res["weights"])
+    err = capsys.readouterr()
+    assert "with q8_0 weights differs from reference.py" in err.err and "WRONG" in err.out
+
+
+def test_compare_ggml_times_it_beside_each_format(tmp_path, small_probes, monkeypatch,
+                                                  capsys):
+    mod = fake_ggml(formats=("f32", "q4_0"))
+    monkeypatch.setitem(sys.modules, "fastmoe_nb.benchmark.ggml", mod)
+    status, doc = bench_json(tmp_path, *TINY_Q, "--weights", "q4_0,q8_0", "--compare", "ggml",
+                             "--threads", "1")
+    assert status == 0
+    assert mod.made == [((4, 512, 256), (4, 256, 256), "q4_0", 1)]   # trans_w layout
+    q4, q8 = doc["results"][0]["weights"]
+    g = q4["ggml"]
+    assert len(g["times_s"]) == 2 and g["median_s"] > 0
+    assert q4["ours_vs_ggml"] == pytest.approx(q4["median_s"] / g["median_s"])
+    assert q4["ours_vs_ggml_best"] == pytest.approx(q4["min_s"] / g["min_s"])
+    assert g["err_vs_f32"] == pytest.approx(q4["err_vs_f32"], rel=1e-3)   # the same weights
+    assert g["floor_s"] == q4["floor_s"]
+    assert "ggml" not in q8 and "no q8_0" in q8["ggml_skipped"]
+    out = capsys.readouterr().out
+    assert "ours/ggml" in out and "\n       ggml " in out and "ggml q8_0: skipped" in out
+    # a shape ggml's MoE does not compute, named explicitly: an error before anything runs
+    assert cli.main(["bench", *TINY_Q, "--weights", "q4_0", "--compare", "ggml",
+                     "--activation", "gelu"]) == 2
+    assert "SwiGLU" in one_line_error(capsys.readouterr().err)
+    # --compare ggml alone: the float32 layer against ggml's
+    status, doc = bench_json(tmp_path, *TINY_Q, "--compare", "ggml")
+    assert status == 0 and doc["results"][0]["formats"] == ["f32"]
+    assert "ggml" in doc["results"][0]["weights"][0]
+
+
+@pytest.mark.parametrize("module", [None, "unavailable"])
+def test_compare_ggml_without_ggml_is_one_line_exit_2(monkeypatch, capsys, module):
+    # None in sys.modules: `import fastmoe_nb.benchmark.ggml` raises ImportError
+    mod = None if module is None else fake_ggml(available=False)
+    monkeypatch.setitem(sys.modules, "fastmoe_nb.benchmark.ggml", mod)
+    assert cli.main(["bench", *TINY_Q, "--weights", "q8_0", "--compare", "ggml"]) == 2
+    err = capsys.readouterr()
+    line = one_line_error(err.err)
+    assert "--compare ggml" in line and "pip install 'fastmoe-nb[ggml]'" in line
+    assert err.out == ""
+
+
+def test_bare_compare_with_weights_skips_a_missing_ggml(tmp_path, small_probes, monkeypatch):
+    monkeypatch.setitem(sys.modules, "fastmoe_nb.benchmark.ggml", None)
+    status, doc = bench_json(tmp_path, *TINY_Q, "--weights", "bf16", "--compare")
+    assert status == 0
+    (res,) = doc["results"]
+    assert "fastmoe-nb[ggml]" in res["skipped_baselines"]["ggml"]
+    assert "ggml" not in res["weights"][0]
+
+
+def test_timed_cold_flushes_before_each_timed_call(monkeypatch):
+    monkeypatch.setattr(B, "settle", lambda: None)
+    log = []
+    t = bm.timed_cold([("a", lambda: log.append("a")), ("b", lambda: log.append("b"))], 2,
+                      lambda: log.append("flush"))
+    assert log == ["a", "flush", "a", "b", "flush", "b"] * 2
+    assert [n for _, n in t] == [1, 1] and all(x.shape == (2,) for x, _ in t)
+
+
 # --------------------------------------------------------------------------- presets
+
+def test_decode_presets_are_the_issue_shapes():
+    want = {"decode-1": (1, 1024, 3584, 8, 2), "decode-8": (8, 1024, 3584, 8, 2),
+            "decode-64": (64, 1024, 3584, 8, 2), "deepseek-decode-8": (8, 1024, 512, 64, 6),
+            "fine-decode-8": (8, 512, 256, 128, 8)}
+    assert {n: P.PRESETS[n].shape for n in P.DECODE_PRESETS} == want
+    for n in want:   # every format's blocks fit: d and h multiples of 256
+        p = P.PRESETS[n]
+        assert p.activation == "swiglu" and p.d % 256 == 0 and p.h % 256 == 0
+
 
 def test_cpu_performance_presets_are_the_issue_shapes():
     want = {"mixtral-mini": (2048, 1024, 3584, 8, 2), "deepseek-mini": (2048, 1024, 512, 64, 6),

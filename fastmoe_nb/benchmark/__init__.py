@@ -15,6 +15,8 @@ dict (a row of the command's JSON), which report formats.
     hf_model.py  a training step of an HF Mixtral model by experts implementation
     report.py    the command's result block, one table over many results, the sweep plot
     machine.py   the ceilings (measured), memory, versions, `fastmoe-nb info`
+    weights.py   the layer with its experts in each weight format (`--weights`), with ggml's
+                 MoE beside it (`--compare ggml`; ggml.py, optional), against the roofline floor
 
     from fastmoe_nb import benchmark as bm
     case = bm.make_case("grouped_gemm", preset, "float32", bm.Host(), 0, None, 1024)
@@ -26,8 +28,9 @@ from __future__ import annotations
 from .cases import CASE_OPS, Cuda, Host, backend, bench_op, copy_baseline, make_case
 from .core import TOLERANCE, Baseline, Case, UsageError, measure, rel_err, select_baselines
 from .machine import check_memory, machine_info, measure_machine, memory_available, versions
-from .report import print_result, table, write_plot
-from .timer import MIN_SAMPLE_S, Progress, no_sync, stats, timed
+from .report import print_result, print_weights, table, write_plot
+from .timer import MIN_SAMPLE_S, Progress, no_sync, stats, timed, timed_cold
+from .weights import WEIGHT_FORMATS, bench_weights
 
 
 def run_cases(cases, repeat, baselines=None, tolerance=TOLERANCE["float32"], sync=no_sync,
@@ -53,8 +56,10 @@ def exit_status(results):
     return 0 if all(r["correct"] for r in results) else 1
 
 
-__all__ = ["CASE_OPS", "MIN_SAMPLE_S", "TOLERANCE", "Baseline", "Case", "Cuda", "Host",
-           "Progress", "UsageError", "backend", "bench_op", "check_memory", "copy_baseline",
+__all__ = ["CASE_OPS", "MIN_SAMPLE_S", "TOLERANCE", "WEIGHT_FORMATS", "Baseline", "Case",
+           "Cuda", "Host", "Progress", "UsageError", "backend", "bench_op", "bench_weights",
+           "check_memory", "copy_baseline",
            "exit_status", "machine_info", "make_case", "measure", "measure_machine",
-           "memory_available", "no_sync", "print_result", "rel_err", "run_cases",
-           "select_baselines", "stats", "table", "timed", "versions", "write_plot"]
+           "memory_available", "no_sync", "print_result", "print_weights", "rel_err",
+           "run_cases", "select_baselines", "stats", "table", "timed", "timed_cold", "versions",
+           "write_plot"]

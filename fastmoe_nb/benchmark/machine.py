@@ -13,6 +13,7 @@ import numpy as np
 from .. import __version__
 from .. import baselines as B
 from ..backends import cuda_module
+from ..formats import FORMAT
 from .core import UsageError
 
 
@@ -28,15 +29,22 @@ def memory_available():
     return None
 
 
-def check_memory(p, dtype, op, compare):
-    """A one-line UsageError when the op's arrays cannot fit in the host's memory."""
+def check_memory(p, dtype, op, compare, formats=(), ggml=False):
+    """A one-line UsageError when the op's arrays cannot fit in the host's memory; formats:
+    the weight formats of `--weights` (each a copy of the experts, ggml holding another)."""
     item = np.dtype(dtype).itemsize
     rows = p.tokens * p.k
     need = item * (p.experts * p.d * (p.h1 + p.h) + rows * (2 * p.d + p.h1 + p.h)
                    + 3 * p.tokens * p.d)
     need *= 3 if op == "train-step" else 1          # weight gradients, saved activations
     need += 8 * p.d * (p.h1 + p.h) * 2               # the reference's float64 expert copies
-    need *= 2 if compare else 1                      # HF holds its own copy of the weights
+    need *= 2 if compare and not formats else 1      # HF holds its own copy of the weights
+    values = p.experts * p.d * (p.h1 + p.h)
+    if formats:                                      # the trans_w float32 copy, one format's
+        need += 8 * values                           # dequantized weights for its check
+    for f in formats:
+        spec = FORMAT[f]
+        need += spec.block_bytes / spec.block * values * (2 if ggml else 1)
     have = memory_available()
     if have is not None and need > 0.8 * have:
         raise UsageError(f"preset {p.name} (T={p.tokens}, d={p.d}, h={p.h}, E={p.experts}) "

@@ -54,6 +54,60 @@ def print_result(res, out=None):
         w(f"  {name}: skipped ({why})\n")
 
 
+def _ratio(r):
+    """A time ratio: two decimals, three below 0.1."""
+    return "" if r is None else f"{r:.2f}x" if r >= 0.1 else f"{r:.3f}x"
+
+
+def print_weights(res, out=None):
+    """One result of `fastmoe-nb bench --weights`: the configuration, the check of every
+    format, the ceilings measured in its rounds, and per format (and ggml's MoE on it) the
+    selected experts' MB, median / min ms, the fraction of the read bandwidth, the roofline
+    floor, time over floor, the error against the float32 layer and our time over ggml's."""
+    s = res["shape"]
+    w = (out or sys.stdout).write
+    w(f"\n{res['op']}  preset {res['name']}  T={s['tokens']} d={s['d']} h={s['h']} "
+      f"E={s['experts']} k={s['k']}  {res['activation']} {res['router']}  weights "
+      f"{','.join(res['formats'])} (trans_w, GGUF's layout)  {res['backend']}  "
+      f"{res['threads']} threads" + (f"  skew {res['skew']}" if res["skew"] else "") + "\n")
+    c = res["check"]
+    what = f" in {c['format']}" if "format" in c else ""
+    w(f"check vs {c['reference']}: max rel err {_err(c)}{what} (tolerance "
+      f"{c['tolerance']:.0e}, {c['checked']}) {'OK' if res['correct'] else 'WRONG: not timed'}"
+      "\n")
+    if not res["correct"]:
+        return
+    r, m = res["routing"], res["ceilings"]
+    w(f"routed rows N={r['rows']}, dropped {r['dropped']}, {r['empty_experts']} experts empty; "
+      f"first calls " + ", ".join(f"{e['format']} {e['first_call_s']:.2f} s"
+                                  for e in res["weights"]) + "\n")
+    w(f"ceilings in the same rounds (median, best): read {m['read_gbs']:.1f}, "
+      f"{m['best_read_gbs']:.1f} GB/s, dense float32 matmul {m['matmul_gflops']:.0f}, "
+      f"{m['best_matmul_gflops']:.0f} GFLOP/s; every call after a {m['flushed_bytes'] >> 20} "
+      "MiB read (caches flushed)\n")
+    ggml = any("ggml" in e for e in res["weights"])
+    w(f"{'format':<7}{'impl':<12}{'MB':>8}{'median ms':>11}{'min ms':>9}{'of read bw':>11}"
+      f"{'floor ms':>10}{'x floor':>9}{'best x floor':>14}{'rel RMS vs f32':>16}"
+      + (f"{'ours/ggml':>11}{'best':>7}" if ggml else "") + "\n")
+    for e in res["weights"]:
+        rows = [("fastmoe_nb", e, f"{_ratio(e.get('ours_vs_ggml')):>11}"
+                 f"{_ratio(e.get('ours_vs_ggml_best')):>7}")]
+        if "ggml" in e:
+            rows.append(("ggml", e["ggml"], ""))
+        for i, (name, t, ratio) in enumerate(rows):
+            mb = f"{e['bytes'] / 1e6:.1f}" if i == 0 else ""   # the same bytes for ggml
+            w(f"{e['format'] if i == 0 else '':<7}{name:<12}{mb:>8}"
+              f"{ms(t['median_s']):>11}{ms(t['min_s']):>9}{t['fraction_of_read_bw']:>11.2f}"
+              f"{ms(t['floor_s']):>10}{t['time_vs_floor']:>9.2f}"
+              f"{t['best_time_vs_floor']:>14.2f}{t['err_vs_f32']:>16.1e}"
+              + (ratio if ggml else "") + "\n")
+    for e in res["weights"]:
+        if "ggml_skipped" in e:
+            w(f"  ggml {e['format']}: skipped ({e['ggml_skipped']})\n")
+    for name, why in res.get("skipped_baselines", {}).items():
+        w(f"  {name}: skipped ({why})\n")
+
+
 def table(results, out=None):
     """Many results (each with a "case" name) as one table: a line per implementation with
     the check's error, median and min ms, GFLOP/s, GB/s and the time relative to

@@ -69,6 +69,27 @@ def timed(runs, repeat, progress=None):
     return [(t[j] / n, n) for j, n in enumerate(counts)]
 
 
+def timed_cold(runs, repeat, flush, progress=None):
+    """runs: [(what, fn)] -> [((repeat,) seconds of one call, 1)] in the same order, each call
+    timed with cold caches: in rounds, every fn in turn after baselines.settle(), one untimed
+    call (it wakes the threads the pause put to sleep) and flush(), which reads more than the
+    last-level cache holds. A model's other layers evict a layer's weights between its calls;
+    without the flush a decode step's few MB of quantized weights would come from the cache
+    and run faster than the memory can deliver them."""
+    out = [np.empty(repeat) for _ in runs]
+    for i in range(repeat):
+        for j, (what, fn) in enumerate(runs):
+            baselines.settle()
+            fn()
+            flush()
+            t0 = time.perf_counter()
+            fn()
+            out[j][i] = time.perf_counter() - t0
+            if progress is not None:
+                progress.step(what)
+    return [(t, 1) for t in out]
+
+
 def stats(timed_entry):
     """One entry of timed() -> the result row's timing fields (seconds per call)."""
     times, n = timed_entry

@@ -31,6 +31,7 @@ import numpy as np
 
 from ..kernels.common import SWIGLU
 from ..kernels.cpu import activations as ka
+from ..kernels.cpu import bf16dot as kb
 from ..kernels.cpu import dispatch as kd
 from ..kernels.cpu import gemm as kg
 from ..kernels.cpu import quant as kq
@@ -542,6 +543,12 @@ def quantized_gemm(a, qw, offsets, trans):
     stream = route(offsets).stream if code is not None else np.zeros(E, np.bool_)
     if stream.any():
         _stream_parts(a, qw, code, trans, offsets, out, stream)
+    if qw.activations == "bf16" and kb.NATIVE and code is not None and not qw.stacked:   # opt-in: vdpbf16ps
+        rows = np.where(stream, 0, np.diff(offsets))
+        kb.run(a, qw.blocks, trans, M, make_tiles(rows, offsets[:-1], offsets[:-1], np.arange(E),
+                                                  np.zeros(E), np.full(E, kb.pairs(a.shape[1])),
+                                                  num_panels(M, 0)), out)
+        return out
     tasks = [(e, c0, min(c0 + QUANT_COLS, M)) for e in np.flatnonzero(
              (np.diff(offsets) > 0) & ~stream) for c0 in range(0, M, QUANT_COLS)]
 

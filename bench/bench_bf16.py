@@ -5,6 +5,8 @@ dot products, kernels/cpu/bf16dot.py, where the CPU has AVX512_BF16).
     python bench/bench_bf16.py [--presets mixtral-mini,deepseek-mini,fine-128] [--rounds 3]
                                [--threads 2]
 
+A preset may name its token count: mixtral-mini:64 is mixtral-mini's layer at T = 64.
+
 Each preset's layer (moe_forward, swiglu, softmax top-k over random router weights, weights
 in the transposed (E, M, K) layout: trans_w=True) runs once per variant per round, the
 variants interleaved within a round, so that the ratios compare times taken under the same
@@ -61,7 +63,10 @@ def main(argv=None):
     print(f"native bf16 dot products (AVX512_BF16): {bf16dot.NATIVE}; threads {args.threads}")
     rng = np.random.default_rng(0)
     for name in args.presets.split(","):
-        p = get_preset(name)
+        base_name, _, tokens = name.partition(":")
+        p = get_preset(base_name)
+        if tokens:
+            p = p.replace(tokens=int(tokens), name=name)
         x, router_w, w1, w2 = layer_inputs(p, rng)
         q1, q2 = formats.quantize(w1, "bf16"), formats.quantize(w2, "bf16")
         variants = {"f32": (w1, w2), "bf16": (q1, q2),
@@ -89,7 +94,7 @@ def main(argv=None):
                 run(v)
                 times[v].append(time.perf_counter() - t)
         base = np.median(times["f32"])
-        print(f"\n{name} (T, d, h, E, k) = {p.shape}, {p.flops() / 1e9:.0f} GFLOP")
+        print(f"\n{p.name} (T, d, h, E, k) = {p.shape}, {p.flops() / 1e9:.0f} GFLOP")
         print(f"  {'weights':<12} {'ms':>8} {'best ms':>8} {'x f32':>6} {'err':>8}")
         for v, ts in times.items():
             med = np.median(ts)

@@ -253,3 +253,30 @@ def test_activations_argument(rng):
         F.quantize(w, "q8_0").with_activations("bf16")
     with pytest.raises(ValueError, match="activations"):
         q.with_activations("fp8")
+
+
+@native
+@pytest.mark.parametrize("activation,trans", [("swiglu", True), ("gelu", False),
+                                               ("relu", True)])
+def test_fused_first_product_equals_the_unfused_one(rng, activation, trans):
+    # a prefill with w1 native runs the gather and the activation inside w1's product
+    # (backends/cpu.py _native_first): h_pre the same bits as grouped_gemm's, h_act its
+    # activation, and moe_forward without a context (rows gathered by tokens) the same bits as
+    # with one (rows permuted first)
+    T, d, h, E, k = 80, 48, 40, 3, 2
+    H1 = 2 * h if activation == "swiglu" else h
+    q1 = _bf16_weights(rng, E, d, H1, trans).with_activations("bf16")
+    q2 = _bf16_weights(rng, E, h, d, trans).with_activations("bf16")
+    counts = (60, 0, 100)
+    offsets = offsets_of(counts)
+    xs = rng.standard_normal((int(offsets[-1]), d)).astype(np.float32)
+    h_pre, h_act, ys = fm.experts_forward(xs, q1, q2, offsets, activation, trans, keep=True)
+    np.testing.assert_array_equal(h_pre, fm.grouped_gemm(xs, q1, offsets, trans_w=trans))
+    np.testing.assert_allclose(h_act, fm.activate(h_pre, activation), rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(ys, fm.grouped_gemm(h_act, q2, offsets, trans_w=trans))
+    x = rng.standard_normal((T, d)).astype(np.float32)
+    router_w = rng.standard_normal((d, E)).astype(np.float32)
+    y = fm.moe_forward(x, router_w, q1, q2, k, activation=activation, trans_w=trans)
+    y_ctx, _ = fm.moe_forward(x, router_w, q1, q2, k, activation=activation, trans_w=trans,
+                              return_context=True)
+    np.testing.assert_array_equal(y, y_ctx)

@@ -362,14 +362,15 @@ def bf16_gemm_kernel(src, ridx, w, w32, wtrans, K, M, tiles, bounds, max_rows, h
 
 def run(a, blocks, trans, M, tiles, out, ridx=None, half=0, act_out=None, code=-1,
         store_out=True):
-    """The host sequence of a native bf16 product: a (*, K) float32 C-contiguous rounded to bf16
-    pairs once, then bf16_gemm_kernel over `tiles` ((tiles (n, 7), bounds, max_rows) as
-    backends/cpu.py's make_tiles cuts them, depth in pairs(K)) with the bf16 bits `blocks`
-    (G, K, M) [trans: (G, M, K)] uint16 C-contiguous -> out (and act_out, as
-    gemm.grouped_gemm_kernel's epilogue). Only on NATIVE hosts."""
+    """The host sequence of a native bf16 product: a (*, K) float32 rounded to bf16 pairs once,
+    then bf16_gemm_kernel over `tiles` ((tiles (n, 7), bounds, max_rows) as backends/cpu.py's
+    make_tiles cuts them, depth in pairs(K)); A's rows are a[ridx[r]] (ridx None: a's own),
+    B_g the bf16 bits `blocks` (G, K, M) [trans: (G, M, K)] uint16 C-contiguous -> out (and
+    act_out, as gemm.grouped_gemm_kernel's epilogue). Only on NATIVE hosts."""
     if not NATIVE:
         raise RuntimeError("bf16dot.run: this CPU has no AVX512_BF16 (vdpbf16ps); the caller "
                            "must take the float32 path")
+    a = np.ascontiguousarray(a, dtype=np.float32)
     K = a.shape[1]
     src = np.empty((a.shape[0], pairs(K)), np.uint32)
     round_pairs(a, src)

@@ -11,8 +11,10 @@ differs from the float32 product of the rounded operands only by float32 accumul
 
 Operands are pairs along the depth, one uint32 per pair (the even element in the low half, as
 vdpbf16ps reads them; an odd depth's last pair has a zero high half):
-    A: round_pairs turns a (N, K) float32 into (N, ceil(K/2)) uint32 once per product; the
-       float32 kernel's pack_rows then packs its rows per block unchanged (it copies elements).
+    A: round_pairs turns a (N, K) float32 into (N, ceil(K/2)) uint32 once per product, and
+       pack_a packs each tile's rows once (the float32 kernel's pack_rows, which copies
+       elements of any type, over the whole depth): every column tile of those rows reads
+       the same packed blocks, where the float32 kernel packs A again per tile.
     B: pack_pairs packs the bf16 bits of B_g = W_g (or W_g^T) per tile and depth chunk into
        (NC/NR, KCP, NR) uint32 panels, the float32 kernel's panel layout (swiglu interleaving
        included) with pairs for values.
@@ -41,6 +43,7 @@ FLAGS = dict(cache=True, fastmath={"contract"})
 NATIVE = bool(ISA == "avx512" and NR == 16 and host_features().get("avx512bf16"))
 # Depth chunk in pairs: two B panels of KCP x NR pairs and an A micro-panel stay in L1.
 KCP = KC // 2
+assert MC % MR == 0          # a tile's row blocks start on the packed A blocks' boundaries
 
 
 def pairs(K):
@@ -321,52 +324,81 @@ dot_tile1 = _make_tile(1)
 
 @slp_vectorized
 @njit(parallel=True, **FLAGS)
-def bf16_gemm_kernel(src, ridx, w, w32, wtrans, K, M, tiles, bounds, max_rows, half, out,
+def pack_a(src, ridx, jobs, out):
+    # src: (*, P) uint32 activation pairs, ridx: (*,) int64; jobs (n, 3) int64 (r0, m, blk):
+    # rows src[ridx[r0..r0+m]] -> out[blk : blk + ceil(m/MR)] as pack_rows lays them out,
+    # the whole depth: out (nblocks, P, MR). Jobs in parallel.
+    for j in prange(jobs.shape[0]):
+        r0, m, blk = jobs[j, 0], jobs[j, 1], jobs[j, 2]
+        pack_rows(src, ridx, False, r0, m, 0, src.shape[1], out[blk:blk + (m + MR - 1) // MR])
+
+
+@slp_vectorized
+@njit(parallel=True, **FLAGS)
+def bf16_gemm_kernel(apk, ablk, w, w32, wtrans, K, M, tiles, bounds, max_rows, half, out,
                      act_out, code, store_out):
-    # src: (*, ceil(K/2)) uint32 activation pairs (round_pairs), ridx: (*,) int64 rows of src;
+    # apk: (nblocks, ceil(K/2), MR) uint32 activation pairs packed once (pack_a), ablk (n,):
+    #   tile t's rows are the MR-row blocks ablk[t].. of apk;
     # w: (G, K, M) uint16 bf16 bits [wtrans: (G, M, K)], M columns of B_g; w32: w viewed as
-    # (G, M, K/2) uint32 pairs when wtrans and K is even, else (0, 0, 0);
+    #   (G, M, K/2) uint32 pairs when wtrans and K is even, else (0, 0, 0);
     # tiles (n, 7) int64 (g, r0, m, r_out, k0, k1, q0) as gemm.grouped_gemm_kernel's, k0..k1
-    # in pairs; bounds (nchunks+1,): tiles bounds[c]..bounds[c+1]-1 run in chunk c, in order;
+    #   in pairs; bounds (nchunks+1,): tiles bounds[c]..bounds[c+1]-1 run in chunk c, in order;
     # out (*, M) float32 (or h_pre), act_out (*, M') or (0, 0): as grouped_gemm_kernel's.
     # Per tile: for each depth chunk of KCP pairs, B's panels packed once (pack_pairs), then
-    # every MC-row block of A packed (pack_rows) and multiplied two panels at a time.
+    # each MC-row block of A multiplied with them two panels at a time.
     P = (half + HN - 1) // HN if half > 0 else (M + NR - 1) // NR
     bs = KCP * NR                                   # one packed panel, in pairs
+    ap = apk.shape[1] * MR                          # one packed A block, in pairs
+    flat = apk.reshape(apk.size)
     nchunks = bounds.shape[0] - 1
     for c in prange(nchunks):
-        abuf = np.empty((MC // MR, KCP, MR), np.uint32)
         bbuf = np.empty((NC // NR, KCP, NR), np.uint32)
         cbuf = np.empty((max_rows + MR, NC), np.float32)
         for t in range(bounds[c], bounds[c + 1]):
-            g, r0, m, r_out, k0, k1, q0 = (tiles[t, 0], tiles[t, 1], tiles[t, 2], tiles[t, 3],
-                                           tiles[t, 4], tiles[t, 5], tiles[t, 6])
+            m, r_out, k0, k1, q0 = tiles[t, 2], tiles[t, 3], tiles[t, 4], tiles[t, 5], tiles[t, 6]
+            g = tiles[t, 0]
             q1 = min(P, q0 + NC // NR)
             for kk in range(k0, k1, KCP):
                 ke = min(k1, kk + KCP)
                 pack_pairs(w, w32, wtrans, g, q0, q1, kk, ke, half, M, K, bbuf)
                 for rb in range(0, m, MC):
-                    mb = min(MC, m - rb)
-                    pack_rows(src, ridx, False, r0 + rb, mb, kk, ke, abuf)
+                    nb = (min(MC, m - rb) + MR - 1) // MR
+                    a0 = (ablk[t] + rb // MR) * ap + kk * MR
                     for q in range(q0, q1, 2):
                         bo = (q - q0) * bs
-                        for b in range((mb + MR - 1) // MR):
+                        for b in range(nb):
                             if q + 1 < q1:
-                                dot_tile2(abuf, b * KCP * MR, bbuf, bo, bs, ke - kk, cbuf,
+                                dot_tile2(flat, a0 + b * ap, bbuf, bo, bs, ke - kk, cbuf,
                                           rb + b * MR, (q - q0) * NR, kk == k0)
                             else:
-                                dot_tile1(abuf, b * KCP * MR, bbuf, bo, bs, ke - kk, cbuf,
+                                dot_tile1(flat, a0 + b * ap, bbuf, bo, bs, ke - kk, cbuf,
                                           rb + b * MR, (q - q0) * NR, kk == k0)
             tile_epilogue(cbuf, m, q0, q1, half, M, out, r_out, act_out, code, store_out)
+
+
+def pack_plan(tiles):
+    """tiles (n, 7) -> (jobs (j, 3) (r0, m, blk) for pack_a, ablk (n,), blocks): each distinct
+    row range (r0, m) of the tiles packed once, in MR-row blocks, MC rows a job."""
+    if tiles.shape[0] == 0:
+        return np.zeros((0, 3), np.int64), np.zeros(0, np.int64), 0
+    ranges, inv = np.unique(tiles[:, 1:3], axis=0, return_inverse=True)
+    nb = -(-ranges[:, 1] // MR)
+    start = np.concatenate([[0], np.cumsum(nb)[:-1]])
+    per = -(-ranges[:, 1] // MC)
+    u = np.repeat(np.arange(ranges.shape[0]), per)
+    j = np.arange(u.shape[0]) - np.repeat(np.cumsum(per) - per, per)
+    jobs = np.stack([ranges[u, 0] + j * MC, np.minimum(MC, ranges[u, 1] - j * MC),
+                     start[u] + j * (MC // MR)], axis=1).astype(np.int64)
+    return np.ascontiguousarray(jobs), start[inv.reshape(-1)].astype(np.int64), int(nb.sum())
 
 
 def run(a, blocks, trans, M, tiles, out, ridx=None, half=0, act_out=None, code=-1,
         store_out=True):
     """The host sequence of a native bf16 product: a (*, K) float32 rounded to bf16 pairs once,
-    then bf16_gemm_kernel over `tiles` ((tiles (n, 7), bounds, max_rows) as backends/cpu.py's
-    make_tiles cuts them, depth in pairs(K)); A's rows are a[ridx[r]] (ridx None: a's own),
-    B_g the bf16 bits `blocks` (G, K, M) [trans: (G, M, K)] uint16 C-contiguous -> out (and
-    act_out, as gemm.grouped_gemm_kernel's epilogue). Only on NATIVE hosts."""
+    the tiles' rows a[ridx[r]] (ridx None: a's own) packed once (pack_a), then
+    bf16_gemm_kernel over `tiles` ((tiles (n, 7), bounds, max_rows) as backends/cpu.py's
+    make_tiles cuts them, depth in pairs(K)) with B_g the bf16 bits `blocks` (G, K, M) [trans: (G, M, K)] uint16 C-contiguous
+    -> out (and act_out, as gemm.grouped_gemm_kernel's epilogue). Only on NATIVE hosts."""
     if not NATIVE:
         raise RuntimeError("bf16dot.run: this CPU has no AVX512_BF16 (vdpbf16ps); the caller "
                            "must take the float32 path")
@@ -379,6 +411,9 @@ def run(a, blocks, trans, M, tiles, out, ridx=None, half=0, act_out=None, code=-
     if act_out is None:
         act_out = np.empty((0, 0), np.float32)
     t, bounds, max_rows = tiles
+    jobs, ablk, nblocks = pack_plan(t)
+    apk = np.empty((nblocks, pairs(K), MR), np.uint32)
+    pack_a(src, ridx, jobs, apk)
     w32 = blocks.view(np.uint32) if trans and K % 2 == 0 else np.empty((0, 0, 0), np.uint32)
-    bf16_gemm_kernel(src, ridx, blocks, w32, trans, K, M, t, bounds, max_rows, half, out, act_out,
-                     code, store_out)
+    bf16_gemm_kernel(apk, ablk, blocks, w32, trans, K, M, t, bounds, max_rows, half, out,
+                     act_out, code, store_out)

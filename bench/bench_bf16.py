@@ -28,12 +28,12 @@ import numpy as np
 # the checkout this script lies in, not an installed fastmoe_nb (a worktree has its own)
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import numba  # noqa: E402
+import numba
 
-import fastmoe_nb as fm  # noqa: E402
-from fastmoe_nb import formats  # noqa: E402
-from fastmoe_nb.kernels.cpu import bf16dot  # noqa: E402
-from fastmoe_nb.presets import get_preset  # noqa: E402
+import fastmoe_nb as fm
+from fastmoe_nb import formats
+from fastmoe_nb.kernels.cpu import bf16dot
+from fastmoe_nb.presets import get_preset
 
 
 def layer_inputs(p, rng):

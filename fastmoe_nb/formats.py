@@ -190,7 +190,7 @@ class QuantizedWeights:
             return tuple(b[e] for b in self.blocks)
         return self.blocks[e]
 
-    def with_activations(self, activations) -> "QuantizedWeights":
+    def with_activations(self, activations) -> QuantizedWeights:
         """The same blocks (not copied) with activations "f32" or "bf16" (bf16 weights only)."""
         return QuantizedWeights(self.format, self.shape, self.blocks, activations)
 

@@ -18,7 +18,9 @@ from the sizes of the blocks (constants: kernels/cpu/config.py):
   packed copy stays in cache).
 Weights in a format (fastmoe_nb.formats: bf16, q8_0, q4_0, ...) are decoded a panel of columns
 at a time into a task's scratch, each value once per product, and multiplied by BLAS
-(quantized_gemm); they are frozen, so their backward gives the inputs' gradient only.
+(quantized_gemm); they are frozen, so their backward gives the inputs' gradient only. bf16
+weights that ask for bf16 activations (QuantizedWeights.activations) run kernels/cpu/bf16dot.py's
+native bf16 dot products instead where the CPU has AVX512_BF16 (_native_bf16).
 Every way cuts its work from the shapes alone: results are bitwise the same for any thread
 count.
 """

@@ -37,7 +37,7 @@ from numba.extending import intrinsic
 from .config import HN, ISA, KC, MC, MR, NC, NR, ROW_BLOCK, host_features
 from .gemm import pack_rows, panel_col, slp_vectorized, tile_epilogue
 
-FLAGS = dict(cache=True, fastmath={"contract"})
+FLAGS = {"cache": True, "fastmath": {"contract"}}
 
 # vdpbf16ps on 512-bit registers: 16 float32 lanes, each fed by a pair of bf16 values.
 NATIVE = bool(ISA == "avx512" and NR == 16 and host_features().get("avx512bf16"))

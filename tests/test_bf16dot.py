@@ -280,3 +280,16 @@ def test_fused_first_product_equals_the_unfused_one(rng, activation, trans):
     y_ctx, _ = fm.moe_forward(x, router_w, q1, q2, k, activation=activation, trans_w=trans,
                               return_context=True)
     np.testing.assert_array_equal(y, y_ctx)
+
+
+def test_stacked_weights_keep_the_exact_path(rng):
+    # a stacked weight (formats.stack: several blocks arrays) is not read by the native
+    # kernel: its bf16 activations setting gives the exact product, bit for bit
+    counts, K = (40, 0, 30), 64
+    offsets = offsets_of(counts)
+    gate, up = (_bf16_weights(rng, len(counts), K, 48, True) for _ in range(2))
+    q = F.stack(gate, up)
+    a = rng.standard_normal((int(offsets[-1]), K)).astype(np.float32)
+    np.testing.assert_array_equal(fm.grouped_gemm(a, q.with_activations("bf16"), offsets,
+                                                  trans_w=True),
+                                  fm.grouped_gemm(a, q, offsets, trans_w=True))

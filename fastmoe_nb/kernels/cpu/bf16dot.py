@@ -11,10 +11,9 @@ differs from the float32 product of the rounded operands only by float32 accumul
 
 Operands are pairs along the depth, one uint32 per pair (the even element in the low half, as
 vdpbf16ps reads them; an odd depth's last pair has a zero high half):
-    A: round_pairs turns a (N, K) float32 into (N, ceil(K/2)) uint32 once per product, and
-       pack_a packs each tile's rows once (the float32 kernel's pack_rows, which copies
-       elements of any type, over the whole depth): every column tile of those rows reads
-       the same packed blocks, where the float32 kernel packs A again per tile.
+    A: round_pairs turns a (N, K) float32 into (N, ceil(K/2)) uint32 once per product; the
+       micro-kernel broadcasts each pair from those rows in place (MR rows, by index: a fused
+       gather), so there is no packed copy and every column tile reads the same rows.
     B: pack_pairs packs the bf16 bits of B_g = W_g (or W_g^T) per tile and depth chunk into
        (NC/NR, KCP, NR) uint32 panels, the float32 kernel's panel layout (swiglu interleaving
        included) with pairs for values.
@@ -22,7 +21,7 @@ The tiles, their split over threads, the depth chunks (KCP pairs) and the epilog
 (gemm.tile_epilogue) are the float32 kernel's: every output element is made by one tile in a
 fixed order, so results are bitwise the same for any thread count. The micro-kernel holds
 MR x 2NR float32 accumulators (two panels side by side: MR * 2 zmm registers, enough
-independent chains to cover the instruction's latency); A's pairs are broadcast from memory.
+independent chains to cover the instruction's latency).
 
 The instruction flushes bf16 subnormal inputs and float32 subnormal results to zero (DAZ /
 FTZ). Only hosts whose LLVM target has avx512bf16 compile the micro-kernel (NATIVE); elsewhere
@@ -35,7 +34,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .config import HN, ISA, KC, MC, MR, NC, NR, ROW_BLOCK, host_features
-from .gemm import pack_rows, panel_col, slp_vectorized, tile_epilogue
+from .gemm import panel_col, slp_vectorized, tile_epilogue
 
 FLAGS = {"cache": True, "fastmath": {"contract"}}
 
@@ -43,7 +42,6 @@ FLAGS = {"cache": True, "fastmath": {"contract"}}
 NATIVE = bool(ISA == "avx512" and NR == 16 and host_features().get("avx512bf16"))
 # Depth chunk in pairs: two B panels of KCP x NR pairs and an A micro-panel stay in L1.
 KCP = KC // 2
-assert MC % MR == 0          # a tile's row blocks start on the packed A blocks' boundaries
 
 
 def pairs(K):
@@ -97,17 +95,47 @@ def round_bf16(bits):
     return quiet if nan else near
 
 
+_V32 = ir.VectorType(_I32, 32)
+
+
+@intrinsic
+def _vround32(typingctx, a, ao, out, oo):
+    """out[oo:oo+16] = the bf16 bits of a[ao:ao+32] (float32 bits, uint32) as 16 pairs: round_bf16
+    on 32 values at once (the same integer steps as vectors; flat offsets)."""
+    if not (_c_array(a, types.uint32) and _c_array(out, types.uint32)):
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        def c(v):
+            return ir.Constant(_V32, [v] * 32)
+        x = builder.load(_ptr(ctx, builder, sig.args[0], args[0], args[1], _V32), align=4)
+        near = builder.lshr(builder.add(builder.add(x, c(0x7FFF)),
+                                        builder.and_(builder.lshr(x, c(16)), c(1))), c(16))
+        quiet = builder.or_(builder.lshr(x, c(16)), c(0x40))
+        nan = builder.icmp_unsigned(">", builder.and_(x, c(0x7FFFFFFF)), c(0x7F800000))
+        h = builder.trunc(builder.select(nan, quiet, near), ir.VectorType(ir.IntType(16), 32))
+        builder.store(builder.bitcast(h, _I32X16),
+                      _ptr(ctx, builder, sig.args[2], args[2], args[3], _I32X16), align=4)
+        return ctx.get_dummy_value()
+    return types.void(a, ao, out, oo), codegen
+
+
 @njit(parallel=True, **FLAGS)
 def round_pairs(a, out):
     # a: (N, K) float32 C-contiguous -> out: (N, ceil(K/2)) uint32, out[r, p] = bf16(a[r, 2p])
-    # | bf16(a[r, 2p+1]) << 16 (0 in the high half past K); rows in parallel
+    # | bf16(a[r, 2p+1]) << 16 (0 in the high half past K); rows in parallel, 32 values at a
+    # time by vectors, the rest one by one
     N, K = a.shape
     bits = a.view(np.uint32)
-    kp = K // 2
+    flat, oflat = bits.reshape(bits.size), out.reshape(out.size)
+    kp, P = K // 2, out.shape[1]
+    kv = K // 32 * 32
     for t in prange((N + ROW_BLOCK - 1) // ROW_BLOCK):
         for r in range(t * ROW_BLOCK, min(N, (t + 1) * ROW_BLOCK)):
+            for k in range(0, kv, 32):
+                _vround32(flat, r * K + k, oflat, r * P + k // 2)
             src, dst = bits[r], out[r]
-            for p in range(np.uint64(0), np.uint64(kp)):
+            for p in range(kv // 2, kp):
                 dst[p] = round_bf16(src[2 * p]) | (round_bf16(src[2 * p + 1]) << np.uint32(16))
             if K % 2:
                 dst[kp] = round_bf16(src[K - 1])
@@ -250,20 +278,23 @@ def _make_tile(npan):
 
     @intrinsic
     def dot_tile(typingctx, ap, ao, bp, bo, bs, kp, cbuf, ci, cj, first):
-        # ap: uint32 A micro-panel at flat offset ao, (kp, MR) pairs; bp: uint32 B panels at
-        # bo, bo + bs, each (kp, NR) pairs; cbuf: (*, ld) float32 ->
+        # ap: uint32 A pairs, flat; ao: (>= MR,) int64, row i's kp pairs at ap[ao[i]:];
+        # bp: uint32 B panels at bo, bo + bs, each (kp, NR) pairs; cbuf: (*, ld) float32 ->
         # cbuf[ci:ci+MR, cj:cj+npan*NR] = (first ? 0 : itself) + the pairs' dot products
         if not (_c_array(ap, types.uint32) and _c_array(bp, types.uint32)
-                and _c_array(cbuf, types.float32) and cbuf.ndim == 2):
+                and _c_array(ao, types.int64) and _c_array(cbuf, types.float32)
+                and cbuf.ndim == 2):
             return None
 
         def codegen(ctx, builder, sig, args):
             ap_, ao_, bp_, bo_, bs_, kp_, cb_, ci_, cj_, first_ = args
             i64 = ir.IntType(64)
-            ao_, bo_, bs_, kp_, ci_, cj_ = (ctx.cast(builder, v, t, types.int64) for v, t in
-                                            zip((ao_, bo_, bs_, kp_, ci_, cj_),
-                                                (sig.args[1], sig.args[3], sig.args[4],
-                                                 sig.args[5], sig.args[7], sig.args[8])))
+            bo_, bs_, kp_, ci_, cj_ = (ctx.cast(builder, v, t, types.int64) for v, t in
+                                       zip((bo_, bs_, kp_, ci_, cj_),
+                                           (sig.args[3], sig.args[4], sig.args[5], sig.args[7],
+                                            sig.args[8])))
+            optr = ctx.make_array(sig.args[1])(ctx, builder, ao_).data
+            arow = [builder.load(builder.gep(optr, [ir.Constant(_I32, i)])) for i in range(MR)]
             carr = ctx.make_array(sig.args[6])(ctx, builder, cb_)
             ld = cgutils.unpack_tuple(builder, carr.shape, 2)[1]
             cptr = [[_ptr(ctx, builder, sig.args[6], cb_,
@@ -294,11 +325,9 @@ def _make_tile(npan):
                     builder.add(builder.add(bo_, builder.mul(bs_, ir.Constant(i64, n))),
                                 builder.mul(p, ir.Constant(i64, NR))), _I32X16), align=4),
                     _BF16X32) for n in range(npan)]
-                abase = builder.add(ao_, builder.mul(p, ir.Constant(i64, MR)))
                 for i in range(MR):
                     x = builder.load(_ptr(ctx, builder, sig.args[0], ap_,
-                                          builder.add(abase, ir.Constant(i64, i)), _I32),
-                                     align=4)
+                                          builder.add(arow[i], p), _I32), align=4)
                     v = builder.insert_element(ir.Constant(_I32X16, ir.Undefined), x,
                                                ir.Constant(_I32, 0))
                     av = builder.bitcast(builder.shuffle_vector(v, v, splat), _BF16X32)
@@ -324,79 +353,55 @@ dot_tile1 = _make_tile(1)
 
 @slp_vectorized
 @njit(parallel=True, **FLAGS)
-def pack_a(src, ridx, jobs, out):
-    # src: (*, P) uint32 activation pairs, ridx: (*,) int64; jobs (n, 3) int64 (r0, m, blk):
-    # rows src[ridx[r0..r0+m]] -> out[blk : blk + ceil(m/MR)] as pack_rows lays them out,
-    # the whole depth: out (nblocks, P, MR). Jobs in parallel.
-    for j in prange(jobs.shape[0]):
-        r0, m, blk = jobs[j, 0], jobs[j, 1], jobs[j, 2]
-        pack_rows(src, ridx, False, r0, m, 0, src.shape[1], out[blk:blk + (m + MR - 1) // MR])
-
-
-@slp_vectorized
-@njit(parallel=True, **FLAGS)
-def bf16_gemm_kernel(apk, ablk, w, w32, wtrans, K, M, tiles, bounds, max_rows, half, out,
+def bf16_gemm_kernel(src, ridx, w, w32, wtrans, K, M, tiles, bounds, max_rows, half, out,
                      act_out, code, store_out):
-    # apk: (nblocks, ceil(K/2), MR) uint32 activation pairs packed once (pack_a), ablk (n,):
-    #   tile t's rows are the MR-row blocks ablk[t].. of apk;
+    # src: (*, ceil(K/2)) uint32 activation pairs (round_pairs), ridx: (*,) int64: A's row r
+    #   is src[ridx[r]] (a fused gather), read in place by the micro-kernel (no packed copy);
     # w: (G, K, M) uint16 bf16 bits [wtrans: (G, M, K)], M columns of B_g; w32: w viewed as
     #   (G, M, K/2) uint32 pairs when wtrans and K is even, else (0, 0, 0);
     # tiles (n, 7) int64 (g, r0, m, r_out, k0, k1, q0) as gemm.grouped_gemm_kernel's, k0..k1
     #   in pairs; bounds (nchunks+1,): tiles bounds[c]..bounds[c+1]-1 run in chunk c, in order;
     # out (*, M) float32 (or h_pre), act_out (*, M') or (0, 0): as grouped_gemm_kernel's.
     # Per tile: for each depth chunk of KCP pairs, B's panels packed once (pack_pairs), then
-    # each MC-row block of A multiplied with them two panels at a time.
+    # each MC-row block of A multiplied with them two panels at a time; rows past the tile's
+    # last repeat it (their products are never stored).
     P = (half + HN - 1) // HN if half > 0 else (M + NR - 1) // NR
     bs = KCP * NR                                   # one packed panel, in pairs
-    ap = apk.shape[1] * MR                          # one packed A block, in pairs
-    flat = apk.reshape(apk.size)
+    kp2 = src.shape[1]
+    flat = src.reshape(src.size)
     nchunks = bounds.shape[0] - 1
     for c in prange(nchunks):
         bbuf = np.empty((NC // NR, KCP, NR), np.uint32)
         cbuf = np.empty((max_rows + MR, NC), np.float32)
+        rows = np.empty(MC + MR, np.int64)           # flat offsets of A's rows at the chunk
         for t in range(bounds[c], bounds[c + 1]):
-            m, r_out, k0, k1, q0 = tiles[t, 2], tiles[t, 3], tiles[t, 4], tiles[t, 5], tiles[t, 6]
-            g = tiles[t, 0]
+            g, r0, m, r_out, k0, k1, q0 = (tiles[t, 0], tiles[t, 1], tiles[t, 2], tiles[t, 3],
+                                           tiles[t, 4], tiles[t, 5], tiles[t, 6])
             q1 = min(P, q0 + NC // NR)
             for kk in range(k0, k1, KCP):
                 ke = min(k1, kk + KCP)
                 pack_pairs(w, w32, wtrans, g, q0, q1, kk, ke, half, M, K, bbuf)
                 for rb in range(0, m, MC):
                     nb = (min(MC, m - rb) + MR - 1) // MR
-                    a0 = (ablk[t] + rb // MR) * ap + kk * MR
+                    for i in range(nb * MR):
+                        rows[i] = ridx[r0 + min(rb + i, m - 1)] * kp2 + kk
                     for q in range(q0, q1, 2):
                         bo = (q - q0) * bs
                         for b in range(nb):
+                            ao = rows[b * MR:]
                             if q + 1 < q1:
-                                dot_tile2(flat, a0 + b * ap, bbuf, bo, bs, ke - kk, cbuf,
-                                          rb + b * MR, (q - q0) * NR, kk == k0)
+                                dot_tile2(flat, ao, bbuf, bo, bs, ke - kk, cbuf, rb + b * MR,
+                                          (q - q0) * NR, kk == k0)
                             else:
-                                dot_tile1(flat, a0 + b * ap, bbuf, bo, bs, ke - kk, cbuf,
-                                          rb + b * MR, (q - q0) * NR, kk == k0)
+                                dot_tile1(flat, ao, bbuf, bo, bs, ke - kk, cbuf, rb + b * MR,
+                                          (q - q0) * NR, kk == k0)
             tile_epilogue(cbuf, m, q0, q1, half, M, out, r_out, act_out, code, store_out)
-
-
-def pack_plan(tiles):
-    """tiles (n, 7) -> (jobs (j, 3) (r0, m, blk) for pack_a, ablk (n,), blocks): each distinct
-    row range (r0, m) of the tiles packed once, in MR-row blocks, MC rows a job."""
-    if tiles.shape[0] == 0:
-        return np.zeros((0, 3), np.int64), np.zeros(0, np.int64), 0
-    ranges, inv = np.unique(tiles[:, 1:3], axis=0, return_inverse=True)
-    nb = -(-ranges[:, 1] // MR)
-    start = np.concatenate([[0], np.cumsum(nb)[:-1]])
-    per = -(-ranges[:, 1] // MC)
-    u = np.repeat(np.arange(ranges.shape[0]), per)
-    j = np.arange(u.shape[0]) - np.repeat(np.cumsum(per) - per, per)
-    jobs = np.stack([ranges[u, 0] + j * MC, np.minimum(MC, ranges[u, 1] - j * MC),
-                     start[u] + j * (MC // MR)], axis=1).astype(np.int64)
-    return np.ascontiguousarray(jobs), start[inv.reshape(-1)].astype(np.int64), int(nb.sum())
 
 
 def run(a, blocks, trans, M, tiles, out, ridx=None, half=0, act_out=None, code=-1,
         store_out=True):
     """The host sequence of a native bf16 product: a (*, K) float32 rounded to bf16 pairs once,
-    the tiles' rows a[ridx[r]] (ridx None: a's own) packed once (pack_a), then
-    bf16_gemm_kernel over `tiles` ((tiles (n, 7), bounds, max_rows) as backends/cpu.py's
+    then bf16_gemm_kernel (A's rows a[ridx[r]]; ridx None: a's own) over `tiles` ((tiles (n, 7), bounds, max_rows) as backends/cpu.py's
     make_tiles cuts them, depth in pairs(K)) with B_g the bf16 bits `blocks` (G, K, M) [trans: (G, M, K)] uint16 C-contiguous
     -> out (and act_out, as gemm.grouped_gemm_kernel's epilogue). Only on NATIVE hosts."""
     if not NATIVE:
@@ -411,9 +416,6 @@ def run(a, blocks, trans, M, tiles, out, ridx=None, half=0, act_out=None, code=-
     if act_out is None:
         act_out = np.empty((0, 0), np.float32)
     t, bounds, max_rows = tiles
-    jobs, ablk, nblocks = pack_plan(t)
-    apk = np.empty((nblocks, pairs(K), MR), np.uint32)
-    pack_a(src, ridx, jobs, apk)
     w32 = blocks.view(np.uint32) if trans and K % 2 == 0 else np.empty((0, 0, 0), np.uint32)
-    bf16_gemm_kernel(apk, ablk, blocks, w32, trans, K, M, t, bounds, max_rows, half, out,
+    bf16_gemm_kernel(src, ridx, blocks, w32, trans, K, M, t, bounds, max_rows, half, out,
                      act_out, code, store_out)

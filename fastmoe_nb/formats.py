@@ -114,16 +114,21 @@ class QuantizedWeights:
             float32 / float64 for f32 / f64 — the caller's array (a memmap stays a memmap);
             or a tuple of such arrays (E, R_i, ...) with sum(R_i) = R: the weight's rows
             R_0 + R_1 + ... stacked along axis 1, each part kept as it is (stack())
+    activations: what the activations are multiplied as: "f32" (the default: exactly, in
+            float32) or, for bf16 weights, "bf16" (rounded to bf16 once per product, for the
+            CPU's native bf16 dot products where it has them; docs/formats.md)
     """
 
     format: str
     shape: tuple
     blocks: Any
+    activations: str = "f32"
 
     def __post_init__(self):
         spec = check_format(self.format)
         shape = _check_shape(self.shape, spec)
         object.__setattr__(self, "format", spec.name)
+        object.__setattr__(self, "activations", _check_activations(self.activations, spec))
         object.__setattr__(self, "shape", shape)
         if isinstance(self.blocks, tuple):
             blocks = _check_parts(self.blocks, spec, shape)
@@ -185,11 +190,28 @@ class QuantizedWeights:
             return tuple(b[e] for b in self.blocks)
         return self.blocks[e]
 
+    def with_activations(self, activations) -> QuantizedWeights:
+        """The same blocks (not copied) with activations "f32" or "bf16" (bf16 weights only)."""
+        return QuantizedWeights(self.format, self.shape, self.blocks, activations)
+
     def __repr__(self):
         kinds = sorted({type(b).__name__ for _, b in self.parts})
         kind = "/".join(kinds) + (f" x {len(self.blocks)} parts" if self.stacked else "")
+        act = "" if self.activations == "f32" else f", activations={self.activations!r}"
         return (f"QuantizedWeights(format={self.format!r}, shape={self.shape}, "
-                f"nbytes={self.nbytes}, blocks={kind})")
+                f"nbytes={self.nbytes}, blocks={kind}{act})")
+
+
+ACTIVATIONS = {"f32": FORMATS, "bf16": ("bf16",)}   # activations -> the weight formats they take
+
+
+def _check_activations(activations, spec):
+    """'f32', or 'bf16' for a bf16 weight; ValueError naming `activations` otherwise."""
+    a = chk.check_choice("activations", activations, tuple(ACTIVATIONS))
+    if spec.name not in ACTIVATIONS[a]:
+        raise ValueError(f"activations: {a!r} activations take {', '.join(ACTIVATIONS[a])} "
+                         f"weights, got a {spec.name} weight (use activations='f32')")
+    return a
 
 
 def stack(*weights) -> QuantizedWeights:
@@ -326,7 +348,7 @@ def _host_view(name, a):
 
 # --------------------------------------------------------------------------- public API
 
-def quantize(w, format, *, check_finite=True) -> QuantizedWeights:
+def quantize(w, format, *, check_finite=True, activations="f32") -> QuantizedWeights:
     """w: (E, R, C) float -> QuantizedWeights in `format`, blocks along the last axis.
 
     w may be float32, float64, float16 or bfloat16 (ml_dtypes, or a CPU torch tensor). The GGUF
@@ -334,14 +356,16 @@ def quantize(w, format, *, check_finite=True) -> QuantizedWeights:
     first). A weight already in the format's type (f32, f64, bf16) is kept, not copied.
     NaN / Inf are refused, and so are values whose scales would overflow float16 (RANGE, and
     docs/formats.md, give each format's range); check_finite=False skips these scans, and
-    then such values get what ggml would write.
+    then such values get what ggml would write. activations: QuantizedWeights.activations.
     """
     spec = check_format(format)
+    _check_activations(activations, spec)
     w, bf16 = _check_weights("w", w)
     if w.ndim != 3:
         raise ValueError(f"w: expected a 3-D expert weight (E, R, C) (one matrix is "
                          f"(1, R, C)), got shape {w.shape}")
-    return _quantize("w", w, bf16, spec, check_finite)
+    qw = _quantize("w", w, bf16, spec, check_finite)
+    return qw if activations == "f32" else qw.with_activations(activations)
 
 
 def _quantize(name, w, bf16, spec, check_finite):

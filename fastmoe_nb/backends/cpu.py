@@ -18,7 +18,9 @@ from the sizes of the blocks (constants: kernels/cpu/config.py):
   packed copy stays in cache).
 Weights in a format (fastmoe_nb.formats: bf16, q8_0, q4_0, ...) are decoded a panel of columns
 at a time into a task's scratch, each value once per product, and multiplied by BLAS
-(quantized_gemm); they are frozen, so their backward gives the inputs' gradient only.
+(quantized_gemm); they are frozen, so their backward gives the inputs' gradient only. bf16
+weights that ask for bf16 activations (QuantizedWeights.activations) run kernels/cpu/bf16dot.py's
+native bf16 dot products instead where the CPU has AVX512_BF16 (_native_bf16).
 Every way cuts its work from the shapes alone: results are bitwise the same for any thread
 count.
 """
@@ -31,6 +33,7 @@ import numpy as np
 
 from ..kernels.common import SWIGLU
 from ..kernels.cpu import activations as ka
+from ..kernels.cpu import bf16dot as kb
 from ..kernels.cpu import dispatch as kd
 from ..kernels.cpu import gemm as kg
 from ..kernels.cpu import quant as kq
@@ -387,7 +390,13 @@ def experts_backward(d_ys, xs, h_pre, h_act, w1, w2, offsets, code, trans_w, int
 
 def _experts_forward_quantized(xs, w1, w2, offsets, code, trans_w, keep, tokens):
     # experts_forward with w1 and / or w2 in a format: each product through grouped_gemm
-    # (quantized_gemm for a weight in a format), the activation between on the whole block
+    # (quantized_gemm for a weight in a format), the activation between on the whole block;
+    # a prefill with w1 on native bf16 dot products has the gather and the activation fused
+    # into w1's product instead
+    if _native_bf16(w1) and not route(offsets).stream.any():
+        h_pre, h_act = _native_first(xs, w1, offsets, code, trans_w, keep, tokens)
+        ys = grouped_gemm(h_act, _raw(w2), offsets, trans_w)
+        return h_pre, h_act, ys
     if tokens is not None:
         x, xs = xs, np.empty((tokens.shape[0], xs.shape[1]), xs.dtype)
         kd.permute_kernel(x, tokens, 1, xs)
@@ -395,6 +404,29 @@ def _experts_forward_quantized(xs, w1, w2, offsets, code, trans_w, keep, tokens)
     h_act = activate(h_pre, code)
     ys = grouped_gemm(h_act, _raw(w2), offsets, trans_w)
     return (h_pre if keep else None), (h_act if keep or tokens is None else None), ys
+
+
+def _native_bf16(w):
+    """True when w's products run on kernels/cpu/bf16dot.py: a bf16 weight (one blocks array,
+    not stacked parts) asking for bf16 activations, on a CPU with AVX512_BF16 (otherwise the
+    exact float32 path)."""
+    return (isinstance(w, QuantizedWeights) and w.activations == "bf16" and kb.NATIVE
+            and not w.stacked and _kernel_format(w) is not None)
+
+
+def _native_first(x, w1, offsets, code, trans_w, keep, tokens):
+    # w1's product on the native bf16 kernel with the activation in its epilogue, the rows
+    # x[tokens] gathered as they are packed (tokens None: x's rows) -> (h_pre or None, h_act)
+    H1 = w1.shape[1] if trans_w else w1.shape[2]
+    half = H1 // 2 if code == SWIGLU else 0
+    N = int(offsets[-1])
+    h_pre = np.empty((N, H1) if keep else (0, 0), np.float32)
+    h_act = np.empty((N, half or H1), np.float32)
+    ridx = np.arange(N, dtype=np.int64) if tokens is None else tokens
+    kb.run(x, w1.blocks, trans_w, H1, expert_tiles(offsets, num_panels(H1, half),
+                                                   kb.pairs(x.shape[1])),
+           h_pre, ridx, half, h_act, code, keep)
+    return (h_pre if keep else None), h_act
 
 
 def _raw(w):
@@ -542,6 +574,12 @@ def quantized_gemm(a, qw, offsets, trans):
     stream = route(offsets).stream if code is not None else np.zeros(E, np.bool_)
     if stream.any():
         _stream_parts(a, qw, code, trans, offsets, out, stream)
+    if _native_bf16(qw):                     # opt-in: bf16 activations, vdpbf16ps
+        rows = np.where(stream, 0, np.diff(offsets))
+        kb.run(a, qw.blocks, trans, M, make_tiles(rows, offsets[:-1], offsets[:-1], np.arange(E),
+                                                  np.zeros(E), np.full(E, kb.pairs(a.shape[1])),
+                                                  num_panels(M, 0)), out)
+        return out
     tasks = [(e, c0, min(c0 + QUANT_COLS, M)) for e in np.flatnonzero(
              (np.diff(offsets) > 0) & ~stream) for c0 in range(0, M, QUANT_COLS)]
 

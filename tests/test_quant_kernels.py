@@ -129,16 +129,20 @@ def test_half_to_f32_matches_numpy_on_every_fp16(variant):
 
 def chunk_decoders(fmt):
     """An @njit fn(blocks (n, row_bytes), out, out2) decoding every row's chunks of 32 values
-    by decode_<fmt> into out (n, C) and by values_<fmt> times its d into out2."""
-    values, decode, _ = kq._DECODERS[kq.FORMATS[fmt]]
+    by decode_<fmt> into out (n, C) and by values_<fmt> times its d into out2 (the scales
+    prepared by prep_<fmt> once a super-block)."""
+    prep, values, decode, _ = kq._DECODERS[kq.FORMATS[fmt]]
 
     @njit
     def run(blocks, out, out2):
+        sv = np.full(16, np.nan, np.float32)
         for i in range(blocks.shape[0]):
             o = i * blocks.shape[1]
             for b in range(out.shape[1] // 32):
-                decode(blocks, o, b, out, i * out.shape[1] + b * 32)
-                d = values(blocks, o, b, out2, i * out.shape[1] + b * 32)
+                if b % 8 == 0:
+                    prep(blocks, o, b, sv, 0)
+                decode(blocks, o, b, sv, 0, out, i * out.shape[1] + b * 32)
+                d = values(blocks, o, b, sv, 0, out2, i * out.shape[1] + b * 32)
                 for j in range(b * 32, b * 32 + 32):
                     out2[i, j] = out2[i, j] * d
     return run
@@ -458,9 +462,9 @@ def test_cols_kernel_with_the_avx2_row_groups(fmt):
     """Hosts without AVX-512 group the (M, K) layout's rows in twos (COL_GROUPS); that kernel,
     built here from the same factories, matches float64 too."""
     code = kq.FORMATS[fmt]
-    _, dec, tail = kq._DECODERS[code]
+    prep, _, dec, tail = kq._DECODERS[code]
     kernel = kq.slp_vectorized(kq._make_cols_kernel(tuple(
-        (r, kq._make_cols_group(dec, tail, kq.SPAN[code], kq.ITEMSIZE[code], r, s))
+        (r, kq._make_cols_group(prep, dec, tail, kq.SPAN[code], kq.ITEMSIZE[code], r, s))
         for r, s in ((2, 1), (1, 2)))))
     rng = np.random.default_rng(14)
     K, M = {"bf16": (96, 70), "q4_0": (256, 64)}.get(fmt, (512, 64))

@@ -21,14 +21,17 @@ Decoders work on chunks of 32 values (a q8_0 / q4_0 block, an eighth of a q4_k /
 super-block), addressed by the flat element offset o of their row in the blocks array (bytes;
 bf16: values) and the chunk's index b along the row: the row of expert e, row r starts at
 o = (e * R + r) * blocks.shape[2]; chunk b starts at value 32 b. Block decoders:
-    decode_<fmt>(blocks, o, b, dst, do): dst[do:do+32] = the chunk's dequantized values,
-        exactly as formats.dequantize defines them, in its order of float32 operations and
-        without fused multiply-adds (the fp16 scales by half_to_f32: F16C's vcvtph2ps where
-        the CPU has it, bit arithmetic elsewhere; no float16 type in a loop)
-    values_<fmt>(blocks, o, b, dst, do) -> d: values whose product with d is the chunk's (q,
-        q - 8, d; bf16 and the k-formats, whose chunks hold more than one scale or a min: the
-        values themselves, d = 1), so that a kernel can fold d into a scalar once per chunk.
-A k-format chunk reads its super-block's scales itself (a few scalar operations a chunk).
+    prep_<fmt>(blocks, o, b, sv, svo): sv[svo:svo+16] = the scales of the super-block holding
+        chunk b (q4_k: d * sc_j, then dmin * m_j; q6_k: d * sc_g), read once for its eight
+        chunks (a kernel calls it at its first chunk and at every chunk b % 8 == 0: new_super);
+        nothing for bf16 / q8_0 / q4_0, whose chunks carry their own scale
+    decode_<fmt>(blocks, o, b, sv, svo, dst, do): dst[do:do+32] = the chunk's dequantized
+        values, exactly as formats.dequantize defines them, in its order of float32
+        operations and without fused multiply-adds (the fp16 scales by half_to_f32: F16C's
+        vcvtph2ps where the CPU has it, bit arithmetic elsewhere; no float16 type in a loop)
+    values_<fmt>(blocks, o, b, sv, svo, dst, do) -> d: values whose product with d is the
+        chunk's (q, q - 8, d; bf16 and the k-formats, whose chunks hold two scales or a min:
+        the values themselves, d = 1), so that a kernel can fold d into a scalar once a chunk.
 Their loops are whole-chunk LLVM vector operations (intrinsics below): with numba's scalar
 loops LLVM's vectorizers left some of them scalar, depending on the code around them.
 
@@ -76,6 +79,8 @@ ITEMSIZE = {f: 2 if f == BF16 else 1 for f in FORMATS.values()}   # bytes of an 
 SPAN = {f: QK_K // BLOCK_VALUES[f] * BLOCK_BYTES[f] // ITEMSIZE[f] for f in FORMATS.values()}
 
 _W4 = 4 * QK          # stack buffer sizes (literals)
+_SV = 16              # a super-block's prepared scales (q4_k: 8 + 8 mins, q6_k: 16)
+_SV4 = 4 * _SV
 
 FLAGS = {"cache": True, "fastmath": {"contract"}}   # FMA contraction only: no reassociation
 
@@ -262,6 +267,58 @@ def vq6k(typingctx, src, lo_off, lo_shift, hi_off, hi_shift, ds0, ds1, dst, doff
 
 
 @intrinsic
+def vq4k_scales(typingctx, src, off, d, dmin, sv, svo):
+    """sv[svo:svo+8] = d * sc, sv[svo+8:svo+16] = dmin * m: the eight 6-bit (sc, m) codes of
+    the 12 bytes src[off:off+12] (groups 0-3: the low six bits of bytes 0-3 / 4-7; groups
+    4-7: the nibbles of bytes 8-11 with bits 6-7 of bytes 0-3 / 4-7 on top)."""
+    if not _ok(_c_array(src, types.uint8), _c_array(sv, types.float32), d == types.float32,
+               dmin == types.float32):
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        i32x4 = ir.VectorType(ir.IntType(32), 4)
+
+        def four(k):          # bytes 4k..4k+3 as <4 x i32>
+            q = _vload(ctx, builder, sig.args[0], args[0],
+                       builder.add(args[1], ir.Constant(args[1].type, 4 * k)),
+                       ir.VectorType(ir.IntType(8), 4), 1)
+            return builder.zext(q, i32x4)
+
+        def c(v):
+            return ir.Constant(i32x4, [v] * 4)
+        a, b, cc = four(0), four(1), four(2)
+        cat = ir.Constant(ir.VectorType(ir.IntType(32), 8), list(range(8)))
+        top = [builder.shl(builder.lshr(x, c(6)), c(4)) for x in (a, b)]
+        sc = builder.shuffle_vector(builder.and_(a, c(63)),
+                                    builder.or_(builder.and_(cc, c(15)), top[0]), cat)
+        m = builder.shuffle_vector(builder.and_(b, c(63)),
+                                   builder.or_(builder.lshr(cc, c(4)), top[1]), cat)
+        f8 = ir.VectorType(ir.FloatType(), 8)
+        v = builder.shuffle_vector(builder.fmul(_splat(builder, args[2], 8), builder.uitofp(sc, f8)),
+                                   builder.fmul(_splat(builder, args[3], 8), builder.uitofp(m, f8)),
+                                   ir.Constant(ir.VectorType(ir.IntType(32), 16), list(range(16))))
+        _vstore(ctx, builder, sig.args[4], args[4], args[5], v)
+        return ctx.get_dummy_value()
+    return types.void(src, off, d, dmin, sv, svo), codegen
+
+
+@intrinsic
+def vq6k_scales(typingctx, src, off, d, sv, svo):
+    """sv[svo:svo+16] = d * float32(int8(src[off:off+16])) (one rounding a value)."""
+    if not _ok(_c_array(src, types.uint8), _c_array(sv, types.float32), d == types.float32):
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        q = _vload(ctx, builder, sig.args[0], args[0], args[1], ir.VectorType(ir.IntType(8), 16),
+                   1)
+        v = builder.fmul(_splat(builder, args[2], 16),
+                         builder.sitofp(q, ir.VectorType(ir.FloatType(), 16)))
+        _vstore(ctx, builder, sig.args[3], args[3], args[4], v)
+        return ctx.get_dummy_value()
+    return types.void(src, off, d, sv, svo), codegen
+
+
+@intrinsic
 def vbf16(typingctx, src, off, dst, doff):
     """dst[doff:doff+32] = the float32 values of the bf16 bits src[off:off+32] (uint16)."""
     if not _ok(_c_array(src, types.uint16), _c_array(dst, types.float32)):
@@ -402,30 +459,6 @@ def _u16_at(typingctx, a, off):
 
 
 @intrinsic
-def _u8_at(typingctx, a, off):
-    """The byte at offset off of a uint8 array, as uint32."""
-    if not _c_array(a, types.uint8):
-        return None
-
-    def codegen(ctx, builder, sig, args):
-        b = builder.load(_at(ctx, builder, sig.args[0], args[0], args[1], ir.IntType(8)))
-        return builder.zext(b, ir.IntType(32))
-    return types.uint32(a, off), codegen
-
-
-@intrinsic
-def _i8_at(typingctx, a, off):
-    """The byte at offset off of a uint8 array read as int8, as int32."""
-    if not _c_array(a, types.uint8):
-        return None
-
-    def codegen(ctx, builder, sig, args):
-        b = builder.load(_at(ctx, builder, sig.args[0], args[0], args[1], ir.IntType(8)))
-        return builder.sext(b, ir.IntType(32))
-    return types.int32(a, off), codegen
-
-
-@intrinsic
 def _half_fpext(typingctx, h):
     """fp16 bits h (an integer) -> float32 by F16C's vcvtph2ps, from a register written whole
     (vmovd): LLVM's own lowering of a half -> float extension inserted the bits into
@@ -477,10 +510,17 @@ half_to_f32 = half_to_f32_fpext if host_features().get("f16c") else half_to_f32_
 
 
 # --------------------------------------------------------------------------- decoders
-# o: the row's offset in the blocks' flat elements, b: the chunk of 32 values along the row.
+# o: the row's offset in the blocks' flat elements, b: the chunk of 32 values along the row;
+# sv[svo:svo+16]: the scales prep_<fmt> read for the super-block holding chunk b.
 
 @njit(inline="always", cache=True)
-def values_q8_0(blocks, o, b, dst, do):
+def prep_none(blocks, o, b, sv, svo):
+    # bf16 / q8_0 / q4_0: each chunk carries its own scale, nothing to prepare
+    return
+
+
+@njit(inline="always", cache=True)
+def values_q8_0(blocks, o, b, sv, svo, dst, do):
     # blocks: uint8 (flat offsets) -> dst[do:do+32] = q of chunk b; returns d
     ob = o + b * BLOCK_BYTES_Q8_0
     vq8(blocks, ob + 2, _F32(1.0), dst, do)
@@ -488,7 +528,7 @@ def values_q8_0(blocks, o, b, dst, do):
 
 
 @njit(inline="always", cache=True)
-def values_q4_0(blocks, o, b, dst, do):
+def values_q4_0(blocks, o, b, sv, svo, dst, do):
     # blocks: uint8 (flat offsets) -> dst[do:do+32] = q - 8 of chunk b; returns d
     ob = o + b * BLOCK_BYTES_Q4_0
     vq4(blocks, ob + 2, _F32(1.0), dst, do)
@@ -496,67 +536,65 @@ def values_q4_0(blocks, o, b, dst, do):
 
 
 @njit(inline="always", cache=True)
-def values_bf16(blocks, o, b, dst, do):
+def values_bf16(blocks, o, b, sv, svo, dst, do):
     # blocks: uint16 bf16 bits -> dst[do:do+32] = values 32b..32b+31 of the row; returns 1
     vbf16(blocks, o + b * QK, dst, do)
     return _F32(1.0)
 
 
 @njit(inline="always", cache=True)
-def decode_q8_0(blocks, o, b, dst, do):
+def decode_q8_0(blocks, o, b, sv, svo, dst, do):
     # blocks: uint8 (flat offsets) -> dst[do:do+32] = float32(d) * q of chunk b
     ob = o + b * BLOCK_BYTES_Q8_0
     vq8(blocks, ob + 2, half_to_f32(_u16_at(blocks, ob)), dst, do)
 
 
 @njit(inline="always", cache=True)
-def decode_q4_0(blocks, o, b, dst, do):
+def decode_q4_0(blocks, o, b, sv, svo, dst, do):
     # blocks: uint8 (flat offsets) -> dst[do:do+32] = (q - 8) * d of chunk b
     ob = o + b * BLOCK_BYTES_Q4_0
     vq4(blocks, ob + 2, half_to_f32(_u16_at(blocks, ob)), dst, do)
 
 
 @njit(inline="always", cache=True)
-def decode_bf16(blocks, o, b, dst, do):
+def decode_bf16(blocks, o, b, sv, svo, dst, do):
     # blocks: uint16 bf16 bits -> dst[do:do+32] float32, values 32b..32b+31 of the row
     vbf16(blocks, o + b * QK, dst, do)
 
 
 @njit(inline="always", cache=True)
-def _q4_k_scales(blocks, h, j):
-    # h: a q4_k super-block's offset, j: its group of 32 values (0..7) -> (d * sc_j,
-    # dmin * m_j): the 6-bit codes of groups 0-3 are bytes 4+j / 8+j's low six bits; those of
-    # groups 4-7 a nibble of byte 8+j with the top two bits of bytes j / 4+j's bits 6-7
-    if j < 4:
-        sc = _u8_at(blocks, h + 4 + j) & np.uint32(63)
-        m = _u8_at(blocks, h + 8 + j) & np.uint32(63)
-    else:
-        c = _u8_at(blocks, h + 8 + j)
-        sc = (c & np.uint32(15)) | ((_u8_at(blocks, h + j) >> np.uint32(6)) << np.uint32(4))
-        m = (c >> np.uint32(4)) | ((_u8_at(blocks, h + 4 + j) >> np.uint32(6)) << np.uint32(4))
-    return (half_to_f32(_u16_at(blocks, h)) * _F32(sc),
-            half_to_f32(_u16_at(blocks, h + 2)) * _F32(m))
-
-
-@njit(inline="always", cache=True)
-def decode_q4_k(blocks, o, b, dst, do):
-    # blocks: uint8 (flat offsets) -> dst[do:do+32] = (d * sc) * q - dmin * m of chunk b (group
-    # b % 8 of super-block b // 8: the low or high nibbles of its bytes 16 + 32 (j // 2)..)
+def prep_q4_k(blocks, o, b, sv, svo):
+    # the super-block of chunk b -> sv[svo + j] = d * sc_j, sv[svo + 8 + j] = dmin * m_j
     h = o + (b >> 3) * BLOCK_BYTES_Q4_K
-    j = b & 7
-    ds, dm = _q4_k_scales(blocks, h, j)
-    vq4k(blocks, h + 16 + (j >> 1) * QK, (j & 1) * 4, ds, dm, dst, do)
+    vq4k_scales(blocks, h + 4, half_to_f32(_u16_at(blocks, h)),
+                half_to_f32(_u16_at(blocks, h + 2)), sv, svo)
 
 
 @njit(inline="always", cache=True)
-def values_q4_k(blocks, o, b, dst, do):
+def decode_q4_k(blocks, o, b, sv, svo, dst, do):
+    # blocks: uint8 (flat offsets) -> dst[do:do+32] = (d * sc) * q - dmin * m of chunk b (group
+    # j = b % 8 of super-block b // 8: the low or high nibbles of its bytes 16 + 32 (j // 2)..)
+    j = b & 7
+    vq4k(blocks, o + (b >> 3) * BLOCK_BYTES_Q4_K + 16 + (j >> 1) * QK, (j & 1) * 4,
+         sv[svo + j], sv[svo + 8 + j], dst, do)
+
+
+@njit(inline="always", cache=True)
+def values_q4_k(blocks, o, b, sv, svo, dst, do):
     # the decoded values (a min to subtract: no single scale to fold); returns 1
-    decode_q4_k(blocks, o, b, dst, do)
+    decode_q4_k(blocks, o, b, sv, svo, dst, do)
     return _F32(1.0)
 
 
 @njit(inline="always", cache=True)
-def decode_q6_k(blocks, o, b, dst, do):
+def prep_q6_k(blocks, o, b, sv, svo):
+    # the super-block of chunk b -> sv[svo + g] = d * sc_g, its 16 group scales
+    h = o + (b >> 3) * BLOCK_BYTES_Q6_K
+    vq6k_scales(blocks, h + 192, half_to_f32(_u16_at(blocks, h + 208)), sv, svo)
+
+
+@njit(inline="always", cache=True)
+def decode_q6_k(blocks, o, b, sv, svo, dst, do):
     # blocks: uint8 (flat offsets) -> dst[do:do+32] = (d * sc) * (q - 32) of chunk b (values
     # 32j.. of super-block b // 8, j = b % 8: half i = j // 4, quarter l = j % 4 of it; the low
     # nibbles in byte 64i + 32 (l % 2).. shifted by 4 (l // 2), the high pairs in byte
@@ -564,16 +602,14 @@ def decode_q6_k(blocks, o, b, dst, do):
     h = o + (b >> 3) * BLOCK_BYTES_Q6_K
     j = b & 7
     i, l = j >> 2, j & 3
-    d = half_to_f32(_u16_at(blocks, h + 208))
-    s = h + 192 + 2 * j
     vq6k(blocks, h + 64 * i + (l & 1) * QK, (l >> 1) * 4, h + 128 + QK * i, 2 * l,
-         d * _F32(_i8_at(blocks, s)), d * _F32(_i8_at(blocks, s + 1)), dst, do)
+         sv[svo + 2 * j], sv[svo + 2 * j + 1], dst, do)
 
 
 @njit(inline="always", cache=True)
-def values_q6_k(blocks, o, b, dst, do):
+def values_q6_k(blocks, o, b, sv, svo, dst, do):
     # the decoded values (two scales a chunk: none to fold); returns 1
-    decode_q6_k(blocks, o, b, dst, do)
+    decode_q6_k(blocks, o, b, sv, svo, dst, do)
     return _F32(1.0)
 
 
@@ -590,17 +626,23 @@ def _no_tail(blocks, o, b, n, dst):
     return
 
 
-# format code -> (values, decode, tail)
-_DECODERS = {BF16: (values_bf16, decode_bf16, tail_bf16),
-             Q8_0: (values_q8_0, decode_q8_0, _no_tail),
-             Q4_0: (values_q4_0, decode_q4_0, _no_tail),
-             Q4_K: (values_q4_k, decode_q4_k, _no_tail),
-             Q6_K: (values_q6_k, decode_q6_k, _no_tail)}
+@njit(inline="always", cache=True)
+def new_super(b, b0):
+    # whether chunk b (of a loop from chunk b0) needs its super-block's scales prepared
+    return b == b0 or (b & 7) == 0
+
+
+# format code -> (prep, values, decode, tail)
+_DECODERS = {BF16: (prep_none, values_bf16, decode_bf16, tail_bf16),
+             Q8_0: (prep_none, values_q8_0, decode_q8_0, _no_tail),
+             Q4_0: (prep_none, values_q4_0, decode_q4_0, _no_tail),
+             Q4_K: (prep_q4_k, values_q4_k, decode_q4_k, _no_tail),
+             Q6_K: (prep_q6_k, values_q6_k, decode_q6_k, _no_tail)}
 
 
 # --------------------------------------------------------------------------- dequantization
 
-def _make_dequant_rows(decode, tail):
+def _make_dequant_rows(prep, decode, tail):
     @njit(**FLAGS)
     def dequant_rows(blocks, e, r0, r1, c0, c1, out):
         # blocks: (E, R, row_bytes) uint8 [bf16: (E, R, C) uint16]; rows r0..r1 of expert e,
@@ -608,13 +650,16 @@ def _make_dequant_rows(decode, tail):
         # (rows C-contiguous), the dequantized values. Serial: the prefill path calls it
         # inside its own parallel tasks, one panel at a time.
         buf = carray(_stack_empty(QK, np.float32), (QK,))
+        sv = carray(_stack_empty(_SV, np.float32), (_SV,))
         rb = blocks.shape[2]
-        bf = c1 // QK
+        b0, bf = c0 // QK, c1 // QK
         for r in range(r0, r1):
             o = (e * blocks.shape[1] + r) * rb
             orow = out[r - r0]
-            for b in range(c0 // QK, bf):
-                decode(blocks, o, b, orow, b * QK - c0)
+            for b in range(b0, bf):
+                if new_super(b, b0):
+                    prep(blocks, o, b, sv, 0)
+                decode(blocks, o, b, sv, 0, orow, b * QK - c0)
             if bf * QK < c1:                         # bf16's last, partial chunk
                 tail(blocks, o, bf, c1 - bf * QK, buf)
                 for j in range(c1 - bf * QK):
@@ -634,8 +679,8 @@ def _make_dequant_all(rows):
     return dequant_all
 
 
-_DEQUANT_ROWS = {f: _make_dequant_rows(dec, tail)
-                 for f, (_, dec, tail) in _DECODERS.items()}
+_DEQUANT_ROWS = {f: _make_dequant_rows(prep, dec, tail)
+                 for f, (prep, _, dec, tail) in _DECODERS.items()}
 _DEQUANT_ALL = {f: _make_dequant_all(_DEQUANT_ROWS[f]) for f in _DECODERS}
 
 
@@ -665,7 +710,7 @@ def qstream_plan(offsets, experts, K, M, trans, acc=QSTREAM_ACC, fmt=Q8_0):
     return stream_plan(offsets, experts, K, M, trans, QSTREAM_CT, acc, BLOCK_VALUES[fmt], True)
 
 
-def _make_rows_kernel(values, tail, span, pf_every):
+def _make_rows_kernel(prep, values, tail, span, pf_every):
     @njit(parallel=True, **FLAGS)
     def rows_kernel(src, ridx, blocks, offsets, tasks, part):
         # (K, M) layout. src (*, K) float32, ridx (N,) int64: the rows src[ridx[r]] in expert
@@ -686,6 +731,7 @@ def _make_rows_kernel(values, tail, span, pf_every):
             acc[:] = 0.0
             xa = np.empty((m, 4), np.float32)        # the rows' x at the four depth rows
             w = carray(_stack_empty(_W4, np.float32), (_W4,))
+            sv = carray(_stack_empty(_SV4, np.float32), (_SV4,))   # four depth rows
             b0, bf = c0 // QK, c1 // QK              # whole chunks b0..bf-1, then a tail
             nt = c1 - bf * QK
             p = p0
@@ -702,9 +748,13 @@ def _make_rows_kernel(values, tail, span, pf_every):
                             ob = o + ((b * span) >> 3)
                             for k in range(4, 8):    # the next four depth rows
                                 prefetch(blocks, ob + k * rb)
-                        d0, d1 = values(blocks, o, b, w, 0), values(blocks, o + rb, b, w, QK)
-                        d2 = values(blocks, o + 2 * rb, b, w, 2 * QK)
-                        d3 = values(blocks, o + 3 * rb, b, w, 3 * QK)
+                        if new_super(b, b0):
+                            for k in range(4):
+                                prep(blocks, o + k * rb, b, sv, k * _SV)
+                        d0 = values(blocks, o, b, sv, 0, w, 0)
+                        d1 = values(blocks, o + rb, b, sv, _SV, w, QK)
+                        d2 = values(blocks, o + 2 * rb, b, sv, 2 * _SV, w, 2 * QK)
+                        d3 = values(blocks, o + 3 * rb, b, sv, 3 * _SV, w, 3 * QK)
                         off = b * QK - c0
                         for i in range(m):
                             vaxpy4(acc, off + i * nc, w, xa[i, 0] * d0, xa[i, 1] * d1,
@@ -719,7 +769,9 @@ def _make_rows_kernel(values, tail, span, pf_every):
                                     + xa[i, 2] * w[2 * QK + j] + xa[i, 3] * w[3 * QK + j])
                 else:                                # one depth row
                     for b in range(b0, bf):
-                        d0 = values(blocks, o, b, w, 0)
+                        if new_super(b, b0):
+                            prep(blocks, o, b, sv, 0)
+                        d0 = values(blocks, o, b, sv, 0, w, 0)
                         off = b * QK - c0
                         for i in range(m):
                             vaxpy1(acc, off + i * nc, w, xa[i, 0] * d0)
@@ -732,7 +784,7 @@ def _make_rows_kernel(values, tail, span, pf_every):
     return rows_kernel
 
 
-def _make_cols_group(decode, tail, span, itemsize, R, S, pf_bytes=PREFETCH_BYTES):
+def _make_cols_group(prep, decode, tail, span, itemsize, R, S, pf_bytes=PREFETCH_BYTES):
     # span: SPAN[fmt], itemsize: bytes of the blocks' elements (2 for bf16, else 1)
     size, RS = R * S * QK, R * S
     pf = pf_bytes // itemsize                            # in the blocks' elements
@@ -748,6 +800,7 @@ def _make_cols_group(decode, tail, span, itemsize, R, S, pf_bytes=PREFETCH_BYTES
         # dot products, in reference counting of the arguments.)
         lanes = carray(_stack_empty(size, np.float32), (size,))
         w = carray(_stack_empty(QK, np.float32), (QK,))
+        sv = carray(_stack_empty(_SV, np.float32), (_SV,))
         xo = carray(_stack_empty(R, np.int64), (R,))     # the rows' offsets in src
         for i in range(R):
             xo[i] = ridx[r0 + i] * K
@@ -764,11 +817,15 @@ def _make_cols_group(decode, tail, span, itemsize, R, S, pf_bytes=PREFETCH_BYTES
                     b = b0 + s
                     if use_pf and s == 0:
                         prefetch(blocks, o + ((b * span) >> 3) + pf)
-                    decode(blocks, o, b, w, 0)
+                    if new_super(b, 0):
+                        prep(blocks, o, b, sv, 0)
+                    decode(blocks, o, b, sv, 0, w, 0)
                     for i in range(R):
                         vdot(lanes, (s * R + i) * QK, src, xo[i] + b * QK, w)
             for b in range(ns, nb):
-                decode(blocks, o, b, w, 0)
+                if new_super(b, 0):
+                    prep(blocks, o, b, sv, 0)
+                decode(blocks, o, b, sv, 0, w, 0)
                 for i in range(R):
                     vdot(lanes, i * QK, src, xo[i] + b * QK, w)
             for s in range(1, S):
@@ -815,12 +872,12 @@ def _make_cols_kernel(groups):
 # (K, M) layout: the next depth rows are requested once a cache line (every chunk of q8_0
 # and bf16, every second of q6_k, every third of q4_0 / q4_k): once a row left the kernel at
 # about half the memory's speed.
-_ROWS_KERNELS = {f: slp_vectorized(_make_rows_kernel(v, t, SPAN[f],
+_ROWS_KERNELS = {f: slp_vectorized(_make_rows_kernel(p, v, t, SPAN[f],
                                                      max(1, 512 // (SPAN[f] * ITEMSIZE[f]))))
-                 for f, (v, _, t) in _DECODERS.items()}
+                 for f, (p, v, _, t) in _DECODERS.items()}
 _COLS_KERNELS = {f: slp_vectorized(_make_cols_kernel(tuple(
-    (r, _make_cols_group(d, t, SPAN[f], ITEMSIZE[f], r, s)) for r, s in COL_GROUPS)))
-    for f, (_, d, t) in _DECODERS.items()}
+    (r, _make_cols_group(p, d, t, SPAN[f], ITEMSIZE[f], r, s)) for r, s in COL_GROUPS)))
+    for f, (p, _, d, t) in _DECODERS.items()}
 
 
 def qstream_rows(src, ridx, blocks, fmt, offsets, tasks, part):

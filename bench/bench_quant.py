@@ -14,8 +14,8 @@ same for every format).
 
 Every format's result is checked first against float64 products with the NumPy decoding of the
 same bytes (blocks are random bytes with sane fp16 scales: the kernels decode any valid block;
-q4_k / q6_k decoded by formats.dequantize). Then all formats, a read of 512 MiB (the read bandwidth) and a dense
-float32 matmul (the FLOP rate, BLAS at --threads) are timed in the same interleaved rounds;
+q4_k / q6_k decoded by formats.py). Then all formats, a read of 512 MiB (the read bandwidth)
+and a dense float32 matmul (the FLOP rate, BLAS at --threads) are timed in the same rounds;
 before each timed call the last-level cache is flushed by a read of 96 MiB, so that the
 weights come from memory as in a real model (q4_0 decode-1 weights would fit in L3).
 

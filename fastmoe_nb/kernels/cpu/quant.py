@@ -75,7 +75,7 @@ BLOCK_BYTES_Q8_0, BLOCK_BYTES_Q4_0, BLOCK_BYTES_Q4_K, BLOCK_BYTES_Q6_K = (
     BLOCK_BYTES[f] for f in (Q8_0, Q4_0, Q4_K, Q6_K))        # the decoders' literals
 ITEMSIZE = {f: 2 if f == BF16 else 1 for f in FORMATS.values()}   # bytes of an element
 # the blocks' elements 256 values of a row take: chunk b of a row starts near element
-# b * SPAN[fmt] / 8 (exactly, but within q6_k's super-blocks; for prefetches only)
+# b * SPAN[fmt] / 8 (for prefetches only: q6_k's chunks are no whole number of bytes)
 SPAN = {f: QK_K // BLOCK_VALUES[f] * BLOCK_BYTES[f] // ITEMSIZE[f] for f in FORMATS.values()}
 
 _W4 = 4 * QK          # stack buffer sizes (literals)
@@ -294,9 +294,10 @@ def vq4k_scales(typingctx, src, off, d, dmin, sv, svo):
         m = builder.shuffle_vector(builder.and_(b, c(63)),
                                    builder.or_(builder.lshr(cc, c(4)), top[1]), cat)
         f8 = ir.VectorType(ir.FloatType(), 8)
-        v = builder.shuffle_vector(builder.fmul(_splat(builder, args[2], 8), builder.uitofp(sc, f8)),
-                                   builder.fmul(_splat(builder, args[3], 8), builder.uitofp(m, f8)),
-                                   ir.Constant(ir.VectorType(ir.IntType(32), 16), list(range(16))))
+        ds = builder.fmul(_splat(builder, args[2], 8), builder.uitofp(sc, f8))
+        dm = builder.fmul(_splat(builder, args[3], 8), builder.uitofp(m, f8))
+        v = builder.shuffle_vector(ds, dm, ir.Constant(ir.VectorType(ir.IntType(32), 16),
+                                                       list(range(16))))
         _vstore(ctx, builder, sig.args[4], args[4], args[5], v)
         return ctx.get_dummy_value()
     return types.void(src, off, d, dmin, sv, svo), codegen

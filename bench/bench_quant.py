@@ -1,8 +1,9 @@
 """The decoding GEMM on quantized expert weights (kernels/cpu/quant.py) against today's float32
 stream kernel (backends/cpu.py run_stream), on decoding batches of the Mixtral-like shape.
 
-    python bench/bench_quant.py [--tokens 1,8,64] [--layouts km,mk] [--formats f32,bf16,q8_0,q4_0]
-                                [--repeat 5] [--threads 2]
+    python bench/bench_quant.py [--tokens 1,8,64] [--layouts km,mk]
+                                [--formats f32,bf16,q8_0,q4_0,q4_k,q6_k] [--repeat 5]
+                                [--threads 2] [--moe]
 
 Shape: d = 1024, h = 3584, E = 8, k = 2, uniform top-2 routing; w1 (E, d, 2h) (swiglu) and w2
 (E, h, d), in the (K, M) layout ("km": out = x @ W, blocks along M) or the transposed one
@@ -12,9 +13,9 @@ ys = ha @ w2 with ha (N, h) a fixed array (the activation between them is left o
 same for every format).
 
 Every format's result is checked first against float64 products with the NumPy decoding of the
-same bytes (bf16 / q8_0 / q4_0 blocks are random bytes with sane fp16 scales: the kernels
-decode any valid block). Then all formats, a read of 512 MiB (the read bandwidth) and a dense
-float32 matmul (the FLOP rate, BLAS at --threads) are timed in the same interleaved rounds;
+same bytes (blocks are random bytes with sane fp16 scales: the kernels decode any valid block;
+q4_k / q6_k decoded by formats.py). Then all formats, a read of 512 MiB (the read bandwidth)
+and a dense float32 matmul (the FLOP rate, BLAS at --threads) are timed in the same rounds;
 before each timed call the last-level cache is flushed by a read of 96 MiB, so that the
 weights come from memory as in a real model (q4_0 decode-1 weights would fit in L3).
 
@@ -23,10 +24,17 @@ weight bytes, scales included), fraction of read bw (their bytes / time over the
 bandwidth), floor = max(MB / read bandwidth, FLOPs / matmul rate) from the medians, x floor
 (time over floor; the issue's target is <= 1.2) and the same from the best times, bandwidth
 and rate (on a shared machine the medians carry the other tenants' load).
+
+--moe times the whole layer instead, fm.moe_forward (softmax top-2 router, swiglu) with the
+weights in each format, and for the formats the kernels decode also the NumPy path of
+formats.py (the kernel-format table without that format: what backends/cpu.py did before
+the kernels had it), in the same interleaved rounds, weights flushed from the caches before
+each timed call; it reports each one's median and best ms and the speedup of the kernels.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -36,7 +44,9 @@ import numpy as np
 # the checkout this script lies in, not an installed fastmoe_nb (a worktree has its own)
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+import fastmoe_nb as fm
 from fastmoe_nb import baselines as bl
+from fastmoe_nb import formats as F
 from fastmoe_nb.backends import cpu as be
 from fastmoe_nb.kernels.cpu import quant as kq
 
@@ -47,23 +57,35 @@ BW_BYTES = 512 << 20
 
 # --------------------------------------------------------------------------- weights
 
+# where a block's fp16 scales lie, and a divisor for them (q4_k: 6-bit codes times 16 levels
+# of the scale and of the min; q6_k: int8 scales times 64 levels), so the values stay sane
+SCALES = {"q8_0": ((0,), 1), "q4_0": ((0,), 1), "q4_k": ((0, 2), 64 * 8),
+          "q6_k": ((208,), 64 * 32)}
+
+
 def random_blocks(rng, fmt, E_, R, C):
     """Random valid weights of logical shape (E_, R, C) in format fmt: bf16 bits of N(0, 1/R)
-    values; q8_0 / q4_0 random q bytes with fp16 scales of size ~1/(16 sqrt(R))."""
+    values; the block formats random q bytes with fp16 scales of size ~1/(16 sqrt(R)) (over
+    SCALES' divisor)."""
     if fmt == "bf16":
         w = rng.standard_normal((E_, R, C), dtype=np.float32) / np.float32(np.sqrt(R))
         return (w.view(np.uint32) >> 16).astype(np.uint16)
-    bb = kq.BLOCK_BYTES[kq.FORMATS[fmt]]
-    blocks = rng.integers(0, 256, (E_, R, C // kq.QK, bb), dtype=np.uint8)
-    d = (rng.uniform(0.5, 1.5, (E_, R, C // kq.QK)) / (16 * np.sqrt(R))).astype(np.float16)
-    blocks[..., :2] = d.view(np.uint8).reshape(E_, R, C // kq.QK, 2)
+    nb = C // F.BLOCK[fmt]
+    blocks = rng.integers(0, 256, (E_, R, nb, F.BLOCK_BYTES[fmt]), dtype=np.uint8)
+    at, size = SCALES[fmt]
+    for a in at:
+        d = (rng.uniform(0.5, 1.5, (E_, R, nb)) / (16 * size * np.sqrt(R))).astype(np.float16)
+        blocks[..., a:a + 2] = d.view(np.uint8).reshape(E_, R, nb, 2)
     return blocks.reshape(E_, R, -1)
 
 
 def numpy_decode(blocks, fmt, C):
-    """blocks of one expert (R, row bytes) -> (R, C) float64, by NumPy."""
+    """blocks of one expert (R, row bytes) -> (R, C) float64, by NumPy (formats.py's codec for
+    the k-formats)."""
     if fmt == "bf16":
         return (blocks.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    if fmt in ("q4_k", "q6_k"):
+        return F.dequantize_rows(blocks, fmt).astype(np.float64)
     R = blocks.shape[0]
     b = blocks.reshape(R, C // kq.QK, -1)
     d = b[..., :2].copy().view(np.float16).astype(np.float64)
@@ -143,6 +165,85 @@ def check(fmt, fn, h1, w1, w2, x, ha, ridx, offsets, trans):
     return worst
 
 
+# --------------------------------------------------------------------------- the layer
+
+def layer_weights(rng, fmt, layout):
+    """(w1, w2) for fm.moe_forward: float32 arrays (f32) or QuantizedWeights."""
+    trans = layout == "mk"
+    out = []
+    for K, M in ((D, 2 * H), (H, D)):
+        shape = (E, M, K) if trans else (E, K, M)
+        if fmt == "f32":
+            out.append(rng.standard_normal(shape, dtype=np.float32) / np.float32(np.sqrt(K)))
+        else:
+            out.append(F.from_blocks(random_blocks(rng, fmt, *shape), fmt, shape))
+    return out
+
+
+class numpy_path:
+    """Within it, backends/cpu.py finds no kernel for `fmt` and decodes with formats.py's
+    NumPy codec (what it did before quant.py had the format)."""
+
+    def __init__(self, fmt):
+        self.fmt, self.code = fmt, None
+
+    def __enter__(self):
+        self.code = kq.FORMATS.pop(self.fmt)
+
+    def __exit__(self, *exc):
+        kq.FORMATS[self.fmt] = self.code
+
+
+def layer_call(x, router_w, w1, w2, trans, ctx):
+    """fn() -> fm.moe_forward's y, run within the context ctx."""
+    def fn():
+        with ctx:
+            return fm.moe_forward(x, router_w, w1, w2, TOP_K, trans_w=trans)
+    return fn
+
+
+def moe_main(args, formats, flush):
+    """--moe: fm.moe_forward per format, kernels and (for their formats) the NumPy path."""
+    rng = np.random.default_rng(1)
+    print("| layout | T | format | path | ms | best ms | kernels' speedup (median, best) |")
+    print("|---|---|---|---|---|---|---|")
+    for layout in args.layouts.split(","):
+        trans = layout == "mk"
+        weights = {f: layer_weights(rng, f, layout) for f in formats}
+        router_w = rng.standard_normal((D, E), dtype=np.float32) / np.float32(np.sqrt(D))
+        for T in (int(t) for t in args.tokens.split(",")):
+            x = rng.standard_normal((T, D), dtype=np.float32)
+            cases = []
+            for f in formats:
+                paths = ["kernels"] + (["numpy"] if f in kq.FORMATS else [])
+                for path in paths:
+                    ctx = numpy_path(f) if path == "numpy" else contextlib.nullcontext()
+                    cases.append((f, path, layer_call(x, router_w, *weights[f], trans, ctx)))
+            ys = {(f, p): fn() for f, p, fn in cases}      # compile, and agree
+            for f, p, _ in cases:
+                if p == "numpy" and not np.allclose(ys[(f, p)], ys[(f, "kernels")],
+                                                    rtol=1e-4, atol=1e-5):
+                    print(f"CHECK FAILED {layout} T={T} {f}: kernels and NumPy path differ")
+                    sys.exit(1)
+            times = {(f, p): [] for f, p, _ in cases}
+            bl.settle()
+            for _ in range(args.repeat):
+                for f, p, fn in cases:
+                    fn()
+                    flush()
+                    t0 = time.perf_counter()
+                    fn()
+                    times[(f, p)].append(time.perf_counter() - t0)
+            for f, p, _ in cases:
+                t = times[(f, p)]
+                extra = ""
+                if p == "numpy":
+                    k = times[(f, "kernels")]
+                    extra = f"{np.median(t) / np.median(k):.1f}x, {np.min(t) / np.min(k):.1f}x"
+                print(f"| {layout} | {T} | {f} | {p} | {np.median(t) * 1e3:.2f} | "
+                      f"{np.min(t) * 1e3:.2f} | {extra} |", flush=True)
+
+
 # --------------------------------------------------------------------------- timing
 
 def main():
@@ -152,10 +253,16 @@ def main():
     ap.add_argument("--formats", default="f32,bf16,q8_0,q4_0")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--moe", action="store_true",
+                    help="time fm.moe_forward, the kernels against formats.py's NumPy path")
     args = ap.parse_args()
     formats = args.formats.split(",")
     rng = np.random.default_rng(0)
     flush, _ = bl.read_probe(FLUSH_BYTES)
+    if args.moe:
+        with bl.thread_limits(args.threads):
+            moe_main(args, formats, flush)
+        return
     bw_fn, bw_bytes = bl.read_probe(BW_BYTES)
     ma, mb = bl.dense_operands(bl.MATMUL_SHAPE[0], bl.MATMUL_SHAPE[1], bl.MATMUL_SHAPE[2])
     mc = np.empty((ma.shape[0], mb.shape[1]), np.float32)

@@ -204,3 +204,23 @@ def test_stack_bad_input(rng):
         F.QuantizedWeights("q8_0", (2, 9, 64), (q8.blocks, q8.blocks))
     with pytest.raises(ValueError, match=r"blocks\[1\]: expected a part's blocks"):
         F.QuantizedWeights("q8_0", (2, 8, 64), (q8.blocks, q8.blocks.reshape(-1)))
+
+
+@pytest.mark.parametrize("fmt", ["q4_k", "q6_k"])
+@pytest.mark.parametrize("trans_w", [False, True])
+def test_blocks_not_contiguous_as_a_whole_take_the_numpy_codec(rng, fmt, trans_w):
+    """Every other expert of a larger array (each row contiguous, the whole not): no kernel
+    decodes such blocks, backends/cpu.py takes formats.py's NumPy codec, on the streamed
+    (a few rows) and the BLAS (many rows) routes alike, with the decoded weights' products."""
+    from fastmoe_nb.backends import cpu as be
+    K, M, counts = 256, 512, (1, 0, 40, 3)
+    offsets = _offsets(counts)
+    E = len(counts)
+    shape = (E, M, K) if trans_w else (E, K, M)
+    q_all, _ = _weights(rng, (2 * E,) + shape[1:], fmt)
+    q = F.from_blocks(q_all.blocks[::2], fmt, shape)
+    assert not q.blocks.flags.c_contiguous and be._kernel_format(q) is None
+    assert be._kernel_format(F.from_blocks(q.blocks.copy(), fmt, shape)) is not None
+    a = rng.standard_normal((int(offsets[-1]), K)).astype(np.float32)
+    got = fm.grouped_gemm(a, q, offsets, trans_w=trans_w)
+    assert_close(got, ref.grouped_gemm(a, F.dequantize(q), offsets, trans_w))

@@ -474,3 +474,27 @@ def test_cols_kernel_with_the_avx2_row_groups(fmt):
     kernel(src, ridx, blocks, offsets, tasks, got)
     want, scale = expected(src, ridx, W, offsets)
     assert (np.abs(got - want) <= 1e-5 * scale + 1e-30).all()
+
+
+_CACHE_KEYS = """
+from numba.core.registry import cpu_target
+from fastmoe_nb.kernels.cpu import quant as kq
+codegen = cpu_target.target_context.codegen()
+for table in (kq._DEQUANT_ROWS, kq._DEQUANT_ALL, kq._ROWS_KERNELS, kq._COLS_KERNELS):
+    for f in sorted(table):
+        k = getattr(table[f], "kernel", table[f])
+        print(k._cache._index_key(("sig",), codegen)[2])
+"""
+
+
+def test_factory_kernels_keep_one_disk_cache_key_across_processes():
+    """The per-format kernels are closures over other jitted functions: Numba's own cache key
+    pickles those with a per-process id (a fresh compile in every process). cache.cached's key
+    is the same in two processes, and differs between formats."""
+    import subprocess
+    import sys
+    runs = [subprocess.run([sys.executable, "-c", _CACHE_KEYS], capture_output=True, text=True,
+                           check=True).stdout.split("\n") for _ in range(2)]
+    assert runs[0] == runs[1]
+    keys = [k for k in runs[0] if k]
+    assert len(keys) == 4 * len(kq.FORMATS) and len(set(keys)) == len(keys)

@@ -49,7 +49,8 @@ and multiplies it into all of the expert's rows:
             (chunk b goes to set b mod S); the sets and lanes are added in a fixed tree.
 Tasks are cut from the shapes alone and every sum runs in a fixed order: results are bitwise
 the same for any thread count. Each format has its own compiled kernels, made by the
-factories below from its decoder (no loop branches on the format); the entry points
+factories below from its decoder (no loop branches on the format; cache.cached keeps them in
+Numba's disk cache across processes); the entry points
 qstream_rows / qstream_cols / dequant_rows / dequant take the format code.
 """
 import numpy as np
@@ -59,6 +60,7 @@ from numba import carray, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .cache import cached
 from .config import (COL_GROUPS, ISA, PREFETCH_BYTES, QSTREAM_ACC, QSTREAM_CT,
                      host_features)
 from .fastmath import _bits_f32
@@ -665,7 +667,7 @@ def _make_dequant_rows(prep, decode, tail):
                 tail(blocks, o, bf, c1 - bf * QK, buf)
                 for j in range(c1 - bf * QK):
                     orow[bf * QK - c0 + j] = buf[j]
-    return dequant_rows
+    return cached(dequant_rows)
 
 
 def _make_dequant_all(rows):
@@ -677,7 +679,7 @@ def _make_dequant_all(rows):
         for t in prange(E * R):
             e = t // R
             rows(blocks, e, t - e * R, t - e * R + 1, 0, C, out[e, t - e * R:])
-    return dequant_all
+    return cached(dequant_all)
 
 
 _DEQUANT_ROWS = {f: _make_dequant_rows(prep, dec, tail)
@@ -782,7 +784,7 @@ def _make_rows_kernel(prep, values, tail, span, pf_every):
                             for j in range(nt):
                                 acc[i * nc + bf * QK - c0 + j] += xa[i, 0] * w[j]
                 p += q
-    return rows_kernel
+    return cached(rows_kernel)
 
 
 def _make_cols_group(prep, decode, tail, span, itemsize, R, S, pf_bytes=PREFETCH_BYTES):
@@ -839,7 +841,7 @@ def _make_cols_group(prep, decode, tail, span, itemsize, R, S, pf_bytes=PREFETCH
                 for j in range(n):
                     acc += src.flat[xo[i] + nb * QK + j] * w[j]
                 out[r0 + i, c] = acc
-    return cols_group
+    return cached(cols_group)
 
 
 def _make_cols_kernel(groups):
@@ -867,7 +869,7 @@ def _make_cols_kernel(groups):
             while m - g >= rc:
                 gc(src, ridx, lo + g, blocks, e, c0, c1, K, out)
                 g += rc
-    return cols_kernel
+    return cached(cols_kernel)
 
 
 # (K, M) layout: the next depth rows are requested once a cache line (every chunk of q8_0

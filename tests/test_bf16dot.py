@@ -23,7 +23,7 @@ import fastmoe_nb as fm
 from fastmoe_nb import formats as F
 from fastmoe_nb.backends import cpu as be
 from fastmoe_nb.kernels.cpu import bf16dot as kb
-from fastmoe_nb.kernels.cpu.config import HN, NR, STREAM_ROWS
+from fastmoe_nb.kernels.cpu.config import HN, NR, QSTREAM_ROWS
 
 native = pytest.mark.skipif(not kb.NATIVE, reason="this CPU has no AVX512_BF16 (vdpbf16ps)")
 U = 2.0 ** -24
@@ -153,9 +153,9 @@ def _bf16_weights(rng, E, K, M, trans):
     return F.quantize(w, "bf16")
 
 
-# prefill-sized experts, and streamed ones (<= STREAM_ROWS rows: the float32 decoding path)
+# prefill-sized experts, and streamed ones (<= QSTREAM_ROWS rows: the exact decoding GEMM)
 # beside kernel ones in one product
-COUNTS = [(70, 0, 41), (2, 20, STREAM_ROWS, 1)]
+COUNTS = [(70, 0, 41), (2, QSTREAM_ROWS + 9, QSTREAM_ROWS, 1)]
 
 
 @native
@@ -175,8 +175,7 @@ def test_grouped_gemm_with_bf16_activations(rng, trans, counts):
     # the kernel rows multiplied the rounded activations: within float32 rounding of those
     rounded, rmag = products(bf16_value(bf16_bits(a)), w, offsets, trans)
     counts_ = np.diff(offsets)
-    big = np.repeat(counts_ > STREAM_ROWS, counts_) if not be.large_blocks(offsets) else \
-        np.ones(a.shape[0], bool)
+    big = np.repeat(~be.route(offsets, quantized=True).stream, counts_)
     assert np.all(np.abs(got - rounded)[big] <= K * U * rmag[big] + 1e-35)
     assert not np.array_equal(got[big], exact[big])      # the native path did run
     np.testing.assert_array_equal(got, fm.grouped_gemm(a, qn, offsets, trans_w=trans))

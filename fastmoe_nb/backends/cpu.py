@@ -40,7 +40,7 @@ from ..kernels.cpu import quant as kq
 from ..kernels.cpu import routing as kr
 from ..formats import QuantizedWeights, dequantize_rows
 from ..kernels.cpu.config import (BLAS_MIN_ROWS, FUSED_MAX_ROWS, HN, LOGITS_LOOP_ROWS, MR, NC, NR,
-                                  QUANT_COLS, STREAM_ROWS, TASK_COLS, TILE_ROWS)
+                                  QSTREAM_ROWS, QUANT_COLS, STREAM_ROWS, TASK_COLS, TILE_ROWS)
 from ..types import PackedWeights, Plan, Routing
 from . import pool
 
@@ -62,18 +62,24 @@ def large_blocks(offsets):
     return busy > 0 and offsets[-1] >= BLAS_MIN_ROWS * busy
 
 
-def route(offsets, packed=False, backward=False):
+def route(offsets, packed=False, backward=False, quantized=False):
     """The way a grouped product runs on the CPU, from its (E+1,) host offsets alone.
 
     packed weights: the kernel. Forward on raw weights: experts with 1..STREAM_ROWS rows
     streamed, the others with rows through BLAS, unless the experts average large blocks
     (large_blocks): then all through BLAS. Backward: BLAS when the blocks are large, else the
-    kernel (streaming serves the forward's few rows only)."""
+    kernel (streaming serves the forward's few rows only). Weights in a format (quantized,
+    forward and the frozen backward's dx alike): experts with 1..QSTREAM_ROWS rows streamed
+    by the decoding GEMM, each other one decoded a panel at a time for BLAS (an expert's choice
+    does not depend on the others': both ways decode its weights once)."""
     counts = np.diff(offsets)
     busy = counts > 0
     none = np.zeros(counts.shape[0], np.bool_)
     if packed:
         return Route(True, none, none)
+    if quantized:
+        stream = busy & (counts <= QSTREAM_ROWS)
+        return Route(False, stream, busy & ~stream)
     large = large_blocks(offsets)
     if backward:
         return Route(not large, none, busy if large else none)
@@ -571,7 +577,7 @@ def quantized_gemm(a, qw, offsets, trans):
     M = R if trans else C
     out = np.empty((a.shape[0], M), a.dtype)
     code = _kernel_format(qw)
-    stream = route(offsets).stream if code is not None else np.zeros(E, np.bool_)
+    stream = route(offsets, quantized=True).stream if code is not None else np.zeros(E, np.bool_)
     if stream.any():
         _stream_parts(a, qw, code, trans, offsets, out, stream)
     if _native_bf16(qw):                     # opt-in: bf16 activations, vdpbf16ps

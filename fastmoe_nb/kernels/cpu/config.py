@@ -60,6 +60,11 @@ _AVX2 = dict(
     # `python bench/compare.py` at 8-512 tokens.
     STREAM_ROWS=12,
     BLAS_MIN_ROWS=16,
+    # backends/cpu.py, weights in a format: an expert with at most QSTREAM_ROWS rows is decoded
+    # in registers by the decoding GEMM, a larger one decodes panels for BLAS. Decoding a
+    # panel to float32 costs far more than in-register decoding, so the break-even lies well
+    # past STREAM_ROWS; re-derive with `python bench/bench_quant_route.py`.
+    QSTREAM_ROWS=32,
     # backends/cpu.py: an expert with at most FUSED_MAX_ROWS rows is one backward task (all
     # its products while its rows are in cache); a larger one is cut so it alone keeps every
     # thread busy (shape-fixed).
@@ -110,8 +115,8 @@ HN = NR // 2       # swiglu-interleaved panels: HN gate columns, then HN up colu
 MR_NR = MR * NR    # the micro-tile's size, a literal for the stack buffer
 STREAM_KC, STREAM_ACC, STREAM_CT, STREAM_SUB = (_S[n] for n in ("STREAM_KC", "STREAM_ACC",
                                                                 "STREAM_CT", "STREAM_SUB"))
-STREAM_ROWS, BLAS_MIN_ROWS, FUSED_MAX_ROWS = (_S[n] for n in ("STREAM_ROWS", "BLAS_MIN_ROWS",
-                                                              "FUSED_MAX_ROWS"))
+STREAM_ROWS, QSTREAM_ROWS, BLAS_MIN_ROWS, FUSED_MAX_ROWS = (
+    _S[n] for n in ("STREAM_ROWS", "QSTREAM_ROWS", "BLAS_MIN_ROWS", "FUSED_MAX_ROWS"))
 QSTREAM_CT, COL_GROUPS, QSTREAM_ACC, PREFETCH_BYTES = (
     _S[n] for n in ("QSTREAM_CT", "COL_GROUPS", "QSTREAM_ACC", "PREFETCH_BYTES"))
 TASK_ROWS, TASK_COLS, LOGITS_LOOP_ROWS, QUANT_COLS = (

@@ -222,6 +222,11 @@ def test_block_decoders_bitwise_equal_numpy(fmt, data):
     """decode_<fmt> gives NumPy's decoding (q8_0 / q4_0: float32(d) * q; q4_k / q6_k:
     formats.dequantize) bit for bit, and values_<fmt> * d the same, including inf / nan
     scales (nan positions compared as nan)."""
+    check_chunk_decoders(fmt, data)
+
+
+def check_chunk_decoders(fmt, data):
+    """decode_<fmt> and values_<fmt> * d on decoder_case(fmt, data) equal NumPy bit for bit."""
     blocks, want = decoder_case(fmt, data)
     got, got2 = (np.empty(want.shape, np.float32) for _ in range(2))
     with np.errstate(invalid="ignore"):
@@ -449,12 +454,7 @@ def test_nibble_decoders_with_and_without_the_avx512_table(monkeypatch, fmt, tab
         pytest.skip("vpermps over 16 lanes needs AVX-512")
     monkeypatch.setattr(kq, "_Q4_TABLE", table)
     for data in ("special", "random"):
-        blocks, want = decoder_case(fmt, data)
-        got, got2 = (np.empty(want.shape, np.float32) for _ in range(2))
-        with np.errstate(invalid="ignore"):
-            chunk_decoders(fmt)(blocks, got, got2)
-        assert_bits_or_nan(got, want)
-        assert_bits_or_nan(got2, want)
+        check_chunk_decoders(fmt, data)
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "q4_0", "q4_k", "q6_k"])

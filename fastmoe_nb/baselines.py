@@ -59,9 +59,9 @@ def thread_limits(threads=None):
 
 # OpenBLAS's worker threads keep spinning for a while (2^28 cycles by default, OPENBLAS_THREAD_
 # TIMEOUT) after each multi-threaded BLAS call, and a parallel kernel started meanwhile shares
-# its cores with them: measured here, a decode-8 layer right after a 512x512 np.matmul took
-# 29-33 ms instead of 17-20. Timings start after this pause, so that one measurement does not
-# pay for the BLAS baseline timed before it.
+# its cores with them and runs markedly slower (docs/performance.md, "Benchmark harness").
+# Timings start after this pause, so that one measurement does not pay for the BLAS baseline
+# timed before it.
 SETTLE_S = 0.3
 
 

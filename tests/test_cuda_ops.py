@@ -8,8 +8,11 @@ before numba is first imported, and this process keeps the CPU path):
   signature it is launched with (the simulator runs Python and proves no compilation);
 - the one clear error for a device array when CUDA cannot run.
 
-The two long ones start together, so the 2 cores run them side by side.
+The two long ones run for a minute or two on a core each: they start as soon as the suite is
+collected (conftest.py starts what start_background starts for the tests marked `background`,
+and runs those tests last), so the rest of the suite runs beside them.
 """
+import atexit
 import importlib.util
 import os
 import subprocess
@@ -39,17 +42,29 @@ def _start(args, **env):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-@pytest.fixture(scope="module")
-def runs():
-    procs = {
-        "sim": _start(["-m", "pytest", "tests/cuda_sim", "-q", "-p", "no:cacheprovider"],
-                      NUMBA_ENABLE_CUDASIM="1"),
-        "ptx": _start(["tools/cuda_compile_check.py"]),
-    }
-    yield procs
-    for p in procs.values():
+_PROCS = {}
+
+
+def _kill():
+    for p in _PROCS.values():
         if p.poll() is None:
             p.kill()
+
+
+def start_background():
+    """Start the simulator's and the PTX compile's runs (once; none without numba-cuda)."""
+    if HAVE_NUMBA_CUDA and not _PROCS:
+        _PROCS["sim"] = _start(["-m", "pytest", "tests/cuda_sim", "-q", "-p", "no:cacheprovider"],
+                               NUMBA_ENABLE_CUDASIM="1")
+        _PROCS["ptx"] = _start(["tools/cuda_compile_check.py"])
+        atexit.register(_kill)
+
+
+@pytest.fixture(scope="module")
+def runs():
+    start_background()          # already started at collection when run through conftest.py
+    yield _PROCS
+    _kill()
 
 
 def _finish(proc):
@@ -57,12 +72,14 @@ def _finish(proc):
     return proc.returncode, out
 
 
+@pytest.mark.background
 def test_cuda_ops_in_simulator(runs):
     rc, out = _finish(runs["sim"])
     assert rc == 0, "tests/cuda_sim failed under NUMBA_ENABLE_CUDASIM=1:\n" + out[-6000:]
     assert " passed" in out and "skipped" not in out, out[-2000:]
 
 
+@pytest.mark.background
 def test_cuda_kernels_compile_to_ptx(runs):
     rc, out = _finish(runs["ptx"])
     assert rc == 0, "tools/cuda_compile_check.py failed:\n" + out[-6000:]

@@ -457,17 +457,19 @@ def test_nibble_decoders_with_and_without_the_avx512_table(monkeypatch, fmt, tab
         check_chunk_decoders(fmt, data)
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "q4_0", "q4_k", "q6_k"])
+@pytest.mark.parametrize("fmt", ["bf16", "q6_k"])
 def test_cols_kernel_with_the_avx2_row_groups(fmt):
     """Hosts without AVX-512 group the (M, K) layout's rows in twos (COL_GROUPS); that kernel,
-    built here from the same factories, matches float64 too."""
+    built here from the same factories, matches float64 too. The grouping does not depend on
+    the format: bf16 has the partial last chunk, q6_k the super-blocks' scales (each format's
+    decoder is checked on its own above)."""
     code = kq.FORMATS[fmt]
     prep, _, dec, tail = kq._DECODERS[code]
     kernel = kq.slp_vectorized(kq._make_cols_kernel(tuple(
         (r, kq._make_cols_group(prep, dec, tail, kq.SPAN[code], kq.ITEMSIZE[code], r, s))
         for r, s in ((2, 1), (1, 2)))))
     rng = np.random.default_rng(14)
-    K, M = {"bf16": (96, 70), "q4_0": (256, 64)}.get(fmt, (512, 64))
+    K, M = {"bf16": (96, 70)}.get(fmt, (512, 64))
     src, ridx, blocks, offsets, W = make_case(rng, fmt, (5, 0, 2, 1), K, M, True, True)
     tasks, _, _ = kq.qstream_plan(offsets, np.ones(4, np.bool_), K, M, True)
     got = np.full((int(offsets[-1]), M), np.nan, np.float32)

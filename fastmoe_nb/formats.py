@@ -115,8 +115,10 @@ class QuantizedWeights:
             or a tuple of such arrays (E, R_i, ...) with sum(R_i) = R: the weight's rows
             R_0 + R_1 + ... stacked along axis 1, each part kept as it is (stack())
     activations: what the activations are multiplied as: "f32" (the default: exactly, in
-            float32) or, for bf16 weights, "bf16" (rounded to bf16 once per product, for the
-            CPU's native bf16 dot products where it has them; docs/formats.md)
+            float32); for bf16 weights, "bf16" (rounded to bf16 once per product, for the
+            CPU's native bf16 dot products where it has them); for q8_0 / q4_0 weights,
+            "q8_0" (rounded to blocks of 32 int8 with a float32 scale, for integer dot products
+            in the decoding GEMM's (M, K) layout, as ggml multiplies them). docs/formats.md
     """
 
     format: str
@@ -191,7 +193,8 @@ class QuantizedWeights:
         return self.blocks[e]
 
     def with_activations(self, activations) -> QuantizedWeights:
-        """The same blocks (not copied) with activations "f32" or "bf16" (bf16 weights only)."""
+        """The same blocks (not copied) with activations "f32", "bf16" (bf16 weights only) or
+        "q8_0" (q8_0 / q4_0 weights only)."""
         return QuantizedWeights(self.format, self.shape, self.blocks, activations)
 
     def __repr__(self):
@@ -202,11 +205,13 @@ class QuantizedWeights:
                 f"nbytes={self.nbytes}, blocks={kind}{act})")
 
 
-ACTIVATIONS = {"f32": FORMATS, "bf16": ("bf16",)}   # activations -> the weight formats they take
+# activations -> the weight formats they take
+ACTIVATIONS = {"f32": FORMATS, "bf16": ("bf16",), "q8_0": ("q8_0", "q4_0")}
 
 
 def _check_activations(activations, spec):
-    """'f32', or 'bf16' for a bf16 weight; ValueError naming `activations` otherwise."""
+    """'f32', 'bf16' for a bf16 weight, 'q8_0' for a q8_0 / q4_0 one; ValueError naming
+    `activations` otherwise."""
     a = chk.check_choice("activations", activations, tuple(ACTIVATIONS))
     if spec.name not in ACTIVATIONS[a]:
         raise ValueError(f"activations: {a!r} activations take {', '.join(ACTIVATIONS[a])} "

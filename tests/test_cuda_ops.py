@@ -10,7 +10,8 @@ before numba is first imported, and this process keeps the CPU path):
 
 The two long ones run for a minute or two on a core each: they start as soon as the suite is
 collected (conftest.py starts what start_background starts for the tests marked `background`,
-and runs those tests last), so the rest of the suite runs beside them.
+and runs those tests last), so the rest of the suite runs beside them, each with a Numba cache
+of its own.
 """
 import atexit
 import importlib.util
@@ -51,12 +52,23 @@ def _kill():
             p.kill()
 
 
+def _own_cache(name):
+    # A Numba disk cache of the subprocess's own: Numba's index of a function's cached
+    # versions is read, extended and written back without a lock, so two processes compiling
+    # different versions at once can leave an entry that names the other's code.
+    base = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "fastmoe_nb")
+    return os.path.join(base, f"numba-{name}")
+
+
 def start_background():
     """Start the simulator's and the PTX compile's runs (once; none without numba-cuda)."""
     if HAVE_NUMBA_CUDA and not _PROCS:
         _PROCS["sim"] = _start(["-m", "pytest", "tests/cuda_sim", "-q", "-p", "no:cacheprovider"],
-                               NUMBA_ENABLE_CUDASIM="1")
-        _PROCS["ptx"] = _start(["tools/cuda_compile_check.py"])
+                               NUMBA_ENABLE_CUDASIM="1", NUMBA_CACHE_DIR=_own_cache("cudasim"))
+        _PROCS["ptx"] = _start(["tools/cuda_compile_check.py"],
+                               NUMBA_CACHE_DIR=_own_cache("ptx"))
         atexit.register(_kill)
 
 

@@ -20,7 +20,9 @@ Weights in a format (fastmoe_nb.formats: bf16, q8_0, q4_0, ...) are decoded a pa
 at a time into a task's scratch, each value once per product, and multiplied by BLAS
 (quantized_gemm); they are frozen, so their backward gives the inputs' gradient only. bf16
 weights that ask for bf16 activations (QuantizedWeights.activations) run kernels/cpu/bf16dot.py's
-native bf16 dot products instead where the CPU has AVX512_BF16 (_native_bf16).
+native bf16 dot products instead where the CPU has AVX512_BF16 (_native_bf16); q8_0 / q4_0
+weights that ask for q8_0 activations have their streamed experts' (M, K) products made by
+kernels/cpu/int8dot.py's integer dot products.
 Every way cuts its work from the shapes alone: results are bitwise the same for any thread
 count.
 """
@@ -36,6 +38,7 @@ from ..kernels.cpu import activations as ka
 from ..kernels.cpu import bf16dot as kb
 from ..kernels.cpu import dispatch as kd
 from ..kernels.cpu import gemm as kg
+from ..kernels.cpu import int8dot as ki
 from ..kernels.cpu import quant as kq
 from ..kernels.cpu import routing as kr
 from ..formats import QuantizedWeights, dequantize_rows
@@ -535,13 +538,15 @@ def decode_panel(qw, e, rows, c0, c1, scratch):
 
 def _stream_parts(a, qw, code, trans, offsets, out, stream):
     # out[rows of the streamed experts] = a[rows] @ B_e, each part's blocks read once by the
-    # decoding GEMM (it takes one contiguous blocks array). trans: a part is a block of output
+    # decoding GEMM (it takes one contiguous blocks array; kernels/cpu/int8dot.py's for a
+    # weight asking for q8_0 activations). trans: a part is a block of output
     # columns, decoded into its own (N, R_i) array and copied in; else a block of depth rows
     # (a's columns p0..p1, gathered for the streamed rows only) whose products are added in
     # part order.
+    run_qstream = ki.run_qstream if qw.activations == "q8_0" else kq.run_qstream
     parts = qw.parts
     if len(parts) == 1:
-        kq.run_qstream(a, qw.blocks, code, trans, offsets, out, stream)
+        run_qstream(a, qw.blocks, code, trans, offsets, out, stream)
         return
     runs = expert_runs(offsets, stream)
     N = a.shape[0]
@@ -554,13 +559,13 @@ def _stream_parts(a, qw, code, trans, offsets, out, stream):
         p1 = p0 + b.shape[1]
         if trans:
             part = np.empty((N, p1 - p0), a.dtype)
-            kq.run_qstream(a, b, code, True, offsets, part, stream)
+            run_qstream(a, b, code, True, offsets, part, stream)
             for lo, hi in runs:
                 out[lo:hi, p0:p1] = part[lo:hi]
             continue
         src = np.ascontiguousarray(a[rows, p0:p1])
         part = out if i == 0 else np.empty(out.shape, a.dtype)
-        kq.run_qstream(src, b, code, False, offsets, part, stream, ridx)
+        run_qstream(src, b, code, False, offsets, part, stream, ridx)
         if i:
             for lo, hi in runs:
                 out[lo:hi] += part[lo:hi]

@@ -4,25 +4,35 @@ Numba keys a cached closure by the pickle of its cells, and a dispatcher pickles
 made anew in each process: a factory's kernels (kernels/cpu/quant.py makes one per weight
 format) would miss the cache in every new process and compile again. `cached` gives such a
 kernel a key built from what its cells are: a jitted or Python function by its module, name,
-code and, recursively, its own cells; any other value by its pickle.
+code and, recursively, its own cells (an @intrinsic by its defining function); any other value
+by its pickle.
 """
 from __future__ import annotations
 
 import hashlib
-import marshal
 import pickle
 import types
 
 from numba.core.caching import FunctionCache, NullCache
 from numba.core.dispatcher import Dispatcher
+from numba.core.extending import _Intrinsic
+
+
+def _code(c):
+    # a code object by its bytecode, names and constants (marshal.dumps would also write the
+    # state Python's adaptive interpreter leaves in a function that has run: an @intrinsic's)
+    return (c.co_code, c.co_names, tuple(_code(k) if isinstance(k, types.CodeType) else k
+                                         for k in c.co_consts))
 
 
 def describe(x):
     """A value that pickles the same in every process for the same closure contents."""
     if isinstance(x, Dispatcher):
         x = x.py_func
+    if isinstance(x, _Intrinsic):             # by the function that defines it
+        x = x._defn
     if isinstance(x, types.FunctionType):
-        return ("function", x.__module__, x.__qualname__, marshal.dumps(x.__code__),
+        return ("function", x.__module__, x.__qualname__, _code(x.__code__),
                 tuple(describe(c.cell_contents) for c in x.__closure__ or ()))
     if isinstance(x, (tuple, list)):
         return (type(x).__name__,) + tuple(describe(v) for v in x)

@@ -1,0 +1,360 @@
+"""Integer dot products on 8-bit activations for q8_0 / q4_0 weights in the decoding GEMM's
+(M, K) layout (GGUF's and PyTorch's; blocks along the depth): AVX512_VNNI's vpdpbusd where
+the CPU has it, the same integer sums in plain vector code elsewhere.
+
+An opt-in (a weight's activations="q8_0", docs/formats.md), the way ggml computes these
+formats: each row of activations is rounded to blocks of 32 int8 with a float32 scale
+(quantize_rows: d = amax / 127, q = x * (1 / d) rounded half away from zero, ggml's q8_0
+rounding with d kept in float32), so that a block's dot product is an exact integer:
+
+    y[r, c] = sum over blocks b of  (dw[c, b] * dx[r, b]) * sum_{j<32} qw[c, 32b+j] qx[r, 32b+j]
+
+vpdpbusd multiplies unsigned by signed bytes, four products into each int32 lane: the weights
+enter as u = q + 128 (q8_0) or as the nibble itself (q4_0, whose value is u - 8), and a row's
+lanes start at -OFFSET * the sum of their four activation bytes (xc, made once per row with
+the rounding), so that they end at the exact signed sum. Two blocks at a time fill the 64
+bytes of a zmm register: 16 lanes, 8 a block; the lanes are converted to float32, multiplied
+by dw * dx (xs: dx repeated over its block's 8 lanes) and added into float32 accumulators.
+
+The integer sums are exact and every float32 operation runs in a fixed order, so results are
+bitwise the same for any thread count, and on CPUs with or without VNNI (the plain path makes
+the same integers). The tasks, the row groups and their split are quant.py's cols_kernel's
+(qstream_plan, COL_GROUPS): only the group function differs. A depth of an odd number of
+blocks ends on half a pair, whose other half multiplies zero activations with zero scales.
+"""
+import numpy as np
+from llvmlite import ir
+from numba import carray, njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .cache import cached
+from .config import COL_GROUPS, ISA, PREFETCH_BYTES, host_features
+from .gemm import _stack_empty, slp_vectorized
+from .quant import (BLOCK_BYTES_Q4_0, BLOCK_BYTES_Q8_0, FLAGS, Q4_0, Q8_0, QK, _at, _c_array,
+                    _fmuladd, _u16_at, _vload, _vstore, half_to_f32, prefetch, _make_cols_kernel,
+                    qstream_plan, run_qstream as _run_qstream_f32)
+
+# vpdpbusd on 512-bit registers; without it the plain path computes the same sums.
+VNNI = bool(ISA == "avx512" and host_features().get("avx512vnni"))
+FORMATS = (Q8_0, Q4_0)           # the weight formats this kernel multiplies
+OFFSET = {Q8_0: 128, Q4_0: 8}    # u - OFFSET is the weight's integer value
+PAIR = 2 * QK                    # values (bytes) of two blocks: one vpdpbusd
+LANES = 16                       # int32 / float32 lanes of a pair (8 a block)
+
+_I8V = ir.VectorType(ir.IntType(8), PAIR)
+_I32L = ir.VectorType(ir.IntType(32), LANES)
+_F32L = ir.VectorType(ir.FloatType(), LANES)
+_F32_1 = np.float32(1.0)
+
+
+@njit(inline="always", cache=True)
+def padded(K):
+    """Bytes of a row of rounded activations: K values padded to whole pairs of blocks."""
+    return -(-K // PAIR) * PAIR
+
+
+# --------------------------------------------------------------------------- activations
+
+@njit(inline="always", cache=True)
+def _round_away(v):
+    # v: float32, |v| <= 127.x -> the nearest integer, ties away from zero (C's roundf)
+    t = np.float32(int(v))                 # truncated towards zero, exact
+    f = v - t                              # exact in float32
+    if f >= np.float32(0.5):
+        t += np.float32(1.0)
+    elif f <= np.float32(-0.5):
+        t -= np.float32(1.0)
+    return np.int32(t)
+
+
+@njit(**FLAGS)
+def quantize_rows(x, ridx, offsets, experts, offset):
+    # x (*, K) float32, ridx (N,) int64: the product's rows x[ridx[r]] in expert order (an
+    # empty ridx: x's own rows), offsets (E+1,), experts (E,) bool -> the rows of the experts
+    # marked, rounded (n of them, in order): xq (n, KP) uint8: the int8 values' bytes (zeros
+    # past K; KP = padded(K)), xc (n, KP/4) int32: -offset * the sum of each four bytes'
+    # values, xs (n, KP/4) float32: each block's d over its 8 lanes (zeros past K), and
+    # qidx (N,) int64: row r's row in them. A block with a NaN or an Inf gets q = 0 and
+    # d = NaN: its products are NaN, as float32 ones would be. Serial: a decoding step
+    # rounds a few rows.
+    K = x.shape[1]
+    N = offsets[-1]
+    nb, KP = K // QK, padded(K)
+    qidx = np.zeros(N, np.int64)
+    n = 0
+    for e in range(experts.shape[0]):
+        if experts[e]:
+            for r in range(offsets[e], offsets[e + 1]):
+                qidx[r] = n
+                n += 1
+    xq = np.zeros((n, KP), np.uint8)
+    xc = np.zeros((n, KP // 4), np.int32)
+    xs = np.zeros((n, KP // 4), np.float32)
+    for e in range(experts.shape[0]):
+        if not experts[e]:
+            continue
+        for r in range(offsets[e], offsets[e + 1]):
+            i = qidx[r]
+            xr = x[ridx[r] if ridx.shape[0] else r]
+            for b in range(nb):
+                amax = np.float32(0.0)
+                finite = True
+                for j in range(QK):
+                    v = xr[b * QK + j]
+                    finite = finite and np.isfinite(v)
+                    amax = max(amax, abs(v))
+                d = amax / np.float32(127.0) if finite else np.float32(np.nan)
+                inv = np.float32(1.0) / d if finite and d != 0.0 else np.float32(0.0)
+                for lane in range(QK // 4):
+                    s = 0
+                    for j in range(4 * lane, 4 * lane + 4):
+                        q = _round_away(xr[b * QK + j] * inv)
+                        xq[i, b * QK + j] = np.uint8(q & 0xFF)
+                        s += q
+                    xc[i, b * 8 + lane] = -offset * s
+                    xs[i, b * 8 + lane] = d
+    return xq, xc, xs, qidx
+
+
+# --------------------------------------------------------------------------- vector steps
+
+def _load_bytes(ctx, builder, sig, args, i, j, n):
+    # the n bytes at flat offset args[j] of uint8 array args[i]
+    return _vload(ctx, builder, sig.args[i], args[i], args[j], ir.VectorType(ir.IntType(8), n), 1)
+
+
+@intrinsic
+def vbytes_q8(typingctx, src, o0, o1, wq):
+    """wq[0:64] = the bytes src[o0:o0+32] then src[o1:o1+32], each + 128 (q8_0's int8
+    values as vpdpbusd's unsigned operand: u = q + 128)."""
+    if not (_c_array(src, types.uint8) and _c_array(wq, types.uint8)):
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        cat = ir.Constant(ir.VectorType(ir.IntType(32), PAIR), list(range(PAIR)))
+        v = builder.shuffle_vector(_load_bytes(ctx, builder, sig, args, 0, 1, QK),
+                                   _load_bytes(ctx, builder, sig, args, 0, 2, QK), cat)
+        v = builder.xor(v, ir.Constant(_I8V, [0x80] * PAIR))
+        _vstore(ctx, builder, sig.args[3], args[3], ir.Constant(ir.IntType(64), 0), v, 1)
+        return ctx.get_dummy_value()
+    return types.void(src, o0, o1, wq), codegen
+
+
+@intrinsic
+def vbytes_q4(typingctx, src, o0, o1, wq):
+    """wq[0:64] = the nibbles of src[o0:o0+16] (low ones, then high ones: a q4_0 block's
+    values 0..31 in order) then those of src[o1:o1+16], one a byte."""
+    if not (_c_array(src, types.uint8) and _c_array(wq, types.uint8)):
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        h = QK // 2
+        a = _load_bytes(ctx, builder, sig, args, 0, 1, h)
+        b = _load_bytes(ctx, builder, sig, args, 0, 2, h)
+        # [a, a, b, b] >> [0, 4, 0, 4] (16 bytes each) & 15
+        twice = ir.Constant(ir.VectorType(ir.IntType(32), PAIR),
+                            [i % h + (h if i >= QK else 0) for i in range(PAIR)])
+        v = builder.shuffle_vector(a, b, twice)
+        # shifted as 16-bit lanes (x86 has no byte shifts): the mask keeps each byte's own bits
+        i16v = ir.VectorType(ir.IntType(16), PAIR // 2)
+        shift = ir.Constant(i16v, [4 * ((i // (h // 2)) % 2) for i in range(PAIR // 2)])
+        v = builder.bitcast(builder.lshr(builder.bitcast(v, i16v), shift), _I8V)
+        v = builder.and_(v, ir.Constant(_I8V, [15] * PAIR))
+        _vstore(ctx, builder, sig.args[3], args[3], ir.Constant(ir.IntType(64), 0), v, 1)
+        return ctx.get_dummy_value()
+    return types.void(src, o0, o1, wq), codegen
+
+
+@intrinsic
+def vscales(typingctx, d0, d1, sw):
+    """sw[0:8] = d0, sw[8:16] = d1: a pair's weight scales over its lanes."""
+    if not (_c_array(sw, types.float32) and d0 == types.float32 and d1 == types.float32):
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        two = ir.Constant(ir.VectorType(ir.FloatType(), 2), ir.Undefined)
+        two = builder.insert_element(two, args[0], ir.Constant(ir.IntType(32), 0))
+        two = builder.insert_element(two, args[1], ir.Constant(ir.IntType(32), 1))
+        v = builder.shuffle_vector(two, two, ir.Constant(_I32L, [0] * 8 + [1] * 8))
+        _vstore(ctx, builder, sig.args[2], args[2], ir.Constant(ir.IntType(64), 0), v)
+        return ctx.get_dummy_value()
+    return types.void(d0, d1, sw), codegen
+
+
+def _dpbusd(builder, acc, u, s, vnni):
+    # acc <16 x i32> + per lane the four products of unsigned bytes u and signed bytes s
+    # (<16 x i32> each, four bytes a lane): vpdpbusd, or the same sum in plain vector code
+    if vnni:
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32L, [_I32L] * 3),
+                                            "llvm.x86.avx512.vpdpbusd.512")
+        return builder.call(fn, [acc, u, s])
+    i32v = ir.VectorType(ir.IntType(32), PAIR)
+    p = builder.mul(builder.zext(builder.bitcast(u, _I8V), i32v),
+                    builder.sext(builder.bitcast(s, _I8V), i32v))
+    for k in range(4):
+        acc = builder.add(acc, builder.shuffle_vector(
+            p, p, ir.Constant(_I32L, [4 * lane + k for lane in range(LANES)])))
+    return acc
+
+
+def _make_vdot(vnni):
+    @intrinsic
+    def vdot_i8(typingctx, acc, ao, xq, xo, xc, xs, so, wq, sw):
+        """acc[ao:ao+16] += float32(xc[so:so+16] + the lanes' products of wq[0:64]
+        (unsigned) with xq[xo:xo+64] (signed)) * (sw[0:16] * xs[so:so+16]) (flat offsets;
+        one rounding for the scale product, one fused multiply-add)."""
+        if not (_c_array(acc, types.float32) and _c_array(xq, types.uint8)
+                and _c_array(xc, types.int32) and _c_array(xs, types.float32)
+                and _c_array(wq, types.uint8) and _c_array(sw, types.float32)):
+            return None
+
+        def codegen(ctx, builder, sig, args):
+            zero = ir.Constant(ir.IntType(64), 0)
+            lanes = _vload(ctx, builder, sig.args[4], args[4], args[6], _I32L)
+            u = _vload(ctx, builder, sig.args[7], args[7], zero, _I32L, 1)
+            s = _vload(ctx, builder, sig.args[2], args[2], args[3], _I32L, 1)
+            f = builder.sitofp(_dpbusd(builder, lanes, u, s, vnni), _F32L)
+            scale = builder.fmul(_vload(ctx, builder, sig.args[8], args[8], zero, _F32L),
+                                 _vload(ctx, builder, sig.args[5], args[5], args[6], _F32L))
+            a = _vload(ctx, builder, sig.args[0], args[0], args[1], _F32L)
+            fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(_F32L, [_F32L] * 3), f"llvm.fmuladd.v{LANES}f32")
+            _vstore(ctx, builder, sig.args[0], args[0], args[1], builder.call(fn, [f, scale, a]))
+            return ctx.get_dummy_value()
+        return types.void(acc, ao, xq, xo, xc, xs, so, wq, sw), codegen
+    return vdot_i8
+
+
+# the dot step with vpdpbusd (AVX512_VNNI hosts only) and with plain vector code: the same sums
+vdot_vnni, vdot_plain = _make_vdot(True), _make_vdot(False)
+
+
+@intrinsic
+def vadd16(typingctx, a, ao, b, bo):
+    """a[ao:ao+16] += b[bo:bo+16]."""
+    if not (_c_array(a, types.float32) and _c_array(b, types.float32)):
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        v = builder.fadd(_vload(ctx, builder, sig.args[0], args[0], args[1], _F32L),
+                         _vload(ctx, builder, sig.args[2], args[2], args[3], _F32L))
+        _vstore(ctx, builder, sig.args[0], args[0], args[1], v)
+        return ctx.get_dummy_value()
+    return types.void(a, ao, b, bo), codegen
+
+
+@intrinsic
+def vsum16(typingctx, a, off):
+    """sum(a[off:off+16]) in a fixed tree: the halves added lane by lane, down to one lane."""
+    if not _c_array(a, types.float32):
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        v = _vload(ctx, builder, sig.args[0], args[0], args[1], _F32L)
+        n = LANES
+        while n > 1:
+            n //= 2
+            m = ir.VectorType(ir.IntType(32), n)
+            v = builder.fadd(builder.shuffle_vector(v, v, ir.Constant(m, list(range(n)))),
+                             builder.shuffle_vector(v, v, ir.Constant(m, list(range(n, 2 * n)))))
+        return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
+    return types.float32(a, off), codegen
+
+
+# --------------------------------------------------------------------------- weight pairs
+# blocks 2p and b1 (2p + 1, or 2p again for half a pair) of the row at byte o -> wq, sw
+
+@njit(inline="always", cache=True)
+def pair_q8_0(blocks, o, b0, b1, wq, sw):
+    o0, o1 = o + b0 * BLOCK_BYTES_Q8_0, o + b1 * BLOCK_BYTES_Q8_0
+    vbytes_q8(blocks, o0 + 2, o1 + 2, wq)
+    vscales(half_to_f32(_u16_at(blocks, o0)), half_to_f32(_u16_at(blocks, o1)), sw)
+
+
+@njit(inline="always", cache=True)
+def pair_q4_0(blocks, o, b0, b1, wq, sw):
+    o0, o1 = o + b0 * BLOCK_BYTES_Q4_0, o + b1 * BLOCK_BYTES_Q4_0
+    vbytes_q4(blocks, o0 + 2, o1 + 2, wq)
+    vscales(half_to_f32(_u16_at(blocks, o0)), half_to_f32(_u16_at(blocks, o1)), sw)
+
+
+_PAIRS = {Q8_0: (pair_q8_0, BLOCK_BYTES_Q8_0), Q4_0: (pair_q4_0, BLOCK_BYTES_Q4_0)}
+
+
+# --------------------------------------------------------------------------- the kernel
+
+def _make_group(pair, block_bytes, R, S, vnni=VNNI, pf_bytes=PREFETCH_BYTES):
+    size = R * S * LANES
+    use_pf = pf_bytes > 0
+    dot = vdot_vnni if vnni else vdot_plain
+
+    @njit(**FLAGS)
+    def cols_group(src, ridx, r0, blocks, e, c0, c1, K, out):
+        # src = (xq, xc, xs) from quantize_rows, R rows xq[ridx[r0 + i]] and the weight rows
+        # c0..c1 of expert e (blocks along K) -> out[r0 + i, c0:c1] = their dot products.
+        # Lanes (S, R, 16): pair p's go to set p mod S (the last npair mod S pairs, half a
+        # pair included, to set 0); the sets are added in order, the lanes in vsum16's tree.
+        xq, xc, xs = src
+        acc = carray(_stack_empty(size, np.float32), (size,))
+        wq = carray(_stack_empty(PAIR, np.uint8), (PAIR,))
+        sw = carray(_stack_empty(LANES, np.float32), (LANES,))
+        xo = carray(_stack_empty(R, np.int64), (R,))
+        for i in range(R):
+            xo[i] = ridx[r0 + i]
+        KP, KL = xq.shape[1], xc.shape[1]
+        rbytes = blocks.shape[2]
+        nb = K // QK
+        npair = (nb + 1) // 2
+        full = nb // 2
+        ns = full - full % S
+        for c in range(c0, c1):
+            o = (e * blocks.shape[1] + c) * rbytes
+            for j in range(size):
+                acc[j] = 0.0
+            for p0 in range(0, ns, S):
+                for s in range(S):
+                    p = p0 + s
+                    if use_pf and s == 0:
+                        prefetch(blocks, o + 2 * p * block_bytes + pf_bytes)
+                    pair(blocks, o, 2 * p, 2 * p + 1, wq, sw)
+                    for i in range(R):
+                        dot(acc, (s * R + i) * LANES, xq, xo[i] * KP + PAIR * p, xc, xs,
+                            xo[i] * KL + LANES * p, wq, sw)
+            for p in range(ns, npair):
+                b1 = 2 * p + 1 if 2 * p + 1 < nb else 2 * p
+                pair(blocks, o, 2 * p, b1, wq, sw)
+                if b1 == 2 * p:                # half a pair: no second block
+                    for j in range(LANES // 2, LANES):
+                        sw[j] = 0.0
+                for i in range(R):
+                    dot(acc, i * LANES, xq, xo[i] * KP + PAIR * p, xc, xs,
+                        xo[i] * KL + LANES * p, wq, sw)
+            for s in range(1, S):
+                for i in range(R):
+                    vadd16(acc, i * LANES, acc, (s * R + i) * LANES)
+            for i in range(R):
+                out[r0 + i, c] = vsum16(acc, i * LANES)
+    return cached(cols_group)
+
+
+_COLS_KERNELS = {f: slp_vectorized(_make_cols_kernel(tuple(
+    (r, _make_group(pair, bb, r, s)) for r, s in COL_GROUPS)))
+    for f, (pair, bb) in _PAIRS.items()}
+
+
+_NO_ROWS = np.zeros(0, np.int64)
+
+
+def run_qstream(src, blocks, fmt, trans_w, offsets, out, experts, ridx=None):
+    """quant.run_qstream with the activations rounded to 8 bits for the integer dot products
+    (same arguments; fmt Q8_0 or Q4_0). The (M, K) layout only: the (K, M) one, whose blocks
+    run along the output columns, keeps quant.py's float32 kernel. Only the streamed
+    experts' rows are rounded."""
+    if not trans_w:
+        _run_qstream_f32(src, blocks, fmt, trans_w, offsets, out, experts, ridx)
+        return
+    tasks, _, _ = qstream_plan(offsets, experts, src.shape[1], out.shape[1], True, fmt=fmt)
+    xq, xc, xs, qidx = quantize_rows(src, _NO_ROWS if ridx is None else ridx, offsets,
+                                     experts, np.int32(OFFSET[fmt]))
+    _COLS_KERNELS[fmt]((xq, xc, xs), qidx, blocks, offsets, tasks, out)

@@ -199,12 +199,21 @@ def test_activations_argument(rng):
 
 
 _CACHE_KEYS = """
+import numpy as np
 from numba.core.registry import cpu_target
+from fastmoe_nb import formats as F
 from fastmoe_nb.kernels.cpu import int8dot as ki
 codegen = cpu_target.target_context.codegen()
-for f in sorted(ki._COLS_KERNELS):
-    k = ki._COLS_KERNELS[f].kernel
-    print(k._cache._index_key(("sig",), codegen)[2])
+def keys():
+    return [str(ki._COLS_KERNELS[f].kernel._cache._index_key(("sig",), codegen)[2])
+            for f in sorted(ki._COLS_KERNELS)]
+before = keys()
+q = F.quantize(np.ones((1, 32, 64), np.float32), "q8_0")
+out = np.empty((2, 32), np.float32)
+ki.run_qstream(np.ones((2, 64), np.float32), q.blocks, ki.Q8_0, True, np.array([0, 2]), out,
+               np.ones(1, np.bool_))
+assert keys() == before, "a kernel's cache key changed once it ran"
+print("\\n".join(before))
 """
 
 

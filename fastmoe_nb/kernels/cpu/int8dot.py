@@ -30,6 +30,7 @@ from numba.extending import intrinsic
 
 from .cache import cached
 from .config import COL_GROUPS, ISA, PREFETCH_BYTES, host_features
+from .fastmath import _bits_f32, _f32_bits
 from .gemm import _stack_empty, slp_vectorized
 from .quant import (BLOCK_BYTES_Q4_0, BLOCK_BYTES_Q8_0, FLAGS, Q4_0, Q8_0, QK, _at, _c_array,
                     _fmuladd, _u16_at, _vload, _vstore, half_to_f32, prefetch, _make_cols_kernel,
@@ -45,7 +46,6 @@ LANES = 16                       # int32 / float32 lanes of a pair (8 a block)
 _I8V = ir.VectorType(ir.IntType(8), PAIR)
 _I32L = ir.VectorType(ir.IntType(32), LANES)
 _F32L = ir.VectorType(ir.FloatType(), LANES)
-_F32_1 = np.float32(1.0)
 
 
 @njit(inline="always", cache=True)
@@ -58,14 +58,11 @@ def padded(K):
 
 @njit(inline="always", cache=True)
 def _round_away(v):
-    # v: float32, |v| <= 127.x -> the nearest integer, ties away from zero (C's roundf)
-    t = np.float32(int(v))                 # truncated towards zero, exact
-    f = v - t                              # exact in float32
-    if f >= np.float32(0.5):
-        t += np.float32(1.0)
-    elif f <= np.float32(-0.5):
-        t -= np.float32(1.0)
-    return np.int32(t)
+    # v: float32, |v| <= 127.x -> the nearest integer, ties away from zero (C's roundf): the
+    # truncation and the remainder are exact in float32 (no branch: the loop vectorizes)
+    t = np.int32(v)
+    f = v - np.float32(t)
+    return t + np.int32(f >= np.float32(0.5)) - np.int32(f <= np.float32(-0.5))
 
 
 @njit(**FLAGS)
@@ -91,6 +88,7 @@ def quantize_rows(x, ridx, offsets, experts, offset):
     xq = np.zeros((n, KP), np.uint8)
     xc = np.zeros((n, KP // 4), np.int32)
     xs = np.zeros((n, KP // 4), np.float32)
+    qb = carray(_stack_empty(QK, np.int32), (QK,))
     for e in range(experts.shape[0]):
         if not experts[e]:
             continue
@@ -98,22 +96,22 @@ def quantize_rows(x, ridx, offsets, experts, offset):
             i = qidx[r]
             xr = x[ridx[r] if ridx.shape[0] else r]
             for b in range(nb):
-                amax = np.float32(0.0)
-                finite = True
-                for j in range(QK):
-                    v = xr[b * QK + j]
-                    finite = finite and np.isfinite(v)
-                    amax = max(amax, abs(v))
-                d = amax / np.float32(127.0) if finite else np.float32(np.nan)
-                inv = np.float32(1.0) / d if finite and d != 0.0 else np.float32(0.0)
-                for lane in range(QK // 4):
-                    s = 0
-                    for j in range(4 * lane, 4 * lane + 4):
-                        q = _round_away(xr[b * QK + j] * inv)
-                        xq[i, b * QK + j] = np.uint8(q & 0xFF)
-                        s += q
-                    xc[i, b * 8 + lane] = -offset * s
-                    xs[i, b * 8 + lane] = d
+                # the largest |x| by its bits (an integer max vectorizes; NaN and Inf have
+                # the largest bits of all)
+                top = np.int32(0)
+                for j in range(np.uint64(QK)):
+                    top = max(top, _f32_bits(xr[b * QK + j]) & np.int32(0x7FFFFFFF))
+                bad = top >= np.int32(0x7F800000)
+                d = _bits_f32(top) / np.float32(127.0)
+                inv = np.float32(1.0) / d if d != 0.0 and not bad else np.float32(0.0)
+                for j in range(np.uint64(QK)):
+                    qb[j] = _round_away(xr[b * QK + j] * inv)
+                for j in range(np.uint64(QK)):
+                    xq[i, b * QK + j] = np.uint8(qb[j] & 0xFF)
+                for lane in range(np.uint64(QK // 4)):
+                    xc[i, b * 8 + lane] = -offset * (qb[4 * lane] + qb[4 * lane + 1]
+                                                     + qb[4 * lane + 2] + qb[4 * lane + 3])
+                    xs[i, b * 8 + lane] = np.float32(np.nan) if bad else d
     return xq, xc, xs, qidx
 
 

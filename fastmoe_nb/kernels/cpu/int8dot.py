@@ -30,10 +30,9 @@ from numba.extending import intrinsic
 
 from .cache import cached
 from .config import COL_GROUPS, ISA, PREFETCH_BYTES, host_features
-from .fastmath import _bits_f32, _f32_bits
 from .gemm import _stack_empty, slp_vectorized
-from .quant import (BLOCK_BYTES_Q4_0, BLOCK_BYTES_Q8_0, FLAGS, Q4_0, Q8_0, QK, _at, _c_array,
-                    _fmuladd, _u16_at, _vload, _vstore, half_to_f32, prefetch, _make_cols_kernel,
+from .quant import (BLOCK_BYTES_Q4_0, BLOCK_BYTES_Q8_0, FLAGS, Q4_0, Q8_0, QK, _c_array,
+                    _splat, _u16_at, _vload, _vstore, half_to_f32, prefetch, _make_cols_kernel,
                     qstream_plan, run_qstream as _run_qstream_f32)
 
 # vpdpbusd on 512-bit registers; without it the plain path computes the same sums.
@@ -56,25 +55,65 @@ def padded(K):
 
 # --------------------------------------------------------------------------- activations
 
-@njit(inline="always", cache=True)
-def _round_away(v):
-    # v: float32, |v| <= 127.x -> the nearest integer, ties away from zero (C's roundf): the
-    # truncation and the remainder are exact in float32 (no branch: the loop vectorizes)
-    t = np.int32(v)
-    f = v - np.float32(t)
-    return t + np.int32(f >= np.float32(0.5)) - np.int32(f <= np.float32(-0.5))
+@intrinsic
+def vround(typingctx, x, xo, offset, xq, qo, xc, xs, so):
+    """One block: x[xo:xo+32] (float32) -> xq[qo:qo+32] = its int8 values' bytes, xc[so:so+8]
+    = -offset * the sums of each four of them, xs[so:so+8] = d (flat offsets). d = amax /
+    127, q = x * (1 / d) rounded half away from zero (the truncation and the remainder are
+    exact in float32); amax by the bits of |x| (an integer max: NaN and Inf have the largest
+    bits of all, and such a block gets q = 0 and d = NaN); d = 0 gives q = 0."""
+    if not (_c_array(x, types.float32) and _c_array(xq, types.uint8)
+            and _c_array(xc, types.int32) and _c_array(xs, types.float32)
+            and offset == types.int32):
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        i32, f32 = ir.IntType(32), ir.FloatType()
+        i32v, f32v = ir.VectorType(i32, QK), ir.VectorType(f32, QK)
+
+        def c(ty, v, n=QK):
+            return ir.Constant(ir.VectorType(ty, n), [v] * n)
+        v = _vload(ctx, builder, sig.args[0], args[0], args[1])
+        bits = builder.and_(builder.bitcast(v, i32v), c(i32, 0x7FFFFFFF))
+        umax = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32, [i32v]),
+                                              f"llvm.vector.reduce.umax.v{QK}i32")
+        top = builder.call(umax, [bits])
+        bad = builder.icmp_unsigned(">=", top, ir.Constant(i32, 0x7F800000))
+        d = builder.fdiv(builder.bitcast(top, f32), ir.Constant(f32, 127.0))
+        use = builder.and_(builder.fcmp_ordered("!=", d, ir.Constant(f32, 0.0)),
+                           builder.not_(bad))
+        inv = builder.select(use, builder.fdiv(ir.Constant(f32, 1.0), d), ir.Constant(f32, 0.0))
+        y = builder.select(use, builder.fmul(v, _splat(builder, inv)), c(f32, 0.0))
+        t = builder.fptosi(y, i32v)
+        r = builder.fsub(y, builder.sitofp(t, f32v))
+        q = builder.sub(builder.add(t, builder.zext(builder.fcmp_ordered(">=", r, c(f32, 0.5)),
+                                                    i32v)),
+                        builder.zext(builder.fcmp_ordered("<=", r, c(f32, -0.5)), i32v))
+        _vstore(ctx, builder, sig.args[3], args[3], args[4],
+                builder.trunc(q, ir.VectorType(ir.IntType(8), QK)), 1)
+        lane = ir.VectorType(i32, 8)
+        sums = None
+        for k in range(4):
+            part = builder.shuffle_vector(q, q, ir.Constant(lane, [4 * j + k for j in range(8)]))
+            sums = part if sums is None else builder.add(sums, part)
+        _vstore(ctx, builder, sig.args[5], args[5], args[7],
+                builder.mul(sums, _splat(builder, builder.neg(args[2]), 8)))
+        dd = builder.select(bad, ir.Constant(f32, float("nan")), d)
+        _vstore(ctx, builder, sig.args[6], args[6], args[7], _splat(builder, dd, 8))
+        return ctx.get_dummy_value()
+    return types.void(x, xo, offset, xq, qo, xc, xs, so), codegen
 
 
 @njit(**FLAGS)
 def quantize_rows(x, ridx, offsets, experts, offset):
-    # x (*, K) float32, ridx (N,) int64: the product's rows x[ridx[r]] in expert order (an
+    # x (*, K) float32 C-contiguous, ridx (N,) int64: the rows x[ridx[r]] in expert order (an
     # empty ridx: x's own rows), offsets (E+1,), experts (E,) bool -> the rows of the experts
     # marked, rounded (n of them, in order): xq (n, KP) uint8: the int8 values' bytes (zeros
     # past K; KP = padded(K)), xc (n, KP/4) int32: -offset * the sum of each four bytes'
     # values, xs (n, KP/4) float32: each block's d over its 8 lanes (zeros past K), and
-    # qidx (N,) int64: row r's row in them. A block with a NaN or an Inf gets q = 0 and
-    # d = NaN: its products are NaN, as float32 ones would be. Serial: a decoding step
-    # rounds a few rows.
+    # qidx (N,) int64: row r's row in them. Blocks by vround (a NaN or an Inf: q = 0 and
+    # d = NaN, so that its products are NaN, as float32 ones would be). Serial: a decoding
+    # step rounds a few rows.
     K = x.shape[1]
     N = offsets[-1]
     nb, KP = K // QK, padded(K)
@@ -88,30 +127,14 @@ def quantize_rows(x, ridx, offsets, experts, offset):
     xq = np.zeros((n, KP), np.uint8)
     xc = np.zeros((n, KP // 4), np.int32)
     xs = np.zeros((n, KP // 4), np.float32)
-    qb = carray(_stack_empty(QK, np.int32), (QK,))
     for e in range(experts.shape[0]):
         if not experts[e]:
             continue
         for r in range(offsets[e], offsets[e + 1]):
             i = qidx[r]
-            xr = x[ridx[r] if ridx.shape[0] else r]
+            xo = (ridx[r] if ridx.shape[0] else r) * K
             for b in range(nb):
-                # the largest |x| by its bits (an integer max vectorizes; NaN and Inf have
-                # the largest bits of all)
-                top = np.int32(0)
-                for j in range(np.uint64(QK)):
-                    top = max(top, _f32_bits(xr[b * QK + j]) & np.int32(0x7FFFFFFF))
-                bad = top >= np.int32(0x7F800000)
-                d = _bits_f32(top) / np.float32(127.0)
-                inv = np.float32(1.0) / d if d != 0.0 and not bad else np.float32(0.0)
-                for j in range(np.uint64(QK)):
-                    qb[j] = _round_away(xr[b * QK + j] * inv)
-                for j in range(np.uint64(QK)):
-                    xq[i, b * QK + j] = np.uint8(qb[j] & 0xFF)
-                for lane in range(np.uint64(QK // 4)):
-                    xc[i, b * 8 + lane] = -offset * (qb[4 * lane] + qb[4 * lane + 1]
-                                                     + qb[4 * lane + 2] + qb[4 * lane + 3])
-                    xs[i, b * 8 + lane] = np.float32(np.nan) if bad else d
+                vround(x, xo + b * QK, offset, xq, i * KP + b * QK, xc, xs, i * (KP // 4) + b * 8)
     return xq, xc, xs, qidx
 
 

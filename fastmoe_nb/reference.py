@@ -234,20 +234,23 @@ def q8_0_activations(x):
     """x: (..., K) float32, K a multiple of 32 -> (q (..., K) int8, d (..., K // 32) float32):
     activations rounded as weights asking for activations="q8_0" multiply them (their integer
     dot products): per block of 32 values, in float32, d = amax / 127 and q = x * (1 / d)
-    rounded half away from zero (ggml's q8_0 rounding, with d kept in float32); a block of
-    zeros has d = 0, one holding a NaN or an Inf q = 0 and d = NaN. They stand for q * d."""
+    rounded half away from zero (ggml's q8_0 rounding, with d kept in float32); a block whose
+    1 / d overflows float32 (zeros, or |x| below about 2^-121) has q = 0 and d = 0, one holding
+    a NaN or an Inf q = 0 and d = NaN. They stand for q * d."""
     x = np.asarray(x, np.float32)
     xb = x.reshape(x.shape[:-1] + (x.shape[-1] // 32, 32))
     finite = np.isfinite(xb).all(-1)
     amax = np.where(finite, np.abs(np.where(np.isfinite(xb), xb, 0)).max(-1), 0)
     d = (amax.astype(np.float32) / np.float32(127)).astype(np.float32)
-    safe = np.where(d != 0, d, np.float32(1))
-    inv = np.where(d != 0, np.float32(1) / safe, np.float32(0)).astype(np.float32)
-    v = np.where(finite[..., None], xb, 0) * inv[..., None]           # float32 products
+    with np.errstate(divide="ignore", over="ignore"):
+        inv = (np.float32(1) / d).astype(np.float32)
+    use = finite & (inv < np.inf)            # a zero block, or 1 / d past float32: q = 0, d = 0
+    inv = np.where(use, inv, np.float32(0)).astype(np.float32)
+    v = np.where(use[..., None], xb, 0) * inv[..., None]              # float32 products
     t = np.trunc(v)
     f = v - t                                                        # exact in float32
     q = t + (f >= 0.5) - (f <= -0.5)
-    d = np.where(finite, d, np.float32(np.nan)).astype(np.float32)
+    d = np.where(finite, np.where(use, d, np.float32(0)), np.float32(np.nan)).astype(np.float32)
     return q.astype(np.int8).reshape(x.shape), d
 
 

@@ -38,6 +38,9 @@ def test_rounding_equals_the_reference(rng):
     K = 96
     x = (rng.standard_normal((6, K)) * 3).astype(np.float32)
     x[1, :32] = 0.0                                    # a block of zeros: d = 0
+    x[1, 32:64] = np.float32(1e-37) * rng.standard_normal(32).astype(np.float32)  # 1/d overflows
+    x[1, 64:96] = 0.0
+    x[1, 64] = np.float32(2e-36)                                                # 1/d does not
     x[2, 5] = np.nan                                   # a block with a NaN, one with an Inf
     x[3, 40] = np.inf
     x[4, :32] = np.arange(-16, 16) / 2.0               # halves: ties for d = 1
@@ -54,6 +57,7 @@ def test_rounding_equals_the_reference(rng):
     np.testing.assert_array_equal(xc[:, :K // 4], -8 * q.astype(np.int32).reshape(6, -1, 4).sum(2))
     np.testing.assert_array_equal(qidx, np.arange(6))
     assert np.isnan(d[3, 0]) and np.isnan(d[4, 1]) and d[2, 0] == 0 and d[5, 0] == 1
+    assert d[2, 1] == 0 and (q[2, 32:64] == 0).all() and d[2, 2] > 0 and q[2, 64] == 127
     # ties round away from zero (C's roundf, as ggml rounds): -7.5 -> -8, 0.5 -> 1, 7.5 -> 8
     j = np.arange(-15, 16) / 2.0
     np.testing.assert_array_equal(q[5, 1:32], np.sign(j) * np.floor(np.abs(j) + 0.5))

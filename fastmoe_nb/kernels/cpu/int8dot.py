@@ -61,7 +61,8 @@ def vround(typingctx, x, xo, offset, xq, qo, xc, xs, so):
     = -offset * the sums of each four of them, xs[so:so+8] = d (flat offsets). d = amax /
     127, q = x * (1 / d) rounded half away from zero (the truncation and the remainder are
     exact in float32); amax by the bits of |x| (an integer max: NaN and Inf have the largest
-    bits of all, and such a block gets q = 0 and d = NaN); d = 0 gives q = 0."""
+    bits of all, and such a block gets q = 0 and d = NaN); a block whose 1 / d overflows
+    (all zeros, or |x| below about 2^-121) gets q = 0 and d = 0."""
     if not (_c_array(x, types.float32) and _c_array(xq, types.uint8)
             and _c_array(xc, types.int32) and _c_array(xs, types.float32)
             and offset == types.int32):
@@ -80,9 +81,9 @@ def vround(typingctx, x, xo, offset, xq, qo, xc, xs, so):
         top = builder.call(umax, [bits])
         bad = builder.icmp_unsigned(">=", top, ir.Constant(i32, 0x7F800000))
         d = builder.fdiv(builder.bitcast(top, f32), ir.Constant(f32, 127.0))
-        use = builder.and_(builder.fcmp_ordered("!=", d, ir.Constant(f32, 0.0)),
-                           builder.not_(bad))
-        inv = builder.select(use, builder.fdiv(ir.Constant(f32, 1.0), d), ir.Constant(f32, 0.0))
+        inv = builder.fdiv(ir.Constant(f32, 1.0), d)
+        use = builder.and_(builder.fcmp_ordered("<", inv, ir.Constant(f32, float("inf"))),
+                           builder.not_(bad))          # d = 0 or below 2^-128: q = 0, d = 0
         y = builder.select(use, builder.fmul(v, _splat(builder, inv)), c(f32, 0.0))
         t = builder.fptosi(y, i32v)
         r = builder.fsub(y, builder.sitofp(t, f32v))
@@ -98,7 +99,8 @@ def vround(typingctx, x, xo, offset, xq, qo, xc, xs, so):
             sums = part if sums is None else builder.add(sums, part)
         _vstore(ctx, builder, sig.args[5], args[5], args[7],
                 builder.mul(sums, _splat(builder, builder.neg(args[2]), 8)))
-        dd = builder.select(bad, ir.Constant(f32, float("nan")), d)
+        dd = builder.select(bad, ir.Constant(f32, float("nan")),
+                            builder.select(use, d, ir.Constant(f32, 0.0)))
         _vstore(ctx, builder, sig.args[6], args[6], args[7], _splat(builder, dd, 8))
         return ctx.get_dummy_value()
     return types.void(x, xo, offset, xq, qo, xc, xs, so), codegen

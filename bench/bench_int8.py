@@ -3,13 +3,16 @@ against the same weights with float32 activations, through moe_forward.
 
     python bench/bench_int8.py [--presets decode-1,decode-8,decode-64,deepseek-decode-8,
                                 fine-decode-8] [--formats q8_0,q4_0] [--repeat 9]
+                               [--compare ggml]
 
 Each preset's layer (its float32 weights in the trans_w layout, quantized) runs with both
 settings in interleaved rounds, the caches flushed before every call (timer.timed_cold), beside
 a read of a large array and a dense float32 matmul: the ceilings of `fastmoe-nb bench
 --weights`' floor, max(selected experts' bytes / read bandwidth, FLOPs / matmul rate). Prints
 the median ms of each, int8 / float32 activations, time over the floor, and the layer's error
-against the float32 activations' (relative RMS).
+against the float32 activations' (relative RMS). --compare ggml adds ggml's MoE on the same
+weights quantized by ggml, with its own 8-bit activations (fastmoe_nb.benchmark.ggml: the
+`ggml` extra or FASTMOE_NB_LIBGGML_DIR), in the same rounds, and ours / ggml.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from fastmoe_nb.benchmark.timer import timed_cold  # noqa: E402
 from fastmoe_nb.benchmark.weights import FLUSH_BYTES, READ_BYTES, rel_rms  # noqa: E402
 
 
-def layer(name, formats):
+def layer(name, formats, ggml=None, threads=2):
     p = P.PRESETS[name]
     host = B.layer_inputs(p, dtype=np.float32, seed=0)
     kw = dict(B.layer_kwargs(p, host), trans_w=True)
@@ -49,6 +52,10 @@ def layer(name, formats):
             a1, a2 = q1.with_activations(act), q2.with_activations(act)
             runs.append(((f, act), lambda a1=a1, a2=a2: fm.moe_forward(x, rw, a1, a2, **kw)))
         info[f] = (nbytes, rel_rms(runs[-1][1](), runs[-2][1]()))
+        if ggml is not None:
+            g = ggml.GgmlExperts(w1, w2, f, threads)
+            experts, weights = np.asarray(ctx.routing.experts), np.asarray(ctx.routing.weights)
+            runs.append(((f, "ggml"), lambda g=g, e=experts, w=weights: g(x, e, w)))
     return runs, info, flops
 
 
@@ -57,17 +64,24 @@ def main():
     ap.add_argument("--presets", default=",".join(P.DECODE_PRESETS))
     ap.add_argument("--formats", default="q8_0,q4_0")
     ap.add_argument("--repeat", type=int, default=9)
+    ap.add_argument("--compare", choices=["ggml"])
     a = ap.parse_args()
     formats = a.formats.split(",")
+    ggml = None
+    if a.compare:
+        from fastmoe_nb.benchmark import ggml
+        if not ggml.available():
+            sys.exit("--compare ggml: no ggml library (pip install 'fastmoe-nb[ggml]', or set "
+                     "FASTMOE_NB_LIBGGML_DIR to a libggml build)")
     flush, _ = B.read_probe(FLUSH_BYTES)
     read, read_bytes = B.read_probe(READ_BYTES)
     m, K, n = B.MATMUL_SHAPE
     ma, mb = B.dense_operands(m, K, n)
     mc = np.empty((m, n), np.float32)
     print(f"{'preset':18} {'format':6} {'f32 act ms':>10} {'q8_0 act ms':>11} {'ratio':>6} "
-          f"{'x floor':>8} {'err vs f32 act':>14}")
+          f"{'x floor':>8} {'err vs f32 act':>14}" + ("  ggml ms  q8_0 act / ggml" if ggml else ""))
     for name in a.presets.split(","):
-        runs, info, flops = layer(name, formats)
+        runs, info, flops = layer(name, formats, ggml)
         probes = [("read", read), ("matmul", lambda: np.matmul(ma, mb, out=mc))]
         times = dict(zip([w for w, _ in runs + probes],
                          [t for t, _ in timed_cold(runs + probes, a.repeat, flush)]))
@@ -77,8 +91,12 @@ def main():
             nbytes, err = info[f]
             t32, t8 = np.median(times[(f, "f32")]), np.median(times[(f, "q8_0")])
             floor = max(nbytes / bw, flops / rate)
+            vs = ""
+            if ggml is not None:
+                tg = np.median(times[(f, "ggml")])
+                vs = f"  {tg * 1e3:7.3f}  {t8 / tg:6.2f}"
             print(f"{name:18} {f:6} {t32 * 1e3:10.3f} {t8 * 1e3:11.3f} {t8 / t32:6.2f} "
-                  f"{t8 / floor:8.2f} {err:14.2e}")
+                  f"{t8 / floor:8.2f} {err:14.2e}{vs}")
         print(f"{'':18} ceilings: read {bw / 1e9:.1f} GB/s, matmul {rate / 1e9:.0f} GFLOP/s")
 
 

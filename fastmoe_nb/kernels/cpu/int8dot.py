@@ -32,7 +32,7 @@ from .cache import cached
 from .config import COL_GROUPS, ISA, PREFETCH_BYTES, host_features
 from .gemm import _stack_empty, slp_vectorized
 from .quant import (BLOCK_BYTES_Q4_0, BLOCK_BYTES_Q8_0, FLAGS, Q4_0, Q8_0, QK, _c_array,
-                    _splat, _u16_at, _vload, _vstore, half_to_f32, prefetch, _make_cols_kernel,
+                    _at, _splat, _vload, _vstore, prefetch, _make_cols_kernel,
                     qstream_plan, run_qstream as _run_qstream_f32)
 
 # vpdpbusd on 512-bit registers; without it the plain path computes the same sums.
@@ -190,19 +190,24 @@ def vbytes_q4(typingctx, src, o0, o1, wq):
 
 
 @intrinsic
-def vscales(typingctx, d0, d1, sw):
-    """sw[0:8] = d0, sw[8:16] = d1: a pair's weight scales over its lanes."""
-    if not (_c_array(sw, types.float32) and d0 == types.float32 and d1 == types.float32):
+def vscales(typingctx, src, o0, o1, sw):
+    """sw[0:8] = the fp16 scale at byte o0 of src, sw[8:16] = the one at byte o1 (both
+    converted in one vector instruction: vcvtph2ps where the CPU has F16C)."""
+    if not (_c_array(src, types.uint8) and _c_array(sw, types.float32)):
         return None
 
     def codegen(ctx, builder, sig, args):
-        two = ir.Constant(ir.VectorType(ir.FloatType(), 2), ir.Undefined)
-        two = builder.insert_element(two, args[0], ir.Constant(ir.IntType(32), 0))
-        two = builder.insert_element(two, args[1], ir.Constant(ir.IntType(32), 1))
-        v = builder.shuffle_vector(two, two, ir.Constant(_I32L, [0] * 8 + [1] * 8))
-        _vstore(ctx, builder, sig.args[2], args[2], ir.Constant(ir.IntType(64), 0), v)
+        i16 = ir.IntType(16)
+        pair = ir.Constant(ir.VectorType(i16, 2), ir.Undefined)
+        for k in (0, 1):
+            h = builder.load(_at(ctx, builder, sig.args[0], args[0], args[1 + k], i16), align=1)
+            pair = builder.insert_element(pair, h, ir.Constant(ir.IntType(32), k))
+        f = builder.fpext(builder.bitcast(pair, ir.VectorType(ir.HalfType(), 2)),
+                          ir.VectorType(ir.FloatType(), 2))
+        v = builder.shuffle_vector(f, f, ir.Constant(_I32L, [0] * 8 + [1] * 8))
+        _vstore(ctx, builder, sig.args[3], args[3], ir.Constant(ir.IntType(64), 0), v)
         return ctx.get_dummy_value()
-    return types.void(d0, d1, sw), codegen
+    return types.void(src, o0, o1, sw), codegen
 
 
 def _dpbusd(builder, acc, u, s, vnni):
@@ -292,14 +297,14 @@ def vsum16(typingctx, a, off):
 def pair_q8_0(blocks, o, b0, b1, wq, sw):
     o0, o1 = o + b0 * BLOCK_BYTES_Q8_0, o + b1 * BLOCK_BYTES_Q8_0
     vbytes_q8(blocks, o0 + 2, o1 + 2, wq)
-    vscales(half_to_f32(_u16_at(blocks, o0)), half_to_f32(_u16_at(blocks, o1)), sw)
+    vscales(blocks, o0, o1, sw)
 
 
 @njit(inline="always", cache=True)
 def pair_q4_0(blocks, o, b0, b1, wq, sw):
     o0, o1 = o + b0 * BLOCK_BYTES_Q4_0, o + b1 * BLOCK_BYTES_Q4_0
     vbytes_q4(blocks, o0 + 2, o1 + 2, wq)
-    vscales(half_to_f32(_u16_at(blocks, o0)), half_to_f32(_u16_at(blocks, o1)), sw)
+    vscales(blocks, o0, o1, sw)
 
 
 _PAIRS = {Q8_0: (pair_q8_0, BLOCK_BYTES_Q8_0), Q4_0: (pair_q4_0, BLOCK_BYTES_Q4_0)}

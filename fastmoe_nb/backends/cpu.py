@@ -60,9 +60,7 @@ class Route(NamedTuple):
 
 def large_blocks(offsets):
     """True when the non-empty experts average at least BLAS_MIN_ROWS rows (host offsets)."""
-    counts = np.diff(offsets)
-    busy = np.count_nonzero(counts)
-    return busy > 0 and offsets[-1] >= BLAS_MIN_ROWS * busy
+    return kg.route_masks(offsets, STREAM_ROWS, BLAS_MIN_ROWS)[4]
 
 
 def route(offsets, packed=False, backward=False, quantized=False):
@@ -75,19 +73,15 @@ def route(offsets, packed=False, backward=False, quantized=False):
     forward and the frozen backward's dx alike): experts with 1..QSTREAM_ROWS rows streamed
     by the decoding GEMM, each other one decoded a panel at a time for BLAS (an expert's choice
     does not depend on the others': both ways decode its weights once)."""
-    counts = np.diff(offsets)
-    busy = counts > 0
-    none = np.zeros(counts.shape[0], np.bool_)
+    few, more, busy, none, large = kg.route_masks(
+        offsets, QSTREAM_ROWS if quantized else STREAM_ROWS, BLAS_MIN_ROWS)
     if packed:
         return Route(True, none, none)
     if quantized:
-        stream = busy & (counts <= QSTREAM_ROWS)
-        return Route(False, stream, busy & ~stream)
-    large = large_blocks(offsets)
+        return Route(False, few, more)
     if backward:
         return Route(not large, none, busy if large else none)
-    stream = busy & (counts <= STREAM_ROWS) & (not large)
-    return Route(False, stream, busy & ~stream)
+    return Route(False, none, busy) if large else Route(False, few, more)
 
 
 # --------------------------------------------------------------------------- the kernel way
@@ -582,7 +576,10 @@ def quantized_gemm(a, qw, offsets, trans):
     M = R if trans else C
     out = np.empty((a.shape[0], M), a.dtype)
     code = _kernel_format(qw)
-    stream = route(offsets, quantized=True).stream if code is not None else np.zeros(E, np.bool_)
+    r = route(offsets, quantized=True)
+    stream, rest = r.stream, r.blas
+    if code is None:                         # no decoding GEMM: every busy expert on panels
+        stream, rest = np.zeros(E, np.bool_), r.stream | r.blas
     if stream.any():
         _stream_parts(a, qw, code, trans, offsets, out, stream)
     if _native_bf16(qw):                     # opt-in: bf16 activations, vdpbf16ps
@@ -591,8 +588,10 @@ def quantized_gemm(a, qw, offsets, trans):
                                                   np.zeros(E), np.full(E, kb.pairs(a.shape[1])),
                                                   num_panels(M, 0)), out)
         return out
-    tasks = [(e, c0, min(c0 + QUANT_COLS, M)) for e in np.flatnonzero(
-             (np.diff(offsets) > 0) & ~stream) for c0 in range(0, M, QUANT_COLS)]
+    if not rest.any():
+        return out
+    tasks = [(e, c0, min(c0 + QUANT_COLS, M)) for e in np.flatnonzero(rest)
+             for c0 in range(0, M, QUANT_COLS)]
 
     def task(t, scratch):
         e, c0, c1 = t

@@ -337,6 +337,26 @@ def stream_kernel(src, ridx, w, trans, offsets, tasks, part):
 
 
 @njit(cache=True)
+def route_masks(offsets, limit, min_rows):
+    # (E+1,) host offsets -> (few, more, busy, none, large): (E,) bool masks of the experts
+    # with 1..limit rows, with more than limit, with any rows, of none, and whether the busy
+    # experts average at least min_rows rows. One compiled call: backends/cpu.py's route()
+    # runs before every product, where a few NumPy calls on cold caches cost more than a
+    # decoding step's kernels.
+    E = offsets.shape[0] - 1
+    few, more = np.zeros(E, np.bool_), np.zeros(E, np.bool_)
+    busy, none = np.zeros(E, np.bool_), np.zeros(E, np.bool_)
+    nbusy = 0
+    for e in range(E):
+        n = offsets[e + 1] - offsets[e]
+        busy[e] = n > 0
+        few[e] = 0 < n <= limit
+        more[e] = n > limit
+        nbusy += n > 0
+    return few, more, busy, none, nbusy > 0 and offsets[E] >= min_rows * nbusy
+
+
+@njit(cache=True)
 def stream_plan(offsets, experts, K, M, trans, ct=STREAM_CT, acc=STREAM_ACC, align=1,
                 direct=False):
     # The tasks of stream_kernel (and of quant.py's decoding GEMM) for every expert e with

@@ -1,4 +1,4 @@
-"""kernels/cpu/int8dot.py: q8_0 / q4_0 weights times activations rounded to 8 bits (the opt-in
+"""kernels/cpu/int8dot.py: q8_0 / q4_0 / q4_k weights times activations rounded to 8 bits (the opt-in
 activations="q8_0"), in the decoding GEMM's (M, K) layout.
 
 - The rounding equals reference.q8_0_activations bit for bit (ties, zeros, NaN / Inf blocks).
@@ -21,7 +21,7 @@ from fastmoe_nb.kernels.cpu import config as kconfig
 from fastmoe_nb.kernels.cpu import int8dot as ki
 from fastmoe_nb.kernels.cpu import quant as kq
 
-FORMATS = ("q8_0", "q4_0")
+FORMATS = ("q8_0", "q4_0", "q4_k")
 
 
 def offsets_of(counts):
@@ -47,14 +47,16 @@ def test_rounding_equals_the_reference(rng):
     x[4, 0] = 127.0                                    # amax 127: d = 1
     rows = np.array([5, 0, 1, 2, 3, 4], np.int64)      # gathered out of order
     offsets = np.array([0, 6], np.int64)
-    xq, xc, xs, qidx = ki.quantize_rows(x, rows, offsets, np.ones(1, np.bool_), np.int32(8))
+    xq, xc, xs, xm, qidx = ki.quantize_rows(x, rows, offsets, np.ones(1, np.bool_), np.int32(8))
     q, d = ref.q8_0_activations(x[rows])
     assert xq.shape == (6, ki.padded(K)) == (6, 128)
     np.testing.assert_array_equal(xq[:, :K].view(np.int8), q)
     np.testing.assert_array_equal(xq[:, K:], 0)
     np.testing.assert_array_equal(xs[:, :K // 4], np.repeat(d, 8, axis=1))
     np.testing.assert_array_equal(xs[:, K // 4:], 0)
-    np.testing.assert_array_equal(xc[:, :K // 4], -8 * q.astype(np.int32).reshape(6, -1, 4).sum(2))
+    sums = q.astype(np.int32).reshape(6, -1, 4).sum(2)
+    np.testing.assert_array_equal(xc[:, :K // 4], -8 * sums)
+    np.testing.assert_array_equal(xm[:, :K // 4], np.repeat(d, 8, axis=1) * sums.astype(np.float32))
     np.testing.assert_array_equal(qidx, np.arange(6))
     assert np.isnan(d[3, 0]) and np.isnan(d[4, 1]) and d[2, 0] == 0 and d[5, 0] == 1
     assert d[2, 1] == 0 and (q[2, 32:64] == 0).all() and d[2, 2] > 0 and q[2, 64] == 127
@@ -74,10 +76,14 @@ def run(src, ridx, qw, offsets, experts=None):
 
 
 # rows an expert (an empty expert, and the row groups 4, 2, 1 and their sums), K: one block
-# (half a pair), three blocks, 32 blocks; M a partial last task of columns
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("counts,K,M", [((1,), 32, 40), ((3, 0, 7, 1), 96, 70),
-                                         ((2, 5), 1024, 130)])
+# (half a pair), three blocks, 32 blocks (q4_k: one and four super-blocks); M a partial last
+# task of columns
+CASES = [(f, *c) for f in ("q8_0", "q4_0") for c in (((1,), 32, 40), ((3, 0, 7, 1), 96, 70),
+                                                      ((2, 5), 1024, 130))]
+CASES += [("q4_k", (3, 0, 7, 1), 256, 70), ("q4_k", (2, 5), 1024, 130)]
+
+
+@pytest.mark.parametrize("fmt,counts,K,M", CASES)
 def test_kernel_against_float64_products_of_the_rounded_activations(rng, fmt, counts, K, M):
     offsets = offsets_of(counts)
     N = int(offsets[-1])
@@ -112,9 +118,9 @@ def test_plain_path_gives_the_same_bits_as_vpdpbusd(rng):
     """The kernel without vpdpbusd (built here from the same factory and row groups, any
     host) and the host's own kernel (with vpdpbusd where the CPU has AVX512_VNNI) agree bit
     for bit."""
-    pair, bb = ki._PAIRS[kq.Q4_0]
     plain = kq.slp_vectorized(kq._make_cols_kernel(tuple(
-        (r, ki._make_group(pair, bb, r, s, vnni=False)) for r, s in kconfig.COL_GROUPS)))
+        (r, ki._make_group(*ki._PAIRS[kq.Q4_0], r, s, vnni=False))
+        for r, s in kconfig.COL_GROUPS)))
     counts = (3, 1)
     offsets = offsets_of(counts)
     K, M = 160, 24
@@ -123,9 +129,10 @@ def test_plain_path_gives_the_same_bits_as_vpdpbusd(rng):
     ridx = np.arange(4, dtype=np.int64)
     experts = np.ones(2, np.bool_)
     tasks, _, _ = kq.qstream_plan(offsets, experts, K, M, True, fmt=kq.Q4_0)
-    xq, xc, xs, qidx = ki.quantize_rows(src, ridx, offsets, experts, np.int32(ki.OFFSET[kq.Q4_0]))
+    *rounded_rows, qidx = ki.quantize_rows(src, ridx, offsets, experts,
+                                           np.int32(ki.OFFSET[kq.Q4_0]))
     got = np.full((4, M), np.nan, np.float32)
-    plain((xq, xc, xs), qidx, qw.blocks, offsets, tasks, got)
+    plain(tuple(rounded_rows), qidx, qw.blocks, offsets, tasks, got)
     np.testing.assert_array_equal(got, run(src, ridx, qw, offsets))
 
 
@@ -135,13 +142,13 @@ def _weights(rng, E, d, h, fmt):
     return w1, w2
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_moe_forward_decoding_with_q8_0_activations(rng, fmt):
+@pytest.mark.parametrize("fmt,d,h", [("q8_0", 96, 64), ("q4_0", 96, 64), ("q4_k", 256, 256)])
+def test_moe_forward_decoding_with_q8_0_activations(rng, fmt, d, h):
     """A decoding step: every expert streamed, each product within float32 rounding of the
     rounded activations' product; near the exact layer (rounding moves a value by up to
     amax / 254 of its block: about 0.5% RMS a product, two products here); bitwise the same
     for 1 and 2 threads."""
-    T, d, h, E, k = 5, 96, 64, 4, 2
+    T, E, k = 5, 4, 2
     x = rng.standard_normal((T, d)).astype(np.float32)
     router_w = rng.standard_normal((d, E)).astype(np.float32)
     w1, w2 = _weights(rng, E, d, h, fmt)
@@ -192,13 +199,12 @@ def test_other_paths_stay_exact(rng):
 
 
 def test_activations_argument(rng):
-    w = rng.standard_normal((1, 4, 64)).astype(np.float32)
-    for fmt in FORMATS:
-        q = F.quantize(w, fmt, activations="q8_0")
-        assert q.activations == "q8_0" and "activations='q8_0'" in repr(q)
     w256 = rng.standard_normal((1, 4, 256)).astype(np.float32)
-    for fmt in ("bf16", "q4_k", "q6_k", "f32"):
-        with pytest.raises(ValueError, match="activations: 'q8_0' activations take q8_0, q4_0"):
+    for fmt in FORMATS:
+        q = F.quantize(w256, fmt, activations="q8_0")
+        assert q.activations == "q8_0" and "activations='q8_0'" in repr(q)
+    for fmt in ("bf16", "q6_k", "f32"):
+        with pytest.raises(ValueError, match="activations: 'q8_0' activations take q8_0, q4_0, q4_k"):
             F.quantize(w256, fmt, activations="q8_0")
 
 
@@ -224,11 +230,11 @@ print("\\n".join(before))
 def test_kernels_keep_one_disk_cache_key_across_processes():
     """The per-format kernels (closures over jitted functions and the dot @intrinsic) are
     found in Numba's disk cache by a new process (cache.cached's key does not change once
-    an @intrinsic has run), and the two formats' keys differ."""
+    an @intrinsic has run), and the formats' keys differ."""
     import subprocess
     import sys
     runs = [subprocess.run([sys.executable, "-c", _CACHE_KEYS], capture_output=True, text=True,
                            check=True).stdout for _ in range(2)]
     assert runs[0] == runs[1]
     keys = [k for k in runs[0].split("\n") if k]
-    assert len(keys) == 2 and keys[0] != keys[1]
+    assert len(keys) == len(ki.FORMATS) and len(set(keys)) == len(keys)

@@ -1,4 +1,4 @@
-"""Integer dot products on 8-bit activations for q8_0 / q4_0 weights in the decoding GEMM's
+"""Integer dot products on 8-bit activations for q8_0 / q4_0 / q4_k weights in the decoding GEMM's
 (M, K) layout (GGUF's and PyTorch's; blocks along the depth): AVX512_VNNI's vpdpbusd where
 the CPU has it, the same integer sums in plain vector code elsewhere.
 
@@ -10,9 +10,12 @@ rounding with d kept in float32), so that a block's dot product is an exact inte
     y[r, c] = sum over blocks b of  (dw[c, b] * dx[r, b]) * sum_{j<32} qw[c, 32b+j] qx[r, 32b+j]
 
 vpdpbusd multiplies unsigned by signed bytes, four products into each int32 lane: the weights
-enter as u = q + 128 (q8_0) or as the nibble itself (q4_0, whose value is u - 8), and a row's
-lanes start at -OFFSET * the sum of their four activation bytes (xc, made once per row with
-the rounding), so that they end at the exact signed sum. Two blocks at a time fill the 64
+enter as u = q + 128 (q8_0) or as the nibble itself (q4_0, whose value is u - 8; q4_k), and a
+row's lanes start at -OFFSET * the sum of their four activation bytes (xc, made once per row
+with the rounding), so that they end at the exact signed sum. q4_k's groups of 32 (v = d sc q -
+dmin m) line up with the activations' blocks: a pair is groups 2i and 2i + 1 of a super-block,
+the low and high nibbles of the same 32 bytes, and its minima's term -dmin m * dx * sum(qx) is
+one more multiply-add a pair (xm: dx times the lanes' sums, made with the rounding). Two blocks at a time fill the 64
 bytes of a zmm register: 16 lanes, 8 a block; the lanes are converted to float32, multiplied
 by dw * dx (xs: dx repeated over its block's 8 lanes) and added into float32 accumulators.
 
@@ -31,14 +34,15 @@ from numba.extending import intrinsic
 from .cache import cached
 from .config import COL_GROUPS, ISA, PREFETCH_BYTES, host_features
 from .gemm import _stack_empty, slp_vectorized
-from .quant import (BLOCK_BYTES_Q4_0, BLOCK_BYTES_Q8_0, FLAGS, Q4_0, Q8_0, QK, _c_array,
+from .quant import (BLOCK_BYTES_Q4_0, BLOCK_BYTES_Q4_K, BLOCK_BYTES_Q8_0, FLAGS, Q4_0, Q4_K, Q8_0,
+                    QK, _c_array, new_super, prep_none, prep_q4_k,
                     _at, _splat, _vload, _vstore, prefetch, _make_cols_kernel,
                     qstream_plan, run_qstream as _run_qstream_f32)
 
 # vpdpbusd on 512-bit registers; without it the plain path computes the same sums.
 VNNI = bool(ISA == "avx512" and host_features().get("avx512vnni"))
-FORMATS = (Q8_0, Q4_0)           # the weight formats this kernel multiplies
-OFFSET = {Q8_0: 128, Q4_0: 8}    # u - OFFSET is the weight's integer value
+FORMATS = (Q8_0, Q4_0, Q4_K)     # the weight formats this kernel multiplies
+OFFSET = {Q8_0: 128, Q4_0: 8, Q4_K: 0}   # u - OFFSET is the weight's integer value
 PAIR = 2 * QK                    # values (bytes) of two blocks: one vpdpbusd
 LANES = 16                       # int32 / float32 lanes of a pair (8 a block)
 
@@ -56,16 +60,17 @@ def padded(K):
 # --------------------------------------------------------------------------- activations
 
 @intrinsic
-def vround(typingctx, x, xo, offset, xq, qo, xc, xs, so):
+def vround(typingctx, x, xo, offset, xq, qo, xc, xs, xm, so):
     """One block: x[xo:xo+32] (float32) -> xq[qo:qo+32] = its int8 values' bytes, xc[so:so+8]
-    = -offset * the sums of each four of them, xs[so:so+8] = d (flat offsets). d = amax /
+    = -offset * the sums of each four of them, xs[so:so+8] = d, xm[so:so+8] = d * those sums
+    (flat offsets). d = amax /
     127, q = x * (1 / d) rounded half away from zero (the truncation and the remainder are
     exact in float32); amax by the bits of |x| (an integer max: NaN and Inf have the largest
     bits of all, and such a block gets q = 0 and d = NaN); a block whose 1 / d overflows
     (all zeros, or |x| below about 2^-121) gets q = 0 and d = 0."""
     if not (_c_array(x, types.float32) and _c_array(xq, types.uint8)
             and _c_array(xc, types.int32) and _c_array(xs, types.float32)
-            and offset == types.int32):
+            and _c_array(xm, types.float32) and offset == types.int32):
         return None
 
     def codegen(ctx, builder, sig, args):
@@ -97,13 +102,15 @@ def vround(typingctx, x, xo, offset, xq, qo, xc, xs, so):
         for k in range(4):
             part = builder.shuffle_vector(q, q, ir.Constant(lane, [4 * j + k for j in range(8)]))
             sums = part if sums is None else builder.add(sums, part)
-        _vstore(ctx, builder, sig.args[5], args[5], args[7],
+        _vstore(ctx, builder, sig.args[5], args[5], args[8],
                 builder.mul(sums, _splat(builder, builder.neg(args[2]), 8)))
-        dd = builder.select(bad, ir.Constant(f32, float("nan")),
-                            builder.select(use, d, ir.Constant(f32, 0.0)))
-        _vstore(ctx, builder, sig.args[6], args[6], args[7], _splat(builder, dd, 8))
+        dd = _splat(builder, builder.select(bad, ir.Constant(f32, float("nan")),
+                                            builder.select(use, d, ir.Constant(f32, 0.0))), 8)
+        _vstore(ctx, builder, sig.args[6], args[6], args[8], dd)
+        _vstore(ctx, builder, sig.args[7], args[7], args[8],
+                builder.fmul(dd, builder.sitofp(sums, ir.VectorType(f32, 8))))
         return ctx.get_dummy_value()
-    return types.void(x, xo, offset, xq, qo, xc, xs, so), codegen
+    return types.void(x, xo, offset, xq, qo, xc, xs, xm, so), codegen
 
 
 @njit(**FLAGS)
@@ -112,7 +119,8 @@ def quantize_rows(x, ridx, offsets, experts, offset):
     # empty ridx: x's own rows), offsets (E+1,), experts (E,) bool -> the rows of the experts
     # marked, rounded (n of them, in order): xq (n, KP) uint8: the int8 values' bytes (zeros
     # past K; KP = padded(K)), xc (n, KP/4) int32: -offset * the sum of each four bytes'
-    # values, xs (n, KP/4) float32: each block's d over its 8 lanes (zeros past K), and
+    # values, xs (n, KP/4) float32: each block's d over its 8 lanes (zeros past K), xm (same):
+    # d * each four values' sum (the weights' minima multiply it: q4_k), and
     # qidx (N,) int64: row r's row in them. Blocks by vround (a NaN or an Inf: q = 0 and
     # d = NaN, so that its products are NaN, as float32 ones would be). Serial: a decoding
     # step rounds a few rows.
@@ -129,6 +137,7 @@ def quantize_rows(x, ridx, offsets, experts, offset):
     xq = np.zeros((n, KP), np.uint8)
     xc = np.zeros((n, KP // 4), np.int32)
     xs = np.zeros((n, KP // 4), np.float32)
+    xm = np.zeros((n, KP // 4), np.float32)
     for e in range(experts.shape[0]):
         if not experts[e]:
             continue
@@ -136,8 +145,9 @@ def quantize_rows(x, ridx, offsets, experts, offset):
             i = qidx[r]
             xo = (ridx[r] if ridx.shape[0] else r) * K
             for b in range(nb):
-                vround(x, xo + b * QK, offset, xq, i * KP + b * QK, xc, xs, i * (KP // 4) + b * 8)
-    return xq, xc, xs, qidx
+                vround(x, xo + b * QK, offset, xq, i * KP + b * QK, xc, xs, xm,
+                       i * (KP // 4) + b * 8)
+    return xq, xc, xs, xm, qidx
 
 
 # --------------------------------------------------------------------------- vector steps
@@ -208,6 +218,60 @@ def vscales(typingctx, src, o0, o1, sw):
         _vstore(ctx, builder, sig.args[3], args[3], ir.Constant(ir.IntType(64), 0), v)
         return ctx.get_dummy_value()
     return types.void(src, o0, o1, sw), codegen
+
+
+@intrinsic
+def vnibbles(typingctx, src, off, wq):
+    """wq[0:32] = the low nibbles of src[off:off+32], wq[32:64] = their high nibbles (a q4_k
+    super-block's groups 2i and 2i + 1, one a byte)."""
+    if not (_c_array(src, types.uint8) and _c_array(wq, types.uint8)):
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        v = _load_bytes(ctx, builder, sig, args, 0, 1, QK)
+        cat = ir.Constant(ir.VectorType(ir.IntType(32), PAIR), list(range(PAIR)))
+        i8 = ir.VectorType(ir.IntType(8), QK)
+        lo = builder.and_(v, ir.Constant(i8, [15] * QK))
+        hi = builder.lshr(v, ir.Constant(i8, [4] * QK))
+        _vstore(ctx, builder, sig.args[2], args[2], ir.Constant(ir.IntType(64), 0),
+                builder.shuffle_vector(lo, hi, cat), 1)
+        return ctx.get_dummy_value()
+    return types.void(src, off, wq), codegen
+
+
+@intrinsic
+def vpair(typingctx, d0, d1, out):
+    """out[0:8] = d0, out[8:16] = d1: a pair's two scales (or minima) over its lanes."""
+    if not (_c_array(out, types.float32) and d0 == types.float32 and d1 == types.float32):
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        two = ir.Constant(ir.VectorType(ir.FloatType(), 2), ir.Undefined)
+        for k in (0, 1):
+            two = builder.insert_element(two, args[k], ir.Constant(ir.IntType(32), k))
+        v = builder.shuffle_vector(two, two, ir.Constant(_I32L, [0] * 8 + [1] * 8))
+        _vstore(ctx, builder, sig.args[2], args[2], ir.Constant(ir.IntType(64), 0), v)
+        return ctx.get_dummy_value()
+    return types.void(d0, d1, out), codegen
+
+
+@intrinsic
+def vmin(typingctx, acc, ao, xm, so, mw):
+    """acc[ao:ao+16] -= mw[0:16] * xm[so:so+16] (one fused multiply-add): the minima's term."""
+    if not (_c_array(acc, types.float32) and _c_array(xm, types.float32)
+            and _c_array(mw, types.float32)):
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        zero = ir.Constant(ir.IntType(64), 0)
+        m = builder.fneg(_vload(ctx, builder, sig.args[4], args[4], zero, _F32L))
+        a = _vload(ctx, builder, sig.args[0], args[0], args[1], _F32L)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32L, [_F32L] * 3),
+                                            f"llvm.fmuladd.v{LANES}f32")
+        v = builder.call(fn, [m, _vload(ctx, builder, sig.args[2], args[2], args[3], _F32L), a])
+        _vstore(ctx, builder, sig.args[0], args[0], args[1], v)
+        return ctx.get_dummy_value()
+    return types.void(acc, ao, xm, so, mw), codegen
 
 
 def _dpbusd(builder, acc, u, s, vnni):
@@ -291,42 +355,60 @@ def vsum16(typingctx, a, off):
 
 
 # --------------------------------------------------------------------------- weight pairs
-# blocks 2p and b1 (2p + 1, or 2p again for half a pair) of the row at byte o -> wq, sw
+# blocks b0 = 2p and b1 (2p + 1, or 2p again for half a pair) of the row at byte o -> wq (the
+# unsigned bytes), sw (the scales over the lanes), mw (q4_k: the minima; untouched otherwise);
+# sv: the super-block's scales quant.prep_<fmt> read (q4_k)
 
 @njit(inline="always", cache=True)
-def pair_q8_0(blocks, o, b0, b1, wq, sw):
+def pair_q8_0(blocks, o, b0, b1, wq, sw, mw, sv):
     o0, o1 = o + b0 * BLOCK_BYTES_Q8_0, o + b1 * BLOCK_BYTES_Q8_0
     vbytes_q8(blocks, o0 + 2, o1 + 2, wq)
     vscales(blocks, o0, o1, sw)
 
 
 @njit(inline="always", cache=True)
-def pair_q4_0(blocks, o, b0, b1, wq, sw):
+def pair_q4_0(blocks, o, b0, b1, wq, sw, mw, sv):
     o0, o1 = o + b0 * BLOCK_BYTES_Q4_0, o + b1 * BLOCK_BYTES_Q4_0
     vbytes_q4(blocks, o0 + 2, o1 + 2, wq)
     vscales(blocks, o0, o1, sw)
 
 
-_PAIRS = {Q8_0: (pair_q8_0, BLOCK_BYTES_Q8_0), Q4_0: (pair_q4_0, BLOCK_BYTES_Q4_0)}
+@njit(inline="always", cache=True)
+def pair_q4_k(blocks, o, b0, b1, wq, sw, mw, sv):
+    # groups j = b0 % 8 (even) and j + 1 of super-block b0 // 8: the low and the high nibbles
+    # of its bytes 16 + 32 (j / 2)..; v = (d sc_j) q - dmin m_j (sv: d sc, then dmin m)
+    j = b0 & 7
+    vnibbles(blocks, o + (b0 >> 3) * BLOCK_BYTES_Q4_K + 16 + (j >> 1) * QK, wq)
+    vpair(sv[j], sv[j + 1], sw)
+    vpair(sv[8 + j], sv[9 + j], mw)
+
+
+# format code -> (pair, prep, bytes of a pair of blocks, whether it has minima)
+_PAIRS = {Q8_0: (pair_q8_0, prep_none, 2 * BLOCK_BYTES_Q8_0, False),
+          Q4_0: (pair_q4_0, prep_none, 2 * BLOCK_BYTES_Q4_0, False),
+          Q4_K: (pair_q4_k, prep_q4_k, BLOCK_BYTES_Q4_K // 4, True)}
 
 
 # --------------------------------------------------------------------------- the kernel
 
-def _make_group(pair, block_bytes, R, S, vnni=VNNI, pf_bytes=PREFETCH_BYTES):
+def _make_group(pair, prep, pair_bytes, mins, R, S, vnni=VNNI, pf_bytes=PREFETCH_BYTES):
     size = R * S * LANES
     use_pf = pf_bytes > 0
     dot = vdot_vnni if vnni else vdot_plain
 
     @njit(**FLAGS)
     def cols_group(src, ridx, r0, blocks, e, c0, c1, K, out):
-        # src = (xq, xc, xs) from quantize_rows, R rows xq[ridx[r0 + i]] and the weight rows
-        # c0..c1 of expert e (blocks along K) -> out[r0 + i, c0:c1] = their dot products.
+        # src = (xq, xc, xs, xm) from quantize_rows, R rows xq[ridx[r0 + i]] and the weight
+        # rows c0..c1 of expert e (blocks along K) -> out[r0 + i, c0:c1] = their dot products.
         # Lanes (S, R, 16): pair p's go to set p mod S (the last npair mod S pairs, half a
-        # pair included, to set 0); the sets are added in order, the lanes in vsum16's tree.
-        xq, xc, xs = src
+        # pair included, to set 0), its minima's term (mins) right after its products; the
+        # sets are added in order, the lanes in vsum16's tree.
+        xq, xc, xs, xm = src
         acc = carray(_stack_empty(size, np.float32), (size,))
         wq = carray(_stack_empty(PAIR, np.uint8), (PAIR,))
         sw = carray(_stack_empty(LANES, np.float32), (LANES,))
+        mw = carray(_stack_empty(LANES, np.float32), (LANES,))
+        sv = carray(_stack_empty(LANES, np.float32), (LANES,))
         xo = carray(_stack_empty(R, np.int64), (R,))
         for i in range(R):
             xo[i] = ridx[r0 + i]
@@ -344,20 +426,28 @@ def _make_group(pair, block_bytes, R, S, vnni=VNNI, pf_bytes=PREFETCH_BYTES):
                 for s in range(S):
                     p = p0 + s
                     if use_pf and s == 0:
-                        prefetch(blocks, o + 2 * p * block_bytes + pf_bytes)
-                    pair(blocks, o, 2 * p, 2 * p + 1, wq, sw)
+                        prefetch(blocks, o + p * pair_bytes + pf_bytes)
+                    if new_super(2 * p, 0):
+                        prep(blocks, o, 2 * p, sv, 0)
+                    pair(blocks, o, 2 * p, 2 * p + 1, wq, sw, mw, sv)
                     for i in range(R):
-                        dot(acc, (s * R + i) * LANES, xq, xo[i] * KP + PAIR * p, xc, xs,
-                            xo[i] * KL + LANES * p, wq, sw)
+                        ao, so = (s * R + i) * LANES, xo[i] * KL + LANES * p
+                        dot(acc, ao, xq, xo[i] * KP + PAIR * p, xc, xs, so, wq, sw)
+                        if mins:
+                            vmin(acc, ao, xm, so, mw)
             for p in range(ns, npair):
                 b1 = 2 * p + 1 if 2 * p + 1 < nb else 2 * p
-                pair(blocks, o, 2 * p, b1, wq, sw)
-                if b1 == 2 * p:                # half a pair: no second block
+                if new_super(2 * p, 0):
+                    prep(blocks, o, 2 * p, sv, 0)
+                pair(blocks, o, 2 * p, b1, wq, sw, mw, sv)
+                if b1 == 2 * p:                # half a pair (q8_0 / q4_0): no second block
                     for j in range(LANES // 2, LANES):
                         sw[j] = 0.0
                 for i in range(R):
-                    dot(acc, i * LANES, xq, xo[i] * KP + PAIR * p, xc, xs,
-                        xo[i] * KL + LANES * p, wq, sw)
+                    ao, so = i * LANES, xo[i] * KL + LANES * p
+                    dot(acc, ao, xq, xo[i] * KP + PAIR * p, xc, xs, so, wq, sw)
+                    if mins:
+                        vmin(acc, ao, xm, so, mw)
             for s in range(1, S):
                 for i in range(R):
                     vadd16(acc, i * LANES, acc, (s * R + i) * LANES)
@@ -367,8 +457,7 @@ def _make_group(pair, block_bytes, R, S, vnni=VNNI, pf_bytes=PREFETCH_BYTES):
 
 
 _COLS_KERNELS = {f: slp_vectorized(_make_cols_kernel(tuple(
-    (r, _make_group(pair, bb, r, s)) for r, s in COL_GROUPS)))
-    for f, (pair, bb) in _PAIRS.items()}
+    (r, _make_group(*spec, r, s)) for r, s in COL_GROUPS))) for f, spec in _PAIRS.items()}
 
 
 _NO_ROWS = np.zeros(0, np.int64)
@@ -383,6 +472,6 @@ def run_qstream(src, blocks, fmt, trans_w, offsets, out, experts, ridx=None):
         _run_qstream_f32(src, blocks, fmt, trans_w, offsets, out, experts, ridx)
         return
     tasks, _, _ = qstream_plan(offsets, experts, src.shape[1], out.shape[1], True, fmt=fmt)
-    xq, xc, xs, qidx = quantize_rows(src, _NO_ROWS if ridx is None else ridx, offsets,
-                                     experts, np.int32(OFFSET[fmt]))
-    _COLS_KERNELS[fmt]((xq, xc, xs), qidx, blocks, offsets, tasks, out)
+    xq, xc, xs, xm, qidx = quantize_rows(src, _NO_ROWS if ridx is None else ridx, offsets,
+                                         experts, np.int32(OFFSET[fmt]))
+    _COLS_KERNELS[fmt]((xq, xc, xs, xm), qidx, blocks, offsets, tasks, out)

@@ -341,8 +341,8 @@ def route_masks(offsets, limit, min_rows):
     # (E+1,) host offsets -> (few, more, busy, none, large): (E,) bool masks of the experts
     # with 1..limit rows, with more than limit, with any rows, of none, and whether the busy
     # experts average at least min_rows rows. One compiled call: backends/cpu.py's route()
-    # runs before every product, where a few NumPy calls on cold caches cost more than a
-    # decoding step's kernels.
+    # runs before every product, and on cold caches (a layer between others) each NumPy call
+    # costs more than this whole loop (docs/performance.md).
     E = offsets.shape[0] - 1
     few, more = np.zeros(E, np.bool_), np.zeros(E, np.bool_)
     busy, none = np.zeros(E, np.bool_), np.zeros(E, np.bool_)

@@ -116,7 +116,7 @@ class QuantizedWeights:
             R_0 + R_1 + ... stacked along axis 1, each part kept as it is (stack())
     activations: what the activations are multiplied as: "f32" (the default: exactly, in
             float32); for bf16 weights, "bf16" (rounded to bf16 once per product, for the
-            CPU's native bf16 dot products where it has them); for q8_0 / q4_0 / q4_k weights,
+            CPU's native bf16 dot products where it has them); for the GGUF block formats,
             "q8_0" (rounded to blocks of 32 int8 with a float32 scale, for integer dot products
             in the decoding GEMM's (M, K) layout, as ggml multiplies them). docs/formats.md
     """
@@ -194,7 +194,7 @@ class QuantizedWeights:
 
     def with_activations(self, activations) -> QuantizedWeights:
         """The same blocks (not copied) with activations "f32", "bf16" (bf16 weights only) or
-        "q8_0" (q8_0 / q4_0 / q4_k weights only)."""
+        "q8_0" (q8_0 / q4_0 / q4_k / q6_k weights only)."""
         return QuantizedWeights(self.format, self.shape, self.blocks, activations)
 
     def __repr__(self):
@@ -206,11 +206,11 @@ class QuantizedWeights:
 
 
 # activations -> the weight formats they take
-ACTIVATIONS = {"f32": FORMATS, "bf16": ("bf16",), "q8_0": ("q8_0", "q4_0", "q4_k")}
+ACTIVATIONS = {"f32": FORMATS, "bf16": ("bf16",), "q8_0": ("q8_0", "q4_0", "q4_k", "q6_k")}
 
 
 def _check_activations(activations, spec):
-    """'f32', 'bf16' for a bf16 weight, 'q8_0' for a q8_0 / q4_0 / q4_k one; ValueError naming
+    """'f32', 'bf16' for a bf16 weight, 'q8_0' for a GGUF block format's; ValueError naming
     `activations` otherwise."""
     a = chk.check_choice("activations", activations, tuple(ACTIVATIONS))
     if spec.name not in ACTIVATIONS[a]:

@@ -1,4 +1,4 @@
-"""kernels/cpu/int8dot.py: q8_0 / q4_0 / q4_k weights times activations rounded to 8 bits (the opt-in
+"""kernels/cpu/int8dot.py: q8_0 / q4_0 / q4_k / q6_k weights times activations rounded to 8 bits (the opt-in
 activations="q8_0"), in the decoding GEMM's (M, K) layout.
 
 - The rounding equals reference.q8_0_activations bit for bit (ties, zeros, NaN / Inf blocks).
@@ -21,7 +21,7 @@ from fastmoe_nb.kernels.cpu import config as kconfig
 from fastmoe_nb.kernels.cpu import int8dot as ki
 from fastmoe_nb.kernels.cpu import quant as kq
 
-FORMATS = ("q8_0", "q4_0", "q4_k")
+FORMATS = ("q8_0", "q4_0", "q4_k", "q6_k")
 
 
 def offsets_of(counts):
@@ -80,7 +80,8 @@ def run(src, ridx, qw, offsets, experts=None):
 # task of columns
 CASES = [(f, *c) for f in ("q8_0", "q4_0") for c in (((1,), 32, 40), ((3, 0, 7, 1), 96, 70),
                                                       ((2, 5), 1024, 130))]
-CASES += [("q4_k", (3, 0, 7, 1), 256, 70), ("q4_k", (2, 5), 1024, 130)]
+CASES += [(f, *c) for f in ("q4_k", "q6_k") for c in (((3, 0, 7, 1), 256, 70),
+                                                      ((2, 5), 1024, 130))]
 
 
 @pytest.mark.parametrize("fmt,counts,K,M", CASES)
@@ -142,7 +143,8 @@ def _weights(rng, E, d, h, fmt):
     return w1, w2
 
 
-@pytest.mark.parametrize("fmt,d,h", [("q8_0", 96, 64), ("q4_0", 96, 64), ("q4_k", 256, 256)])
+@pytest.mark.parametrize("fmt,d,h", [("q8_0", 96, 64), ("q4_0", 96, 64), ("q4_k", 256, 256),
+                                     ("q6_k", 256, 512)])
 def test_moe_forward_decoding_with_q8_0_activations(rng, fmt, d, h):
     """A decoding step: every expert streamed, each product within float32 rounding of the
     rounded activations' product; near the exact layer (rounding moves a value by up to
@@ -203,8 +205,9 @@ def test_activations_argument(rng):
     for fmt in FORMATS:
         q = F.quantize(w256, fmt, activations="q8_0")
         assert q.activations == "q8_0" and "activations='q8_0'" in repr(q)
-    for fmt in ("bf16", "q6_k", "f32"):
-        with pytest.raises(ValueError, match="activations: 'q8_0' activations take q8_0, q4_0, q4_k"):
+    for fmt in ("bf16", "f32"):
+        with pytest.raises(ValueError, match="activations: 'q8_0' activations take q8_0, q4_0, "
+                                             "q4_k, q6_k weights"):
             F.quantize(w256, fmt, activations="q8_0")
 
 

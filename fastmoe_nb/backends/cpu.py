@@ -20,8 +20,8 @@ Weights in a format (fastmoe_nb.formats: bf16, q8_0, q4_0, ...) are decoded a pa
 at a time into a task's scratch, each value once per product, and multiplied by BLAS
 (quantized_gemm); they are frozen, so their backward gives the inputs' gradient only. bf16
 weights that ask for bf16 activations (QuantizedWeights.activations) run kernels/cpu/bf16dot.py's
-native bf16 dot products instead where the CPU has AVX512_BF16 (_native_bf16); q8_0 / q4_0 /
-q4_k weights that ask for q8_0 activations have their streamed experts' (M, K) products made
+native bf16 dot products instead where the CPU has AVX512_BF16 (_native_bf16); weights in a
+GGUF block format that ask for q8_0 activations have their streamed experts' (M, K) products made
 by kernels/cpu/int8dot.py's integer dot products.
 Every way cuts its work from the shapes alone: results are bitwise the same for any thread
 count.

@@ -1,6 +1,6 @@
-"""Integer dot products on 8-bit activations for q8_0 / q4_0 / q4_k weights in the decoding GEMM's
-(M, K) layout (GGUF's and PyTorch's; blocks along the depth): AVX512_VNNI's vpdpbusd where
-the CPU has it, the same integer sums in plain vector code elsewhere.
+"""Integer dot products on 8-bit activations for q8_0 / q4_0 / q4_k / q6_k weights in the
+decoding GEMM's (M, K) layout (GGUF's and PyTorch's; blocks along the depth): AVX512_VNNI's
+vpdpbusd where the CPU has it, the same integer sums in plain vector code elsewhere.
 
 An opt-in (a weight's activations="q8_0", docs/formats.md), the way ggml computes these
 formats: each row of activations is rounded to blocks of 32 int8 with a float32 scale
@@ -10,12 +10,14 @@ rounding with d kept in float32), so that a block's dot product is an exact inte
     y[r, c] = sum over blocks b of  (dw[c, b] * dx[r, b]) * sum_{j<32} qw[c, 32b+j] qx[r, 32b+j]
 
 vpdpbusd multiplies unsigned by signed bytes, four products into each int32 lane: the weights
-enter as u = q + 128 (q8_0) or as the nibble itself (q4_0, whose value is u - 8; q4_k), and a
+enter as u = q + 128 (q8_0), as the nibble itself (q4_0, whose value is u - 8; q4_k) or as the
+6-bit value (q6_k: u - 32), and a
 row's lanes start at -OFFSET * the sum of their four activation bytes (xc, made once per row
 with the rounding), so that they end at the exact signed sum. q4_k's groups of 32 (v = d sc q -
 dmin m) line up with the activations' blocks: a pair is groups 2i and 2i + 1 of a super-block,
 the low and high nibbles of the same 32 bytes, and its minima's term -dmin m * dx * sum(qx) is
-one more multiply-add a pair (xm: dx times the lanes' sums, made with the rounding). Two blocks at a time fill the 64
+one more multiply-add a pair (xm: dx times the lanes' sums, made with the rounding). q6_k's
+scales, one per 16 values, cover four lanes each. Two blocks at a time fill the 64
 bytes of a zmm register: 16 lanes, 8 a block; the lanes are converted to float32, multiplied
 by dw * dx (xs: dx repeated over its block's 8 lanes) and added into float32 accumulators.
 
@@ -34,15 +36,16 @@ from numba.extending import intrinsic
 from .cache import cached
 from .config import COL_GROUPS, ISA, PREFETCH_BYTES, host_features
 from .gemm import _stack_empty, slp_vectorized
-from .quant import (BLOCK_BYTES_Q4_0, BLOCK_BYTES_Q4_K, BLOCK_BYTES_Q8_0, FLAGS, Q4_0, Q4_K, Q8_0,
-                    QK, _c_array, new_super, prep_none, prep_q4_k,
+from .quant import (BLOCK_BYTES_Q4_0, BLOCK_BYTES_Q4_K, BLOCK_BYTES_Q6_K, BLOCK_BYTES_Q8_0,
+                    FLAGS, Q4_0, Q4_K, Q6_K, Q8_0, QK, _c_array, new_super, prep_none,
+                    prep_q4_k, prep_q6_k,
                     _at, _splat, _vload, _vstore, prefetch, _make_cols_kernel,
                     qstream_plan, run_qstream as _run_qstream_f32)
 
 # vpdpbusd on 512-bit registers; without it the plain path computes the same sums.
 VNNI = bool(ISA == "avx512" and host_features().get("avx512vnni"))
-FORMATS = (Q8_0, Q4_0, Q4_K)     # the weight formats this kernel multiplies
-OFFSET = {Q8_0: 128, Q4_0: 8, Q4_K: 0}   # u - OFFSET is the weight's integer value
+FORMATS = (Q8_0, Q4_0, Q4_K, Q6_K)   # the weight formats this kernel multiplies
+OFFSET = {Q8_0: 128, Q4_0: 8, Q4_K: 0, Q6_K: 32}   # u - OFFSET is the weight's integer value
 PAIR = 2 * QK                    # values (bytes) of two blocks: one vpdpbusd
 LANES = 16                       # int32 / float32 lanes of a pair (8 a block)
 
@@ -240,6 +243,57 @@ def vnibbles(typingctx, src, off, wq):
 
 
 @intrinsic
+def vbytes_q6(typingctx, src, lo, lo_shift, hi, hi_shift, wq):
+    """wq[0:64] = q6_k's 6-bit values of two chunks side by side: ((src[lo:lo+64] >> lo_shift)
+    & 15) | ((src[hi:hi+32] >> hi_shift, then hi_shift + 2, for the second chunk) & 3) << 4."""
+    if not (_c_array(src, types.uint8) and _c_array(wq, types.uint8)
+            and isinstance(lo_shift, types.Integer) and isinstance(hi_shift, types.Integer)):
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        i16v = ir.VectorType(ir.IntType(16), PAIR // 2)
+
+        def shifted(v, amounts):       # bytes shifted right as 16-bit lanes (no byte shifts)
+            return builder.bitcast(builder.lshr(builder.bitcast(v, i16v), amounts), _I8V)
+
+        def c8(v):
+            return ir.Constant(_I8V, [v] * PAIR)
+        s_lo = builder.trunc(args[2], ir.IntType(16))
+        low = builder.and_(shifted(_load_bytes(ctx, builder, sig, args, 0, 1, PAIR),
+                                   _splat(builder, s_lo, PAIR // 2)), c8(15))
+        h = _load_bytes(ctx, builder, sig, args, 0, 3, QK)
+        twice = builder.shuffle_vector(h, h, ir.Constant(ir.VectorType(ir.IntType(32), PAIR),
+                                                         list(range(QK)) * 2))
+        s_hi = builder.trunc(args[4], ir.IntType(16))
+        amounts = builder.shuffle_vector(
+            _splat(builder, s_hi, PAIR // 2),
+            _splat(builder, builder.add(s_hi, ir.Constant(ir.IntType(16), 2)), PAIR // 2),
+            ir.Constant(ir.VectorType(ir.IntType(32), PAIR // 2),
+                        list(range(QK // 2)) + list(range(PAIR // 2 + QK // 2, PAIR))))
+        high = builder.shl(builder.and_(shifted(twice, amounts), c8(3)), c8(4))
+        _vstore(ctx, builder, sig.args[5], args[5], ir.Constant(ir.IntType(64), 0),
+                builder.or_(low, high), 1)
+        return ctx.get_dummy_value()
+    return types.void(src, lo, lo_shift, hi, hi_shift, wq), codegen
+
+
+@intrinsic
+def vquad(typingctx, sv, so, out):
+    """out[0:16] = sv[so], sv[so+1], sv[so+2], sv[so+3], each over 4 lanes (q6_k: a pair's
+    four scales, one per 16 values)."""
+    if not (_c_array(sv, types.float32) and _c_array(out, types.float32)):
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        f4 = ir.VectorType(ir.FloatType(), 4)
+        v = _vload(ctx, builder, sig.args[0], args[0], args[1], f4)
+        v = builder.shuffle_vector(v, v, ir.Constant(_I32L, [i // 4 for i in range(LANES)]))
+        _vstore(ctx, builder, sig.args[2], args[2], ir.Constant(ir.IntType(64), 0), v)
+        return ctx.get_dummy_value()
+    return types.void(sv, so, out), codegen
+
+
+@intrinsic
 def vpair(typingctx, d0, d1, out):
     """out[0:8] = d0, out[8:16] = d1: a pair's two scales (or minima) over its lanes."""
     if not (_c_array(out, types.float32) and d0 == types.float32 and d1 == types.float32):
@@ -383,10 +437,24 @@ def pair_q4_k(blocks, o, b0, b1, wq, sw, mw, sv):
     vpair(sv[8 + j], sv[9 + j], mw)
 
 
+@njit(inline="always", cache=True)
+def pair_q6_k(blocks, o, b0, b1, wq, sw, mw, sv):
+    # chunks j = b0 % 8 (even) and j + 1 of super-block b0 // 8, half i = j // 4, quarter
+    # l = j % 4 (0 or 2): their low nibbles are the 64 bytes 64i.. shifted by 4 (l / 2), their
+    # high pairs the 32 bytes 128 + 32i.. shifted by 2l and 2l + 2; v = (d sc_g) (q - 32),
+    # one scale per 16 values (sv: the 16 of the super-block)
+    h = o + (b0 >> 3) * BLOCK_BYTES_Q6_K
+    j = b0 & 7
+    i, l = j >> 2, j & 3
+    vbytes_q6(blocks, h + 64 * i, (l >> 1) * 4, h + 128 + QK * i, 2 * l, wq)
+    vquad(sv, 2 * j, sw)
+
+
 # format code -> (pair, prep, bytes of a pair of blocks, whether it has minima)
 _PAIRS = {Q8_0: (pair_q8_0, prep_none, 2 * BLOCK_BYTES_Q8_0, False),
           Q4_0: (pair_q4_0, prep_none, 2 * BLOCK_BYTES_Q4_0, False),
-          Q4_K: (pair_q4_k, prep_q4_k, BLOCK_BYTES_Q4_K // 4, True)}
+          Q4_K: (pair_q4_k, prep_q4_k, BLOCK_BYTES_Q4_K // 4, True),
+          Q6_K: (pair_q6_k, prep_q6_k, BLOCK_BYTES_Q6_K // 4, False)}
 
 
 # --------------------------------------------------------------------------- the kernel

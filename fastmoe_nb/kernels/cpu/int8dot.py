@@ -11,15 +11,15 @@ rounding with d kept in float32), so that a block's dot product is an exact inte
 
 vpdpbusd multiplies unsigned by signed bytes, four products into each int32 lane: the weights
 enter as u = q + 128 (q8_0), as the nibble itself (q4_0, whose value is u - 8; q4_k) or as the
-6-bit value (q6_k: u - 32), and a
-row's lanes start at -OFFSET * the sum of their four activation bytes (xc, made once per row
-with the rounding), so that they end at the exact signed sum. q4_k's groups of 32 (v = d sc q -
-dmin m) line up with the activations' blocks: a pair is groups 2i and 2i + 1 of a super-block,
-the low and high nibbles of the same 32 bytes, and its minima's term -dmin m * dx * sum(qx) is
-one more multiply-add a pair (xm: dx times the lanes' sums, made with the rounding). q6_k's
-scales, one per 16 values, cover four lanes each. Two blocks at a time fill the 64
-bytes of a zmm register: 16 lanes, 8 a block; the lanes are converted to float32, multiplied
-by dw * dx (xs: dx repeated over its block's 8 lanes) and added into float32 accumulators.
+6-bit value (q6_k: u - 32), and a row's lanes start at -OFFSET * the sum of their four
+activation bytes (xc, made once per row with the rounding), so that they end at the exact
+signed sum. Two blocks at a time fill the 64 bytes of a zmm register: 16 lanes, 8 a block; the
+lanes are converted to float32, multiplied by dw * dx (xs: dx repeated over its block's 8
+lanes) and added into float32 accumulators. q4_k's groups of 32 (v = d sc q - dmin m) line up
+with the activations' blocks: a pair is groups 2i and 2i + 1 of a super-block, the low and high
+nibbles of the same 32 bytes, and its minima's term -dmin m * dx * sum(qx) is one more
+multiply-add a pair (xm: dx times the lanes' sums, made with the rounding). q6_k's scales, one
+per 16 values, cover four lanes each.
 
 The integer sums are exact and every float32 operation runs in a fixed order, so results are
 bitwise the same for any thread count, and on CPUs with or without VNNI (the plain path makes

@@ -22,8 +22,9 @@ multiply-add a pair (xm: dx times the lanes' sums, made with the rounding). q6_k
 per 16 values, cover four lanes each.
 
 The integer sums are exact and every float32 operation runs in a fixed order, so results are
-bitwise the same for any thread count, and on CPUs with or without VNNI (the plain path makes
-the same integers). The tasks, the row groups and their split are quant.py's cols_kernel's
+bitwise the same for any thread count, with vpdpbusd or the plain path (the same integers; the
+row groups, and so the order of the float32 sums, follow the CPU's vector width as in quant.py).
+The tasks, the row groups and their split are quant.py's cols_kernel's
 (qstream_plan, COL_GROUPS): only the group function differs. A depth of an odd number of
 blocks ends on half a pair, whose other half multiplies zero activations with zero scales.
 """

@@ -128,6 +128,11 @@ def test_info_subprocess(tmp_path):
     assert info["threads"]["numba_num_threads"] >= 1
     assert info["threads"]["threading_layer"] in ("omp", "tbb", "workqueue")
     assert isinstance(info["cpu"]["simd"], list) and info["cpu"]["name"]
+    kernels = info["cpu"]["kernels"]
+    assert kernels["isa"] in ("avx512", "avx2", "portable")
+    assert kernels["q8_0_activations_vpdpbusd"] == ("avx512vnni" in info["cpu"]["simd"]
+                                                    and kernels["isa"] == "avx512")
+    assert isinstance(kernels["bf16_activations_vdpbf16ps"], bool)
     assert "fastmoe_nb_backend" in info["cuda"]
     assert "numba_cache" in p.stdout
 

@@ -14,6 +14,8 @@ from .. import __version__
 from .. import baselines as B
 from ..backends import cuda_module
 from ..formats import FORMAT
+from ..kernels.cpu import bf16dot, int8dot
+from ..kernels.cpu.config import ISA
 from .core import UsageError
 
 
@@ -93,9 +95,13 @@ def machine_info():
     except ImportError:
         blas = [{"numpy": "see numpy.show_config() (threadpoolctl not installed)"}]
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # which kernels this CPU gets: the ISA class the blocking follows, and the opt-in
+    # activations' native instructions (without them those settings run plain code)
+    kernels = {"isa": ISA, "bf16_activations_vdpbf16ps": bf16dot.NATIVE,
+               "q8_0_activations_vpdpbusd": int8dot.VNNI}
     info = {"versions": versions(), "cpu": {"name": llvm.get_host_cpu_name(),
                                             "logical_cores": os.cpu_count(), "simd": simd,
-                                            "machine": platform.machine()},
+                                            "machine": platform.machine(), "kernels": kernels},
             "threads": {"numba_num_threads": numba.config.NUMBA_NUM_THREADS,
                         "numba_threads_now": numba.get_num_threads(), "threading_layer": layer},
             "blas": blas, "cuda": cuda_info(),

@@ -56,8 +56,10 @@ def save(path, model, optimizer=None):
     return path
 
 
+# what np.load raises on a truncated or corrupt file; zipfile's NotImplementedError is its
+# answer to a corrupt header that names an unknown compression method (not a missing feature)
 _UNREADABLE = (zipfile.BadZipFile, zlib.error, EOFError, ValueError, KeyError,
-               NotImplementedError)   # what NumPy raises on a truncated or corrupt file
+               NotImplementedError)
 
 
 def _read(path):

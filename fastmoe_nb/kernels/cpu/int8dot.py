@@ -41,7 +41,7 @@ from .quant import (BLOCK_BYTES_Q4_0, BLOCK_BYTES_Q4_K, BLOCK_BYTES_Q6_K, BLOCK_
                     FLAGS, Q4_0, Q4_K, Q6_K, Q8_0, QK, _c_array, new_super, prep_none,
                     prep_q4_k, prep_q6_k,
                     _at, _splat, _vload, _vstore, prefetch, _make_cols_kernel,
-                    qstream_plan, run_qstream as _run_qstream_f32)
+                    lanes_add, lanes_sum, qstream_plan, run_qstream as _run_qstream_f32)
 
 # vpdpbusd on 512-bit registers; without it the plain path computes the same sums.
 VNNI = bool(ISA == "avx512" and host_features().get("avx512vnni"))
@@ -161,46 +161,47 @@ def _load_bytes(ctx, builder, sig, args, i, j, n):
     return _vload(ctx, builder, sig.args[i], args[i], args[j], ir.VectorType(ir.IntType(8), n), 1)
 
 
-@intrinsic
-def vbytes_q8(typingctx, src, o0, o1, wq):
-    """wq[0:64] = the bytes src[o0:o0+32] then src[o1:o1+32], each + 128 (q8_0's int8
-    values as vpdpbusd's unsigned operand: u = q + 128)."""
-    if not (_c_array(src, types.uint8) and _c_array(wq, types.uint8)):
-        return None
+def _two_blocks(values):
+    """An intrinsic f(src, o0, o1, wq): wq[0:64] = values(builder, load), the 64 unsigned
+    bytes of two blocks whose bytes start at o0 and o1 of src (uint8 arrays; load(k, n): the
+    n bytes at o0 (k = 0) or o1 (k = 1))."""
+    @intrinsic
+    def two_blocks(typingctx, src, o0, o1, wq):
+        if not (_c_array(src, types.uint8) and _c_array(wq, types.uint8)):
+            return None
 
-    def codegen(ctx, builder, sig, args):
-        cat = ir.Constant(ir.VectorType(ir.IntType(32), PAIR), list(range(PAIR)))
-        v = builder.shuffle_vector(_load_bytes(ctx, builder, sig, args, 0, 1, QK),
-                                   _load_bytes(ctx, builder, sig, args, 0, 2, QK), cat)
-        v = builder.xor(v, ir.Constant(_I8V, [0x80] * PAIR))
-        _vstore(ctx, builder, sig.args[3], args[3], ir.Constant(ir.IntType(64), 0), v, 1)
-        return ctx.get_dummy_value()
-    return types.void(src, o0, o1, wq), codegen
+        def codegen(ctx, builder, sig, args):
+            def load(k, n):
+                return _load_bytes(ctx, builder, sig, args, 0, 1 + k, n)
+            _vstore(ctx, builder, sig.args[3], args[3], ir.Constant(ir.IntType(64), 0),
+                    values(builder, load), 1)
+            return ctx.get_dummy_value()
+        return types.void(src, o0, o1, wq), codegen
+    return two_blocks
 
 
-@intrinsic
-def vbytes_q4(typingctx, src, o0, o1, wq):
-    """wq[0:64] = the nibbles of src[o0:o0+16] (low ones, then high ones: a q4_0 block's
-    values 0..31 in order) then those of src[o1:o1+16], one a byte."""
-    if not (_c_array(src, types.uint8) and _c_array(wq, types.uint8)):
-        return None
+def _q8_values(builder, load):
+    # the 32 int8 values of each block, + 128 (vpdpbusd's unsigned operand: u = q + 128)
+    cat = ir.Constant(ir.VectorType(ir.IntType(32), PAIR), list(range(PAIR)))
+    v = builder.shuffle_vector(load(0, QK), load(1, QK), cat)
+    return builder.xor(v, ir.Constant(_I8V, [0x80] * PAIR))
 
-    def codegen(ctx, builder, sig, args):
-        h = QK // 2
-        a = _load_bytes(ctx, builder, sig, args, 0, 1, h)
-        b = _load_bytes(ctx, builder, sig, args, 0, 2, h)
-        # [a, a, b, b] >> [0, 4, 0, 4] (16 bytes each) & 15
-        twice = ir.Constant(ir.VectorType(ir.IntType(32), PAIR),
-                            [i % h + (h if i >= QK else 0) for i in range(PAIR)])
-        v = builder.shuffle_vector(a, b, twice)
-        # shifted as 16-bit lanes (x86 has no byte shifts): the mask keeps each byte's own bits
-        i16v = ir.VectorType(ir.IntType(16), PAIR // 2)
-        shift = ir.Constant(i16v, [4 * ((i // (h // 2)) % 2) for i in range(PAIR // 2)])
-        v = builder.bitcast(builder.lshr(builder.bitcast(v, i16v), shift), _I8V)
-        v = builder.and_(v, ir.Constant(_I8V, [15] * PAIR))
-        _vstore(ctx, builder, sig.args[3], args[3], ir.Constant(ir.IntType(64), 0), v, 1)
-        return ctx.get_dummy_value()
-    return types.void(src, o0, o1, wq), codegen
+
+def _q4_values(builder, load):
+    # the nibbles of each block's 16 bytes, low ones then high ones (a q4_0 block's values
+    # 0..31 in order), one a byte: [a, a, b, b] >> [0, 4, 0, 4] (16 bytes each) & 15, shifted
+    # as 16-bit lanes (x86 has no byte shifts; the mask keeps each byte's own bits)
+    h = QK // 2
+    twice = ir.Constant(ir.VectorType(ir.IntType(32), PAIR),
+                        [i % h + (h if i >= QK else 0) for i in range(PAIR)])
+    v = builder.shuffle_vector(load(0, h), load(1, h), twice)
+    i16v = ir.VectorType(ir.IntType(16), PAIR // 2)
+    shift = ir.Constant(i16v, [4 * ((i // (h // 2)) % 2) for i in range(PAIR // 2)])
+    v = builder.bitcast(builder.lshr(builder.bitcast(v, i16v), shift), _I8V)
+    return builder.and_(v, ir.Constant(_I8V, [15] * PAIR))
+
+
+vbytes_q8, vbytes_q4 = _two_blocks(_q8_values), _two_blocks(_q4_values)
 
 
 @intrinsic
@@ -377,36 +378,7 @@ def _make_vdot(vnni):
 vdot_vnni, vdot_plain = _make_vdot(True), _make_vdot(False)
 
 
-@intrinsic
-def vadd16(typingctx, a, ao, b, bo):
-    """a[ao:ao+16] += b[bo:bo+16]."""
-    if not (_c_array(a, types.float32) and _c_array(b, types.float32)):
-        return None
-
-    def codegen(ctx, builder, sig, args):
-        v = builder.fadd(_vload(ctx, builder, sig.args[0], args[0], args[1], _F32L),
-                         _vload(ctx, builder, sig.args[2], args[2], args[3], _F32L))
-        _vstore(ctx, builder, sig.args[0], args[0], args[1], v)
-        return ctx.get_dummy_value()
-    return types.void(a, ao, b, bo), codegen
-
-
-@intrinsic
-def vsum16(typingctx, a, off):
-    """sum(a[off:off+16]) in a fixed tree: the halves added lane by lane, down to one lane."""
-    if not _c_array(a, types.float32):
-        return None
-
-    def codegen(ctx, builder, sig, args):
-        v = _vload(ctx, builder, sig.args[0], args[0], args[1], _F32L)
-        n = LANES
-        while n > 1:
-            n //= 2
-            m = ir.VectorType(ir.IntType(32), n)
-            v = builder.fadd(builder.shuffle_vector(v, v, ir.Constant(m, list(range(n)))),
-                             builder.shuffle_vector(v, v, ir.Constant(m, list(range(n, 2 * n)))))
-        return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
-    return types.float32(a, off), codegen
+vadd16, vsum16 = lanes_add(LANES), lanes_sum(LANES)    # a pair's 16 lanes
 
 
 # --------------------------------------------------------------------------- weight pairs
@@ -465,13 +437,22 @@ def _make_group(pair, prep, pair_bytes, mins, R, S, vnni=VNNI, pf_bytes=PREFETCH
     use_pf = pf_bytes > 0
     dot = vdot_vnni if vnni else vdot_plain
 
+    @njit(inline="always", cache=True)
+    def rows(acc, base, p, xq, xc, xs, xm, xo, KP, KL, wq, sw, mw):
+        # pair p (its weights in wq, sw, mw) times the R rows into lanes base.. of acc: the
+        # products, then the minima's term (mins)
+        for i in range(R):
+            ao, so = base + i * LANES, xo[i] * KL + LANES * p
+            dot(acc, ao, xq, xo[i] * KP + PAIR * p, xc, xs, so, wq, sw)
+            if mins:
+                vmin(acc, ao, xm, so, mw)
+
     @njit(**FLAGS)
     def cols_group(src, ridx, r0, blocks, e, c0, c1, K, out):
         # src = (xq, xc, xs, xm) from quantize_rows, R rows xq[ridx[r0 + i]] and the weight
         # rows c0..c1 of expert e (blocks along K) -> out[r0 + i, c0:c1] = their dot products.
         # Lanes (S, R, 16): pair p's go to set p mod S (the last npair mod S pairs, half a
-        # pair included, to set 0), its minima's term (mins) right after its products; the
-        # sets are added in order, the lanes in vsum16's tree.
+        # pair included, to set 0); the sets are added in order, the lanes in vsum16's tree.
         xq, xc, xs, xm = src
         acc = carray(_stack_empty(size, np.float32), (size,))
         wq = carray(_stack_empty(PAIR, np.uint8), (PAIR,))
@@ -499,11 +480,7 @@ def _make_group(pair, prep, pair_bytes, mins, R, S, vnni=VNNI, pf_bytes=PREFETCH
                     if new_super(2 * p, 0):
                         prep(blocks, o, 2 * p, sv, 0)
                     pair(blocks, o, 2 * p, 2 * p + 1, wq, sw, mw, sv)
-                    for i in range(R):
-                        ao, so = (s * R + i) * LANES, xo[i] * KL + LANES * p
-                        dot(acc, ao, xq, xo[i] * KP + PAIR * p, xc, xs, so, wq, sw)
-                        if mins:
-                            vmin(acc, ao, xm, so, mw)
+                    rows(acc, s * R * LANES, p, xq, xc, xs, xm, xo, KP, KL, wq, sw, mw)
             for p in range(ns, npair):
                 b1 = 2 * p + 1 if 2 * p + 1 < nb else 2 * p
                 if new_super(2 * p, 0):
@@ -512,11 +489,7 @@ def _make_group(pair, prep, pair_bytes, mins, R, S, vnni=VNNI, pf_bytes=PREFETCH
                 if b1 == 2 * p:                # half a pair (q8_0 / q4_0): no second block
                     for j in range(LANES // 2, LANES):
                         sw[j] = 0.0
-                for i in range(R):
-                    ao, so = i * LANES, xo[i] * KL + LANES * p
-                    dot(acc, ao, xq, xo[i] * KP + PAIR * p, xc, xs, so, wq, sw)
-                    if mins:
-                        vmin(acc, ao, xm, so, mw)
+                rows(acc, 0, p, xq, xc, xs, xm, xo, KP, KL, wq, sw, mw)
             for s in range(1, S):
                 for i in range(R):
                     vadd16(acc, i * LANES, acc, (s * R + i) * LANES)

@@ -385,38 +385,49 @@ def vdot(typingctx, lanes, lo, x, xo, w):
     return types.void(lanes, lo, x, xo, w), codegen
 
 
-@intrinsic
-def vadd(typingctx, a, ao, b, bo):
-    """a[ao:ao+32] += b[bo:bo+32]."""
-    if not _ok(_c_array(a, types.float32), _c_array(b, types.float32)):
-        return None
+def lanes_add(n):
+    """An intrinsic f(a, ao, b, bo): a[ao:ao+n] += b[bo:bo+n] (float32, flat offsets)."""
+    vty = ir.VectorType(ir.FloatType(), n)
 
-    def codegen(ctx, builder, sig, args):
-        v = builder.fadd(_vload(ctx, builder, sig.args[0], args[0], args[1]),
-                         _vload(ctx, builder, sig.args[2], args[2], args[3]))
-        _vstore(ctx, builder, sig.args[0], args[0], args[1], v)
-        return ctx.get_dummy_value()
-    return types.void(a, ao, b, bo), codegen
+    @intrinsic
+    def vadd(typingctx, a, ao, b, bo):
+        if not _ok(_c_array(a, types.float32), _c_array(b, types.float32)):
+            return None
+
+        def codegen(ctx, builder, sig, args):
+            v = builder.fadd(_vload(ctx, builder, sig.args[0], args[0], args[1], vty),
+                             _vload(ctx, builder, sig.args[2], args[2], args[3], vty))
+            _vstore(ctx, builder, sig.args[0], args[0], args[1], v)
+            return ctx.get_dummy_value()
+        return types.void(a, ao, b, bo), codegen
+    return vadd
 
 
-@intrinsic
-def vsum(typingctx, a, off):
-    """sum(a[off:off+32]) in a fixed tree: the two halves added lane by lane, again and again
-    down to one lane."""
-    if not _c_array(a, types.float32):
-        return None
+def lanes_sum(n):
+    """An intrinsic f(a, off) -> sum(a[off:off+n]) (float32, n a power of 2) in a fixed tree:
+    the two halves added lane by lane, again and again down to one lane."""
+    vty = ir.VectorType(ir.FloatType(), n)
 
-    def codegen(ctx, builder, sig, args):
-        v = _vload(ctx, builder, sig.args[0], args[0], args[1])
-        n = QK
-        while n > 1:
-            n //= 2
-            mask = ir.VectorType(ir.IntType(32), n)
-            v = builder.fadd(builder.shuffle_vector(v, v, ir.Constant(mask, list(range(n)))),
-                             builder.shuffle_vector(v, v, ir.Constant(mask,
-                                                                      list(range(n, 2 * n)))))
-        return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
-    return types.float32(a, off), codegen
+    @intrinsic
+    def vsum(typingctx, a, off):
+        if not _c_array(a, types.float32):
+            return None
+
+        def codegen(ctx, builder, sig, args):
+            v = _vload(ctx, builder, sig.args[0], args[0], args[1], vty)
+            m = n
+            while m > 1:
+                m //= 2
+                mask = ir.VectorType(ir.IntType(32), m)
+                v = builder.fadd(
+                    builder.shuffle_vector(v, v, ir.Constant(mask, list(range(m)))),
+                    builder.shuffle_vector(v, v, ir.Constant(mask, list(range(m, 2 * m)))))
+            return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
+        return types.float32(a, off), codegen
+    return vsum
+
+
+vadd, vsum = lanes_add(QK), lanes_sum(QK)    # a chunk's 32 lanes
 
 
 @intrinsic

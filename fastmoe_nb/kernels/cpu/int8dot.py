@@ -435,6 +435,10 @@ _PAIRS = {Q8_0: (pair_q8_0, prep_none, 2 * BLOCK_BYTES_Q8_0, False),
 def _make_group(pair, prep, pair_bytes, mins, R, S, vnni=VNNI, pf_bytes=PREFETCH_BYTES):
     size = R * S * LANES
     use_pf = pf_bytes > 0
+    # every line a step of S pairs reads is asked for (some twice: a step is not whole lines);
+    # one request a step left lines to the hardware prefetcher, which fell behind on these
+    # short compute-light steps (bench/bench_int8.py --presets decode-1,decode-8)
+    n_pf = -(-S * pair_bytes // 64)
     dot = vdot_vnni if vnni else vdot_plain
 
     @njit(inline="always", cache=True)
@@ -476,7 +480,8 @@ def _make_group(pair, prep, pair_bytes, mins, R, S, vnni=VNNI, pf_bytes=PREFETCH
                 for s in range(S):
                     p = p0 + s
                     if use_pf and s == 0:
-                        prefetch(blocks, o + p * pair_bytes + pf_bytes)
+                        for q in range(n_pf):
+                            prefetch(blocks, o + p * pair_bytes + pf_bytes + 64 * q)
                     if new_super(2 * p, 0):
                         prep(blocks, o, 2 * p, sv, 0)
                     pair(blocks, o, 2 * p, 2 * p + 1, wq, sw, mw, sv)

@@ -15,6 +15,8 @@ CUDA = "cuda"
 def is_device_array(a) -> bool:
     # __cuda_ndarray__: Numba's device arrays, including the simulator's (which lack the
     # interface); a weight in a format lives where its blocks are
+    if type(a) is np.ndarray:            # the common case, first: a host call's inputs
+        return False
     from .formats import QuantizedWeights  # noqa: PLC0415  (formats may come to import this)
 
     if isinstance(a, QuantizedWeights):

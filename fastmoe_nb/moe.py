@@ -25,7 +25,6 @@ from .backend import CUDA, as_host, backend_of
 from .checks import (check_accumulator, check_capacity, check_layer, check_plan,
                      check_routing)
 from .ops.dispatch import make_plan
-from .ops.routing import router_logits
 from .routing.registry import ROUTER_NAMES, get_router
 from .types import MoEContext
 
@@ -121,12 +120,15 @@ def routed_experts_backward(dy, ctx):
 # --------------------------------------------------------------------------- the layer
 
 def _route(x, layer, router, check_finite):
-    """The router's logits and choice -> (logits, Routing, Plan, router state)."""
-    logits = router_logits(x, layer.router_w, layer.router_b)
+    """The router's logits and choice -> (logits, Routing, Plan, router state). The layer is
+    validated and a registry router's expert ids lie in 0..E-1, so the backend's logits and
+    plan are called directly (the public ops would check them again)."""
+    B = backends.get(layer.backend)
+    logits = B.router_logits(x, layer.router_w, layer.router_b)
     r, plan, state = router.forward(x, logits, layer.k, layer.capacity, layer.router_options,
                                     check_finite)
     if plan is None:
-        plan = make_plan(r.experts, layer.E, layer.capacity)
+        plan = B.make_plan(r.experts, layer.E, layer.capacity)
     return logits, r, plan, state
 
 

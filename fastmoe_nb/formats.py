@@ -220,8 +220,9 @@ def _check_activations(activations, spec):
 
 
 def stack(*weights) -> QuantizedWeights:
-    """QuantizedWeights (E, R_i, C) of one format -> their (E, sum R_i, C) stack along axis 1,
-    without a copy: the result's blocks are the parts' own arrays (a stacked part's parts).
+    """QuantizedWeights (E, R_i, C) of one format and one `activations` -> their (E, sum R_i,
+    C) stack along axis 1, keeping that setting, without a copy: the result's blocks are the
+    parts' own arrays (a stacked part's parts).
 
     Stacking runs along the weight's rows, not its blocked last axis: stack(gate, up) of
     GGUF's (E, h, d) ffn_gate_exps / ffn_up_exps is the (E, 2h, d) SwiGLU w1 of trans_w=True.
@@ -238,6 +239,10 @@ def stack(*weights) -> QuantizedWeights:
             raise ValueError(f"weights[{i}]: expected the format of weights[0], "
                              f"{first.format!r}, got {w.format!r} (one weight holds one "
                              f"format)")
+        if w.activations != first.activations:
+            raise ValueError(f"weights[{i}]: expected the activations of weights[0], "
+                             f"{first.activations!r}, got {w.activations!r} (one weight "
+                             f"computes one way)")
         if (w.shape[0], w.shape[2]) != (first.shape[0], first.shape[2]):
             raise ValueError(f"weights[{i}]: expected shape (E, R, C) = ({first.shape[0]}, *, "
                              f"{first.shape[2]}) as weights[0] {first.shape} (parts stack "
@@ -246,7 +251,7 @@ def stack(*weights) -> QuantizedWeights:
         return first
     blocks = tuple(b for w in weights for _, b in w.parts)
     shape = (first.shape[0], sum(w.shape[1] for w in weights), first.shape[2])
-    return QuantizedWeights(first.format, shape, blocks)
+    return QuantizedWeights(first.format, shape, blocks, first.activations)
 
 
 def _check_shape(shape, spec):

@@ -8,7 +8,8 @@ activations="q8_0"), in the decoding GEMM's (M, K) layout.
 - The plain path (CPUs without AVX512_VNNI) gives the same bits as vpdpbusd, and any thread
   count the same bits.
 - Through the ops: only streamed experts of the (M, K) layout take it; everything else is the
-  exact path, bit for bit.
+  exact path, bit for bit. A decoding step's whole MLP in one call (run_mlp) gives the bits
+  of its products and activation run one by one.
 """
 import numba
 import numpy as np
@@ -119,7 +120,7 @@ def test_plain_path_gives_the_same_bits_as_vpdpbusd(rng):
     """The kernel without vpdpbusd (built here from the same factory and row groups, any
     host) and the host's own kernel (with vpdpbusd where the CPU has AVX512_VNNI) agree bit
     for bit."""
-    plain = kq.slp_vectorized(kq._make_cols_kernel(tuple(
+    plain = kq._make_cols_kernel(kq._make_cols_task(tuple(
         (r, ki._make_group(*ki._PAIRS[kq.Q4_0], r, s, vnni=False))
         for r, s in kconfig.COL_GROUPS)))
     counts = (3, 1)
@@ -180,6 +181,47 @@ def test_moe_forward_decoding_with_q8_0_activations(rng, fmt, d, h):
     np.testing.assert_array_equal(y, y1)
 
 
+@pytest.mark.parametrize("f1,f2,counts", [
+    ("q4_k", "q6_k", (2, 0, 3, 1)),                         # a decoding step: one fused call
+    ("q8_0", "q4_0", (kconfig.QSTREAM_ROWS + 1, 0, 2, 1)),  # one expert on panels: product by product
+])
+def test_decoding_mlp_in_one_call_gives_the_products_bits(rng, monkeypatch, f1, f2, counts):
+    """The decoding step's fused MLP (int8dot.run_mlp: a stacked [gate | up] w1 and a w2 of
+    another format) gives h_pre, h_act and ys bit for bit as grouped_gemm, the activation
+    and grouped_gemm do one after the other, and the layer's y the same bits for 1 and 2
+    threads."""
+    run_mlp = ki.run_mlp
+    E, d, h = len(counts), 256, 256
+    gate, up = (F.quantize((rng.standard_normal((E, h, d)) / 16).astype(np.float32), f1,
+                           activations="q8_0") for _ in range(2))
+    w1 = F.stack(gate, up)
+    w2 = F.quantize((rng.standard_normal((E, d, h)) / 16).astype(np.float32), f2,
+                    activations="q8_0")
+    T = int(sum(counts))
+    x = rng.standard_normal((T, d)).astype(np.float32)
+    experts = np.repeat(np.arange(E, dtype=np.int32), counts)[rng.permutation(T)][:, None]
+    weights = rng.random((T, 1)).astype(np.float32)
+    calls = []
+    monkeypatch.setattr(ki, "run_mlp", lambda *a: calls.append(1) or run_mlp(*a))
+    y, ctx = fm.routed_experts(x, experts, weights, w1, w2, trans_w=True, return_context=True)
+    assert len(calls) == (max(counts) <= kconfig.QSTREAM_ROWS)
+    offsets = ctx.plan.offsets
+    h_pre = fm.grouped_gemm(ctx.xs, w1, offsets, trans_w=True)
+    h_act = fm.activate(h_pre, "swiglu")
+    np.testing.assert_array_equal(ctx.h_pre, h_pre)
+    np.testing.assert_array_equal(ctx.h_act, h_act)
+    np.testing.assert_array_equal(ctx.ys, fm.grouped_gemm(h_act, w2, offsets, trans_w=True))
+    n = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        y1 = fm.routed_experts(x, experts, weights, w1, w2, trans_w=True)
+    finally:
+        numba.set_num_threads(n)
+    np.testing.assert_array_equal(y, y1)
+    np.testing.assert_array_equal(y, fm.routed_experts(x, experts, weights, w1, w2,
+                                                       trans_w=True))
+
+
 def test_other_paths_stay_exact(rng):
     """Experts past QSTREAM_ROWS rows (decoded panels for BLAS) and the (K, M) layout keep
     float32 activations: the same bits as the weight without the setting."""
@@ -218,7 +260,7 @@ from fastmoe_nb import formats as F
 from fastmoe_nb.kernels.cpu import int8dot as ki
 codegen = cpu_target.target_context.codegen()
 def keys():
-    return [str(ki._COLS_KERNELS[f].kernel._cache._index_key(("sig",), codegen)[2])
+    return [str(ki._COLS_KERNELS[f]._cache._index_key(("sig",), codegen)[2])
             for f in sorted(ki._COLS_KERNELS)]
 before = keys()
 q = F.quantize(np.ones((1, 32, 64), np.float32), "q8_0")

@@ -200,6 +200,11 @@ def test_stack_bad_input(rng):
         F.stack(q8, _weights(rng, (2, 4, 96), "q8_0")[0])
     with pytest.raises(TypeError, match=r"weights\[0\]"):
         F.stack(np.zeros((2, 4, 64), np.float32))
+    with pytest.raises(ValueError, match=r"weights\[1\]: expected the activations of "
+                                         r"weights\[0\], 'q8_0', got 'f32'"):
+        F.stack(q8.with_activations("q8_0"), q8)
+    assert F.stack(q8.with_activations("q8_0"), q8.with_activations("q8_0")).activations \
+        == "q8_0"
     with pytest.raises(ValueError, match="blocks: the parts hold 8 rows"):
         F.QuantizedWeights("q8_0", (2, 9, 64), (q8.blocks, q8.blocks))
     with pytest.raises(ValueError, match=r"blocks\[1\]: expected a part's blocks"):

@@ -400,6 +400,17 @@ def _experts_forward_quantized(xs, w1, w2, offsets, code, trans_w, keep, tokens)
         h_pre, h_act = _native_first(xs, w1, offsets, code, trans_w, keep, tokens)
         ys = grouped_gemm(h_act, _raw(w2), offsets, trans_w)
         return h_pre, h_act, ys
+    if _int8_mlp(w1, w2, trans_w):
+        r = route(offsets, quantized=True)
+        if not r.blas.any():                 # a decoding step: every expert streamed
+            N = int(offsets[-1])
+            h_pre = np.empty((N, w1.shape[1]), np.float32)
+            h_act = np.empty((N, w2.shape[2]), np.float32)
+            ys = np.empty((N, w2.shape[1]), np.float32)
+            parts1 = w1.blocks if w1.stacked else (w1.blocks,)
+            ki.run_mlp(xs, tokens, offsets, r.stream, parts1, w2.blocks, _kernel_format(w1),
+                       _kernel_format(w2), code, h_pre, h_act, ys)
+            return (h_pre if keep else None), h_act, ys
     if tokens is not None:
         x, xs = xs, np.empty((tokens.shape[0], xs.shape[1]), xs.dtype)
         kd.permute_kernel(x, tokens, 1, xs)
@@ -407,6 +418,15 @@ def _experts_forward_quantized(xs, w1, w2, offsets, code, trans_w, keep, tokens)
     h_act = activate(h_pre, code)
     ys = grouped_gemm(h_act, _raw(w2), offsets, trans_w)
     return (h_pre if keep else None), (h_act if keep or tokens is None else None), ys
+
+
+def _int8_mlp(w1, w2, trans_w):
+    """True when a decoding step's expert MLP runs as one call of int8dot.run_mlp: both weights
+    in a GGUF block format asking for q8_0 activations, in the (M, K) layout, w2 one blocks
+    array and w1 one or two (stack(gate, up))."""
+    return (trans_w and all(isinstance(w, QuantizedWeights) and w.activations == "q8_0"
+                            and _kernel_format(w) in ki.FORMATS for w in (w1, w2))
+            and (not w1.stacked or len(w1.blocks) == 2) and not w2.stacked)
 
 
 def _native_bf16(w):
@@ -496,7 +516,7 @@ def _columns(qw, c):
 def _kernel_format(qw):
     """The format code kernels/cpu/quant.py decodes qw's blocks with, or None (a format it
     lacks, or a part whose blocks are not C-contiguous: the NumPy codec of formats.py then)."""
-    ok = all(b.flags.c_contiguous for _, b in qw.parts)
+    ok = all(b.flags.c_contiguous for b in (qw.blocks if qw.stacked else (qw.blocks,)))
     return kq.FORMATS.get(qw.format) if ok else None
 
 

@@ -30,17 +30,19 @@ blocks ends on half a pair, whose other half multiplies zero activations with ze
 """
 import numpy as np
 from llvmlite import ir
-from numba import carray, njit, types
+from numba import carray, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .cache import cached
-from .config import COL_GROUPS, ISA, PREFETCH_BYTES, host_features
-from .gemm import _stack_empty, slp_vectorized
+from .activations import activate_rows
+from .config import COL_GROUPS, ISA, PREFETCH_BYTES, QSTREAM_ACC, QSTREAM_CT, host_features
+from .gemm import _stack_empty, stream_plan
 from .quant import (BLOCK_BYTES_Q4_0, BLOCK_BYTES_Q4_K, BLOCK_BYTES_Q6_K, BLOCK_BYTES_Q8_0,
                     FLAGS, Q4_0, Q4_K, Q6_K, Q8_0, QK, _c_array, new_super, prep_none,
                     prep_q4_k, prep_q6_k,
-                    _at, _splat, _vload, _vstore, prefetch, _make_cols_kernel,
+                    BLOCK_VALUES, _at, _splat, _vload, _vstore, prefetch, _make_cols_kernel,
+                    _make_cols_task,
                     lanes_add, lanes_sum, qstream_plan, run_qstream as _run_qstream_f32)
 
 # vpdpbusd on 512-bit registers; without it the plain path computes the same sums.
@@ -503,8 +505,12 @@ def _make_group(pair, prep, pair_bytes, mins, R, S, vnni=VNNI, pf_bytes=PREFETCH
     return cached(cols_group)
 
 
-_COLS_KERNELS = {f: slp_vectorized(_make_cols_kernel(tuple(
-    (r, _make_group(*spec, r, s)) for r, s in COL_GROUPS))) for f, spec in _PAIRS.items()}
+# the group functions are explicit vector steps: they need neither LLVM's SLP nor its loop
+# vectorizer (quant.py's float32 groups take slp_vectorized), so one compile serves the
+# kernel below and the fused decoding MLP
+_COLS_TASKS = {f: _make_cols_task(tuple((r, _make_group(*spec, r, s)) for r, s in COL_GROUPS))
+               for f, spec in _PAIRS.items()}
+_COLS_KERNELS = {f: _make_cols_kernel(task) for f, task in _COLS_TASKS.items()}
 
 
 _NO_ROWS = np.zeros(0, np.int64)
@@ -522,3 +528,68 @@ def run_qstream(src, blocks, fmt, trans_w, offsets, out, experts, ridx=None):
     xq, xc, xs, xm, qidx = quantize_rows(src, _NO_ROWS if ridx is None else ridx, offsets,
                                          experts, np.int32(OFFSET[fmt]))
     _COLS_KERNELS[fmt]((xq, xc, xs, xm), qidx, blocks, offsets, tasks, out)
+
+
+# --------------------------------------------------------------------------- the decoding MLP
+
+def _make_mlp_kernel(f1, f2):
+    task1, task2 = _COLS_TASKS[f1], _COLS_TASKS[f2]
+    off1, off2 = np.int32(OFFSET[f1]), np.int32(OFFSET[f2])
+    align1, align2 = BLOCK_VALUES[f1], BLOCK_VALUES[f2]
+
+    @njit(parallel=True, **FLAGS)
+    def mlp_kernel(x, tokens, offsets, experts, w1a, w1b, w2, code, h_pre, h_act, ys):
+        # x (*, d) float32 C-contiguous, tokens (N,) int64: row i of the batch is x[tokens[i]]
+        # (empty: x's own rows), in expert order by offsets (E+1,); experts (E,) bool: the
+        # experts run here. w1 = [w1a | w1b] along its output columns (w1a (E, s, row_bytes(d))
+        # in format f1, w1b (E, H1 - s, row_bytes(d)): a stacked weight's second part, or
+        # empty), w2 (E, D, row_bytes(h)) in format f2 -> h_pre (N, H1), h_act (N, h), ys (N,
+        # D) on those experts' rows: run_qstream(w1), the activation, run_qstream(w2) (the same
+        # tasks, roundings and sums: the same bits) in one compiled call instead of about ten
+        # host calls, each of which costs as much as a small expert's work on cold caches.
+        d, s, H1 = x.shape[1], w1a.shape[1], h_pre.shape[1]
+        src = quantize_rows(x, tokens, offsets, experts, off1)
+        ta = stream_plan(offsets, experts, d, s, True, QSTREAM_CT, QSTREAM_ACC, align1, True)[0]
+        tb = stream_plan(offsets, experts, d, H1 - s, True, QSTREAM_CT, QSTREAM_ACC, align1,
+                         True)[0]
+        ha, hb, na = h_pre[:, :s], h_pre[:, s:], ta.shape[0]
+        for t in prange(na + tb.shape[0]):
+            if t < na:
+                task1(src[:4], src[4], w1a, offsets, ta, t, ha)
+            else:
+                task1(src[:4], src[4], w1b, offsets, tb, t - na, hb)
+        rows = np.empty(offsets[-1], np.int64)
+        n = 0
+        for e in range(experts.shape[0]):
+            if experts[e]:
+                for r in range(offsets[e], offsets[e + 1]):
+                    rows[n] = r
+                    n += 1
+        for i in prange(n):
+            r = rows[i]
+            activate_rows(h_pre[r:r + 1], code, h_act[r:r + 1])
+        src = quantize_rows(h_act, np.zeros(0, np.int64), offsets, experts, off2)
+        t2 = stream_plan(offsets, experts, h_act.shape[1], ys.shape[1], True, QSTREAM_CT,
+                         QSTREAM_ACC, align2, True)[0]
+        for t in prange(t2.shape[0]):
+            task2(src[:4], src[4], w2, offsets, t2, t, ys)
+    return cached(mlp_kernel)
+
+
+_MLP_KERNELS = {}
+
+
+def run_mlp(x, tokens, offsets, experts, w1_parts, w2, f1, f2, code, h_pre, h_act, ys):
+    """The streamed experts' whole MLP on q8_0 activations, in the (M, K) layout: h_pre =
+    x[tokens] @ W1_e^T (tokens None: x's rows), h_act = act(h_pre) (activation code), ys =
+    h_act @ W2_e^T, on the rows of every expert where the (E,) bool mask `experts` is True
+    (others untouched); what run_qstream(w1), the activation and run_qstream(w2) give, bit for
+    bit. w1_parts: w1's one or two blocks arrays along its output rows (a stacked weight's
+    parts), format code f1; w2: its blocks, format f2. x, blocks and the outputs C-contiguous.
+    """
+    if (f1, f2) not in _MLP_KERNELS:
+        _MLP_KERNELS[f1, f2] = _make_mlp_kernel(f1, f2)
+    w1a = w1_parts[0]
+    w1b = w1_parts[1] if len(w1_parts) > 1 else w1a[:, :0]
+    _MLP_KERNELS[f1, f2](x, _NO_ROWS if tokens is None else tokens, offsets, experts, w1a,
+                         np.ascontiguousarray(w1b), w2, code, h_pre, h_act, ys)

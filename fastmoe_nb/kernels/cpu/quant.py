@@ -855,31 +855,42 @@ def _make_cols_group(prep, decode, tail, span, itemsize, R, S, pf_bytes=PREFETCH
     return cached(cols_group)
 
 
-def _make_cols_kernel(groups):
+def _make_cols_task(groups):
+    """cols_task(src, ridx, blocks, offsets, tasks, t, out): task t of qstream_plan(trans=True)
+    with the given groups ((rows, group function), largest first), inlined into its caller:
+    cols_kernel's loop, or int8dot.py's fused decoding MLP."""
     g_a, g_b, g_c = (groups + (groups[-1],) * 3)[:3]     # rows: a >= b >= c (c = 1)
     ra, rb_, rc = g_a[0], g_b[0], g_c[0]
     ga, gb, gc = g_a[1], g_b[1], g_c[1]
 
+    @njit(inline="always", cache=True)
+    def cols_task(src, ridx, blocks, offsets, tasks, t, out):
+        # (M, K) layout. src (*, K) float32 C-contiguous (int8dot: its rounded rows), ridx
+        # (N,) int64; blocks (E, M, row_bytes(K)) uint8 [bf16: (E, M, K) uint16]; tasks (n, 6)
+        # (e, 0, K, c0, c1, _) -> out[rows of e, c0:c1] = src[rows of e] @ W_e[c0:c1].T. The
+        # expert's rows go in the groups, largest first (the split depends on the row count
+        # alone), each over the task's columns.
+        e, K, c0, c1 = tasks[t, 0], tasks[t, 2], tasks[t, 3], tasks[t, 4]
+        lo, m = offsets[e], offsets[e + 1] - offsets[e]
+        g = 0
+        while m - g >= ra:
+            ga(src, ridx, lo + g, blocks, e, c0, c1, K, out)
+            g += ra
+        while m - g >= rb_:
+            gb(src, ridx, lo + g, blocks, e, c0, c1, K, out)
+            g += rb_
+        while m - g >= rc:
+            gc(src, ridx, lo + g, blocks, e, c0, c1, K, out)
+            g += rc
+    return cached(cols_task)
+
+
+def _make_cols_kernel(cols_task):
     @njit(parallel=True, **FLAGS)
     def cols_kernel(src, ridx, blocks, offsets, tasks, out):
-        # (M, K) layout. src (*, K) float32 C-contiguous, ridx (N,) int64; blocks (E, M,
-        # row_bytes(K)) uint8 [bf16: (E, M, K) uint16]; tasks (n, 6) (e, 0, K, c0, c1, _)
-        # from qstream_plan(trans=True) -> out[rows of e, c0:c1] = src[rows of e] @
-        # W_e[c0:c1].T. The expert's rows go in COL_GROUPS' groups, largest first (the split
-        # depends on the row count alone), each over the task's columns.
+        # every task of qstream_plan(trans=True), in parallel (cols_task)
         for t in prange(tasks.shape[0]):
-            e, K, c0, c1 = tasks[t, 0], tasks[t, 2], tasks[t, 3], tasks[t, 4]
-            lo, m = offsets[e], offsets[e + 1] - offsets[e]
-            g = 0
-            while m - g >= ra:
-                ga(src, ridx, lo + g, blocks, e, c0, c1, K, out)
-                g += ra
-            while m - g >= rb_:
-                gb(src, ridx, lo + g, blocks, e, c0, c1, K, out)
-                g += rb_
-            while m - g >= rc:
-                gc(src, ridx, lo + g, blocks, e, c0, c1, K, out)
-                g += rc
+            cols_task(src, ridx, blocks, offsets, tasks, t, out)
     return cached(cols_kernel)
 
 
@@ -889,8 +900,8 @@ def _make_cols_kernel(groups):
 _ROWS_KERNELS = {f: slp_vectorized(_make_rows_kernel(p, v, t, SPAN[f],
                                                      max(1, 512 // (SPAN[f] * ITEMSIZE[f]))))
                  for f, (p, v, _, t) in _DECODERS.items()}
-_COLS_KERNELS = {f: slp_vectorized(_make_cols_kernel(tuple(
-    (r, _make_cols_group(p, d, t, SPAN[f], ITEMSIZE[f], r, s)) for r, s in COL_GROUPS)))
+_COLS_KERNELS = {f: slp_vectorized(_make_cols_kernel(_make_cols_task(tuple(
+    (r, _make_cols_group(p, d, t, SPAN[f], ITEMSIZE[f], r, s)) for r, s in COL_GROUPS))))
     for f, (p, _, d, t) in _DECODERS.items()}
 
 
@@ -900,7 +911,7 @@ def qstream_rows(src, ridx, blocks, fmt, offsets, tasks, part):
 
 
 def qstream_cols(src, ridx, blocks, fmt, offsets, tasks, out):
-    """The (M, K) decoding kernel for format code fmt (see cols_kernel's comment)."""
+    """The (M, K) decoding kernel for format code fmt (see cols_task's comment)."""
     _COLS_KERNELS[fmt](src, ridx, blocks, offsets, tasks, out)
 
 

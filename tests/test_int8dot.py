@@ -260,8 +260,10 @@ from fastmoe_nb import formats as F
 from fastmoe_nb.kernels.cpu import int8dot as ki
 codegen = cpu_target.target_context.codegen()
 def keys():
-    return [str(ki._COLS_KERNELS[f]._cache._index_key(("sig",), codegen)[2])
-            for f in sorted(ki._COLS_KERNELS)]
+    return [str(k._cache._index_key(("sig",), codegen)[2])
+            for k in [ki._COLS_KERNELS[f] for f in sorted(ki._COLS_KERNELS)]
+            + [ki._make_mlp_kernel(f1, f2) for f1, f2 in MLP_PAIRS]]
+MLP_PAIRS = ((ki.Q4_K, ki.Q6_K), (ki.Q6_K, ki.Q4_K), (ki.Q8_0, ki.Q8_0))
 before = keys()
 q = F.quantize(np.ones((1, 32, 64), np.float32), "q8_0")
 out = np.empty((2, 32), np.float32)
@@ -273,13 +275,14 @@ print("\\n".join(before))
 
 
 def test_kernels_keep_one_disk_cache_key_across_processes():
-    """The per-format kernels (closures over jitted functions and the dot @intrinsic) are
-    found in Numba's disk cache by a new process (cache.cached's key does not change once
-    an @intrinsic has run), and the formats' keys differ."""
+    """The per-format kernels and the fused MLPs of a pair of formats (closures over jitted
+    functions and the dot @intrinsic) are found in Numba's disk cache by a new process
+    (cache.cached's key does not change once an @intrinsic has run), and the keys of
+    different formats, or of a pair in the other order, differ."""
     import subprocess
     import sys
     runs = [subprocess.run([sys.executable, "-c", _CACHE_KEYS], capture_output=True, text=True,
                            check=True).stdout for _ in range(2)]
     assert runs[0] == runs[1]
     keys = [k for k in runs[0].split("\n") if k]
-    assert len(keys) == len(ki.FORMATS) and len(set(keys)) == len(keys)
+    assert len(keys) == len(ki.FORMATS) + 3 and len(set(keys)) == len(keys)

@@ -465,9 +465,9 @@ def test_cols_kernel_with_the_avx2_row_groups(fmt):
     decoder is checked on its own above)."""
     code = kq.FORMATS[fmt]
     prep, _, dec, tail = kq._DECODERS[code]
-    kernel = kq.slp_vectorized(kq._make_cols_kernel(tuple(
+    kernel = kq.slp_vectorized(kq._make_cols_kernel(kq._make_cols_task(tuple(
         (r, kq._make_cols_group(prep, dec, tail, kq.SPAN[code], kq.ITEMSIZE[code], r, s))
-        for r, s in ((2, 1), (1, 2)))))
+        for r, s in ((2, 1), (1, 2))))))
     rng = np.random.default_rng(14)
     K, M = {"bf16": (96, 70)}.get(fmt, (512, 64))
     src, ridx, blocks, offsets, W = make_case(rng, fmt, (5, 0, 2, 1), K, M, True, True)

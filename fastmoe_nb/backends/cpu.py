@@ -403,13 +403,10 @@ def _experts_forward_quantized(xs, w1, w2, offsets, code, trans_w, keep, tokens)
     if _int8_mlp(w1, w2, trans_w):
         r = route(offsets, quantized=True)
         if not r.blas.any():                 # a decoding step: every expert streamed
-            N = int(offsets[-1])
-            h_pre = np.empty((N, w1.shape[1]), np.float32)
-            h_act = np.empty((N, w2.shape[2]), np.float32)
-            ys = np.empty((N, w2.shape[1]), np.float32)
             parts1 = w1.blocks if w1.stacked else (w1.blocks,)
-            ki.run_mlp(xs, tokens, offsets, r.stream, parts1, w2.blocks, _kernel_format(w1),
-                       _kernel_format(w2), code, h_pre, h_act, ys)
+            h_pre, h_act, ys = ki.run_mlp(xs, tokens, offsets, r.stream, parts1, w2.blocks,
+                                          _kernel_format(w1), _kernel_format(w2), code,
+                                          w2.shape[2])
             return (h_pre if keep else None), h_act, ys
     if tokens is not None:
         x, xs = xs, np.empty((tokens.shape[0], xs.shape[1]), xs.dtype)
@@ -747,12 +744,15 @@ def sigmoid_topk_backward(d_weights, logits, experts, renormalize=True, scale=1.
 
 # --------------------------------------------------------------------------- dispatch
 
+_NO_ORDER, _NO_SKIP = np.zeros(0, np.int64), np.zeros(0, np.bool_)   # token order, no skips
+
+
 def make_plan(experts, E, capacity=None):
     # experts: (T, k) ids in 0..E-1 -> Plan
     flat = np.ascontiguousarray(experts, dtype=np.int32).reshape(-1)
     n = flat.shape[0]   # first come, first kept: capacity is claimed in token order
     rows, offsets, counts, slots, dropped = kd.plan_kernel(
-        flat, np.arange(n, dtype=np.int64), np.zeros(n, np.bool_), E,
+        flat, _NO_ORDER, _NO_SKIP, E,
         -1 if capacity is None else min(capacity, n))   # above T*k it drops nothing
     return Plan(rows, offsets, counts, slots.reshape(experts.shape), dropped, capacity)
 

@@ -16,10 +16,11 @@ from typing import Callable, Union
 
 import numpy as np
 
+from .. import backends
 from .. import errors as chk
+from ..backend import CUDA, backend_of
 from ..checks import check_sigmoid_options
-from ..ops.routing import (sigmoid_topk, sigmoid_topk_backward, softmax_topk,
-                           softmax_topk_backward)
+from ..ops.routing import sigmoid_topk, sigmoid_topk_backward, softmax_topk_backward
 from . import _checks
 from .dense import dense_gating, dense_gating_backward
 from .expert_choice import expert_choice, expert_choice_backward
@@ -90,8 +91,20 @@ class Router:
 
 # --------------------------------------------------------------------------- the routers
 
+def _backend(logits, check_finite):
+    """The backend of a layer's logits (router_logits' own: validated, host ones contiguous),
+    checked to be finite on the host: softmax_topk calls it directly, not the public op that
+    would validate the logits again on every decoding step (sigmoid_topk's op also prepares
+    the bias)."""
+    be = backend_of(logits=logits)
+    if check_finite and be != CUDA:
+        chk.check_finite("logits", logits)
+    return backends.get(be)
+
+
 def _softmax_topk(x, logits, k, capacity, o, check_finite):
-    return softmax_topk(logits, k, o["renormalize"], check_finite=check_finite), None, {}
+    return _backend(logits, check_finite).softmax_topk(logits, k, o["renormalize"],
+                                                       check_finite), None, {}
 
 
 def _softmax_topk_backward(d_weights, x, logits, r, plan, k, o, state):

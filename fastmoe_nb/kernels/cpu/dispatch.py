@@ -9,8 +9,8 @@ from .config import PERMUTE_ROWS
 @njit(cache=True)
 def plan_kernel(flat, order, skip, num_experts, capacity):
     # flat: (T*k,) expert ids, order: (T*k,) flat ids in the order they claim capacity
-    # (make_plan: token order; Switch / GShard / batch priority: their own), skip: (T*k,) bool
-    # (never routed), capacity < 0: none
+    # (Switch / GShard / batch priority: their own; empty: token order, make_plan's), skip:
+    # (T*k,) bool (never routed; empty: none), capacity < 0: none
     #   -> rows (N,) int32, offsets (E+1,) int64, counts (E,) int64, slots (T*k,) int32,
     #      dropped (E,) int64 (capacity drops and skipped assignments)
     n = flat.shape[0]
@@ -18,10 +18,10 @@ def plan_kernel(flat, order, skip, num_experts, capacity):
     counts = np.zeros(num_experts, np.int64)
     wanted = np.zeros(num_experts, np.int64)
     for p in range(n):  # claim capacity in priority order
-        i = order[p]
+        i = order[p] if order.shape[0] else p
         e = flat[i]
         wanted[e] += 1
-        if not skip[i] and (capacity < 0 or counts[e] < capacity):
+        if not (skip.shape[0] and skip[i]) and (capacity < 0 or counts[e] < capacity):
             keep[i] = True
             counts[e] += 1
     offsets = np.zeros(num_experts + 1, np.int64)

@@ -538,16 +538,20 @@ def _make_mlp_kernel(f1, f2):
     align1, align2 = BLOCK_VALUES[f1], BLOCK_VALUES[f2]
 
     @njit(parallel=True, **FLAGS)
-    def mlp_kernel(x, tokens, offsets, experts, w1a, w1b, w2, code, h_pre, h_act, ys):
+    def mlp_kernel(x, tokens, offsets, experts, w1a, w1b, w2, code, h):
         # x (*, d) float32 C-contiguous, tokens (N,) int64: row i of the batch is x[tokens[i]]
         # (empty: x's own rows), in expert order by offsets (E+1,); experts (E,) bool: the
         # experts run here. w1 = [w1a | w1b] along its output columns (w1a (E, s, row_bytes(d))
         # in format f1, w1b (E, H1 - s, row_bytes(d)): a stacked weight's second part, or
-        # empty), w2 (E, D, row_bytes(h)) in format f2 -> h_pre (N, H1), h_act (N, h), ys (N,
-        # D) on those experts' rows: run_qstream(w1), the activation, run_qstream(w2) (the same
-        # tasks, roundings and sums: the same bits) in one compiled call instead of about ten
-        # host calls, each of which costs as much as a small expert's work on cold caches.
-        d, s, H1 = x.shape[1], w1a.shape[1], h_pre.shape[1]
+        # empty), w2 (E, D, row_bytes(h)) in format f2 -> new h_pre (N, H1), h_act (N, h), ys
+        # (N, D), set on those experts' rows: run_qstream(w1), the activation, run_qstream(w2)
+        # (the same tasks, roundings and sums: the same bits) in one compiled call instead of
+        # about ten host calls, each costing as much as a small expert's work on cold caches.
+        N, d, s = offsets[-1], x.shape[1], w1a.shape[1]
+        H1 = s + w1b.shape[1]
+        h_pre = np.empty((N, H1), np.float32)
+        h_act = np.empty((N, h), np.float32)
+        ys = np.empty((N, w2.shape[1]), np.float32)
         src = quantize_rows(x, tokens, offsets, experts, off1)
         ta = stream_plan(offsets, experts, d, s, True, QSTREAM_CT, QSTREAM_ACC, align1, True)[0]
         tb = stream_plan(offsets, experts, d, H1 - s, True, QSTREAM_CT, QSTREAM_ACC, align1,
@@ -558,7 +562,7 @@ def _make_mlp_kernel(f1, f2):
                 task1(src[:4], src[4], w1a, offsets, ta, t, ha)
             else:
                 task1(src[:4], src[4], w1b, offsets, tb, t - na, hb)
-        rows = np.empty(offsets[-1], np.int64)
+        rows = np.empty(N, np.int64)
         n = 0
         for e in range(experts.shape[0]):
             if experts[e]:
@@ -573,23 +577,24 @@ def _make_mlp_kernel(f1, f2):
                          QSTREAM_ACC, align2, True)[0]
         for t in prange(t2.shape[0]):
             task2(src[:4], src[4], w2, offsets, t2, t, ys)
+        return h_pre, h_act, ys
     return cached(mlp_kernel)
 
 
 _MLP_KERNELS = {}
 
 
-def run_mlp(x, tokens, offsets, experts, w1_parts, w2, f1, f2, code, h_pre, h_act, ys):
-    """The streamed experts' whole MLP on q8_0 activations, in the (M, K) layout: h_pre =
-    x[tokens] @ W1_e^T (tokens None: x's rows), h_act = act(h_pre) (activation code), ys =
-    h_act @ W2_e^T, on the rows of every expert where the (E,) bool mask `experts` is True
-    (others untouched); what run_qstream(w1), the activation and run_qstream(w2) give, bit for
-    bit. w1_parts: w1's one or two blocks arrays along its output rows (a stacked weight's
-    parts), format code f1; w2: its blocks, format f2. x, blocks and the outputs C-contiguous.
-    """
+def run_mlp(x, tokens, offsets, experts, w1_parts, w2, f1, f2, code, h):
+    """The streamed experts' whole MLP on q8_0 activations, in the (M, K) layout -> (h_pre
+    (N, H1) = x[tokens] @ W1_e^T (tokens None: x's rows), h_act (N, h) = act(h_pre)
+    (activation code), ys (N, D) = h_act @ W2_e^T), set on the rows of every expert where
+    the (E,) bool mask `experts` is True: what run_qstream(w1), the activation and
+    run_qstream(w2) give, bit for bit. w1_parts: w1's one or two blocks arrays along its
+    output rows (a stacked weight's parts), format code f1; w2: its blocks, format f2. x and
+    the blocks C-contiguous."""
     if (f1, f2) not in _MLP_KERNELS:
         _MLP_KERNELS[f1, f2] = _make_mlp_kernel(f1, f2)
     w1a = w1_parts[0]
-    w1b = w1_parts[1] if len(w1_parts) > 1 else w1a[:, :0]
-    _MLP_KERNELS[f1, f2](x, _NO_ROWS if tokens is None else tokens, offsets, experts, w1a,
-                         np.ascontiguousarray(w1b), w2, code, h_pre, h_act, ys)
+    w1b = w1_parts[1] if len(w1_parts) > 1 else w1a[:, :0]     # empty: C-contiguous
+    return _MLP_KERNELS[f1, f2](x, _NO_ROWS if tokens is None else tokens, offsets, experts,
+                                w1a, w1b, w2, code, h)
